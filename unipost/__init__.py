@@ -1,0 +1,33 @@
+"""unipost: post-training long-horizon LLM agents through one objective (paper Eq. 14).
+
+    grad L = E_{x ~ d_C} E_{y ~ d_L(.|x)} [ sg(w(x, y)) * grad(-log pi_theta(y|x)) ] + grad R
+
+The four parts (rollout protocol -> context distribution d_C, label source d_L, score w, regulariser
+R) are objects in ``unipost.objective``; every method feeds one fused packed-sequence log-likelihood
+kernel in ``unipost.kernels``. The flat public API is re-exported here lazily so ``import unipost``
+stays cheap and never imports an optional GPU package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # data model
+    "Trajectory": "unipost.data",
+    "Turn": "unipost.data",
+    "Outcome": "unipost.data",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'unipost' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

