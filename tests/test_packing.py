@@ -1,0 +1,186 @@
+"""Packed (varlen and tree) log-probs and gradients equal separate forward passes, fp32 atol 1e-5."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from unipost.kernels.loss import weighted_nll
+from unipost.kernels.model import packed_logprobs
+from unipost.kernels.packing import Label, PackingError, PackSequence, pack, packed_size, per_transition
+
+ATOL = 1e-5
+
+
+def separate_logprobs(model, context: list[int], label: list[int]) -> torch.Tensor:
+    """The reference: one plain forward of context + label, full logits, log_softmax, gather."""
+    ids = torch.tensor([context + label])
+    logits = model(input_ids=ids).logits[0].float()
+    c, n = len(context), len(label)
+    logp = torch.log_softmax(logits[c - 1 : c + n - 1], dim=-1)
+    return logp.gather(1, torch.tensor(label)[:, None])[:, 0]
+
+
+def random_tree(rng: random.Random, vocab: int, spine_len: int, n_labels: int) -> PackSequence:
+    """A spine with labels on it (executed) and off it (branches), including shared branch points."""
+    root = [rng.randrange(vocab) for _ in range(spine_len)]
+    labels = []
+    for i in range(n_labels):
+        c = rng.randrange(1, spine_len - 4)
+        n = rng.randrange(1, 6)
+        if i % 3 == 0:  # on the spine: the label is what was executed
+            labels.append(Label(c, tuple(root[c : c + n]), rng.uniform(0.2, 2.0)))
+        else:  # a branch (a teacher label differing from the executed student action)
+            labels.append(Label(c, tuple(rng.randrange(vocab) for _ in range(n)), rng.uniform(0.2, 2.0)))
+    # two labels at the same branch point, and a length-1 branch
+    labels.append(Label(5, (1, 2, 3), 1.0))
+    labels.append(Label(5, (7,), 0.5))
+    return PackSequence(root, labels)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_equal_to_separate(model, sequences: list[PackSequence], impl: str = "fused") -> None:
+    batch = pack(sequences, vocab_size=model.config.vocab_size)
+    torch.manual_seed(1)
+    model.zero_grad()
+    out = packed_logprobs(model, batch, impl=impl)
+    weights_L = torch.randn(batch.num_label_tokens)  # arbitrary per-token weights w_t
+    (weights_L * out.logp_L).sum().backward()
+    packed_grads = grads(model)
+
+    model.zero_grad()
+    expected = []
+    offset = 0
+    for seq in sequences:
+        for label in seq.labels:
+            logp = separate_logprobs(model, seq.root[: label.context_len], list(label.token_ids))
+            n = len(label.token_ids)
+            (weights_L[offset : offset + n] * logp).sum().backward()
+            expected.append(logp.detach())
+            offset += n
+    torch.testing.assert_close(out.logp_L.detach(), torch.cat(expected), atol=ATOL, rtol=0)
+    separate_grads = grads(model)
+    assert packed_grads.keys() == separate_grads.keys()
+    for name, g in separate_grads.items():
+        torch.testing.assert_close(packed_grads[name], g, atol=ATOL, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_varlen_pack_equals_separate(tiny_model, impl):
+    rng = random.Random(0)
+    vocab = tiny_model.config.vocab_size
+    sequences = []
+    for _ in range(5):
+        context = [rng.randrange(vocab) for _ in range(rng.randrange(3, 40))]
+        label = [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))]
+        sequences.append(PackSequence(context + label, [Label(len(context), tuple(label))]))
+    batch = pack(sequences)
+    assert not batch.has_branches and batch.num_docs == 5
+    check_equal_to_separate(tiny_model, sequences, impl)
+
+
+def test_tree_pack_equals_separate(tiny_model):
+    rng = random.Random(1)
+    vocab = tiny_model.config.vocab_size
+    sequences = [random_tree(rng, vocab, 60, 8), random_tree(rng, vocab, 35, 5)]
+    batch = pack(sequences)
+    assert batch.has_branches
+    assert batch.num_tokens == sum(packed_size(s) for s in sequences)
+    assert batch.num_tokens < sum(len(s.root) for s in per_transition(sequences))
+    check_equal_to_separate(tiny_model, sequences)
+
+
+def test_tied_embeddings_tree(tokenizer):
+    from unipost.models import build_tiny_qwen3
+
+    model = build_tiny_qwen3(len(tokenizer), tie_word_embeddings=True, seed=3)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    rng = random.Random(2)
+    check_equal_to_separate(model, [random_tree(rng, model.config.vocab_size, 40, 6)])
+
+
+def test_no_cross_contamination(tiny_model):
+    """Changing one document's tokens leaves every other document's log-probs bit-identical."""
+    rng = random.Random(3)
+    vocab = tiny_model.config.vocab_size
+    a = random_tree(rng, vocab, 30, 4)
+    b = random_tree(rng, vocab, 30, 4)
+    b2 = PackSequence([rng.randrange(vocab) for _ in b.root], b.labels)
+    with torch.no_grad():
+        first = packed_logprobs(tiny_model, pack([a, b])).logp_L
+        second = packed_logprobs(tiny_model, pack([a, b2])).logp_L
+    n_a = sum(len(label.token_ids) for label in a.labels)
+    torch.testing.assert_close(first[:n_a], second[:n_a], atol=1e-6, rtol=0)
+    assert not torch.allclose(first[n_a:], second[n_a:])
+
+
+def test_branches_do_not_see_each_other(tiny_model):
+    """Two branches at the same point: editing one leaves the other unchanged."""
+    root = list(range(10, 30))
+    one = PackSequence(root, [Label(8, (3, 4, 5)), Label(8, (6, 7, 8, 9))])
+    two = PackSequence(root, [Label(8, (3, 4, 5)), Label(8, (60, 70, 80, 90))])
+    with torch.no_grad():
+        x = packed_logprobs(tiny_model, pack([one])).logp_L
+        y = packed_logprobs(tiny_model, pack([two])).logp_L
+    torch.testing.assert_close(x[:3], y[:3], atol=1e-6, rtol=0)
+
+
+def test_weighted_nll_normalisations():
+    logp = torch.tensor([-1.0, -2.0, -3.0, -4.0], requires_grad=True)
+    w = torch.tensor([1.0, 0.5, 2.0, 1.0])
+    seq = torch.tensor([0, 0, 0, 1])
+    loss, metrics = weighted_nll(logp, w, normalization="token_mean")
+    assert loss.item() == pytest.approx((1 + 1 + 6 + 4) / 4)
+    loss, _ = weighted_nll(logp, w, seq, normalization="sequence_mean")
+    assert loss.item() == pytest.approx(((1 + 1 + 6) / 3 + 4) / 2)
+    loss, _ = weighted_nll(logp, w, normalization="constant", constant=10.0)
+    assert loss.item() == pytest.approx(1.2)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -w / 10.0)
+    with pytest.raises(ValueError, match="constant"):
+        weighted_nll(logp, w, normalization="constant")
+    with pytest.raises(ValueError, match="unknown normalization"):
+        weighted_nll(logp, w, normalization="mean")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shape"):
+        weighted_nll(logp, w[:2])
+
+
+def test_bad_packing_input():
+    with pytest.raises(PackingError, match="empty batch"):
+        pack([])
+    with pytest.raises(PackingError, match="outside"):
+        pack([PackSequence([1, 2, 3], [Label(1, (99,))])], vocab_size=50)
+    with pytest.raises(PackingError, match="context_len"):
+        pack([PackSequence([1, 2, 3], [Label(0, (2,))])])
+    with pytest.raises(PackingError, match="no tokens"):
+        pack([PackSequence([1, 2, 3], [Label(1, ())])])
+    with pytest.raises(PackingError, match="per-token weights"):
+        pack([PackSequence([1, 2, 3], [Label(1, (2, 3), (1.0,))])])
+    with pytest.raises(PackingError, match="empty root"):
+        pack([PackSequence([], [])])
+
+
+def test_flex_attention_mask_matches_dense(tiny_model):
+    """The FlexAttention BlockMask (GPU tree path) encodes the same rule as the dense SDPA mask.
+
+    FlexAttention has no backward on CPU (MACHINE-NOTES), so only the forward is checked here.
+    """
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from unipost.kernels.model import hidden_states
+
+    rng = random.Random(4)
+    seqs = [random_tree(rng, tiny_model.config.vocab_size, 40, 6), random_tree(rng, tiny_model.config.vocab_size, 20, 3)]
+    batch = pack(seqs)
+    with torch.no_grad():
+        dense = hidden_states(tiny_model, batch)
+        tiny_model.config._attn_implementation = "flex_attention"
+        try:
+            flex = hidden_states(tiny_model, batch)
+        finally:
+            tiny_model.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)

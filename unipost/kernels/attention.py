@@ -1,0 +1,68 @@
+"""Attention backends for packed batches: which mask to hand an unmodified transformers model.
+
+* ``sdpa`` / ``eager`` (CPU training path and reference): a dense boolean [1, 1, T, T] mask built
+  from the packing rule. Always explicit: SDPA with position ids alone cross-contaminates packed
+  documents (MACHINE-NOTES: the second sequence's logits were off by 0.62).
+* ``flash_attention_2`` / ``_3`` (GPU): varlen attention, which transformers derives from position
+  ids that restart at 0 per document. It cannot express branches, so a tree pack is refused with a
+  message pointing at FlexAttention.
+* ``flex_attention`` (GPU; forward-only on CPU in torch 2.13): a BlockMask from the same rule as a
+  ``mask_mod``, so tree packs stay sparse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from unipost.kernels.packing import PackedBatch
+
+FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+
+
+class AttentionBackendError(ValueError):
+    pass
+
+
+def attention_implementation(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def flex_block_mask(batch: PackedBatch, device: torch.device | str | None = None):
+    """A FlexAttention BlockMask encoding the packed tree/document rule."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = device or batch.input_ids_T.device
+    span, is_spine, doc = batch.span_T.to(device), batch.is_spine_T.to(device), batch.doc_T.to(device)
+    pos, attach = batch.position_ids_T.to(device), batch.attach_T.to(device)
+
+    def mask_mod(b, h, q, k):
+        same_span = (span[q] == span[k]) & (k <= q)
+        spine_prefix = is_spine[k] & (doc[k] == doc[q]) & (pos[k] < attach[q])
+        return same_span | spine_prefix
+
+    t = batch.num_tokens
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device=device)
+
+
+def attention_kwargs(model: torch.nn.Module, batch: PackedBatch) -> dict[str, Any]:
+    """Keyword arguments for ``backbone(input_ids, position_ids=..., **kwargs)`` for this model."""
+    impl = attention_implementation(model)
+    if impl in FLASH_IMPLEMENTATIONS:
+        if batch.has_branches:
+            raise AttentionBackendError(
+                f"{impl} cannot express the tree mask of a pack with {batch.num_branches} branches; "
+                "load the model with attn_implementation='flex_attention' (GPU) or 'sdpa', or pack "
+                "without branches (per-transition / varlen)"
+            )
+        return {}  # documents are delimited by position ids restarting at 0
+    if impl == "flex_attention":
+        return {"attention_mask": flex_block_mask(batch)}
+    if impl not in ("sdpa", "eager"):
+        raise AttentionBackendError(
+            f"attention implementation {impl!r} is not supported for packed batches; use 'sdpa', "
+            "'eager', 'flex_attention' or flash-attention"
+        )
+    return {"attention_mask": batch.dense_mask().to(batch.input_ids_T.device)[None, None]}

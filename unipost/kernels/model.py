@@ -1,0 +1,104 @@
+"""Run an unmodified transformers causal LM over a packed batch and return label-token log-probs.
+
+The model's own decoder produces the final hidden states; the LM head is applied only at label
+positions, through :func:`token_logprobs`, which never materialises ``[tokens x vocab]`` logits.
+Works for the Qwen3 / Llama families (and anything exposing ``get_decoder()`` +
+``get_output_embeddings()`` without logit soft-capping), with or without PEFT adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from unipost.kernels.attention import attention_kwargs
+from unipost.kernels.packing import PackedBatch
+
+
+@dataclass
+class LabelLogprobs:
+    logp_L: torch.Tensor  # float32, differentiable
+    entropy_L: torch.Tensor | None = None  # float32, differentiable, when requested
+
+
+def split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder backbone, LM head) of a transformers causal LM, unwrapping PEFT if present."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attr, None) not in (None, 1.0):
+            raise NotImplementedError(
+                f"{type(base).__name__} post-processes logits ({attr}={getattr(config, attr)}); the fused "
+                "head only supports a plain linear LM head"
+            )
+    try:
+        backbone = base.get_decoder()
+    except (AttributeError, NotImplementedError):
+        backbone = getattr(base, "model", None)
+    head = base.get_output_embeddings()
+    if backbone is None or head is None:
+        raise TypeError(f"{type(base).__name__} does not look like a causal LM (no decoder or LM head)")
+    if not isinstance(head, torch.nn.Linear) and not hasattr(head, "weight"):
+        raise TypeError(f"unsupported LM head {type(head).__name__}: expected a linear layer")
+    return backbone, head
+
+
+def _head_params(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight/bias of the LM head; a LoRA-wrapped head is refused (its weight alone is not the head)."""
+    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+        raise NotImplementedError(
+            "a PEFT adapter on lm_head is not supported by the fused head; leave lm_head out of "
+            "target_modules (LoRA on the decoder layers is fine)"
+        )
+    return head.weight, getattr(head, "bias", None)
+
+
+def hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Final hidden states [T, H] of the packed tokens (one row, explicit positions and mask)."""
+    backbone, _ = split_causal_lm(model)
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    kwargs = attention_kwargs(model, batch)
+    out = backbone(
+        input_ids=batch.input_ids_T[None],
+        position_ids=batch.position_ids_T[None],
+        use_cache=False,
+        **kwargs,
+    )
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden[0]
+
+
+def packed_logprobs(
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    *,
+    return_entropy: bool = False,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    impl: str = "fused",
+) -> LabelLogprobs:
+    """log pi_theta(y_j | x, y_<j) for every label token of ``batch`` (and optionally the entropy).
+
+    ``impl="reference"`` uses the plain-PyTorch head (full logits) for checking.
+    """
+    _, head = split_causal_lm(model)
+    weight, bias = _head_params(head)
+    hidden_T = hidden_states(model, batch)
+    hidden_L = hidden_T.index_select(0, batch.label_src_L.to(hidden_T.device))
+    targets_L = batch.label_target_L.to(hidden_T.device)
+    if impl == "fused":
+        from unipost.kernels.logprobs import token_logprobs as fn
+    elif impl == "reference":
+        from unipost.kernels.reference import token_logprobs_reference as fn
+    else:
+        raise ValueError(f"unknown impl {impl!r}; use 'fused' or 'reference'")
+    kwargs = {"bias": bias, "temperature": temperature, "return_entropy": return_entropy}
+    if impl == "fused" and chunk_size is not None:
+        kwargs["chunk_size"] = chunk_size
+    out = fn(hidden_L, weight, targets_L, **kwargs)
+    if return_entropy:
+        logp_L, entropy_L = out
+        return LabelLogprobs(logp_L, entropy_L)
+    return LabelLogprobs(out)
