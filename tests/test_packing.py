@@ -174,7 +174,10 @@ def test_flex_attention_mask_matches_dense(tiny_model):
     from unipost.kernels.model import hidden_states
 
     rng = random.Random(4)
-    seqs = [random_tree(rng, tiny_model.config.vocab_size, 40, 6), random_tree(rng, tiny_model.config.vocab_size, 20, 3)]
+    seqs = [
+        random_tree(rng, tiny_model.config.vocab_size, 40, 6),
+        random_tree(rng, tiny_model.config.vocab_size, 20, 3),
+    ]
     batch = pack(seqs)
     with torch.no_grad():
         dense = hidden_states(tiny_model, batch)

