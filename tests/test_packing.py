@@ -134,7 +134,7 @@ def test_weighted_nll_normalisations():
     logp = torch.tensor([-1.0, -2.0, -3.0, -4.0], requires_grad=True)
     w = torch.tensor([1.0, 0.5, 2.0, 1.0])
     seq = torch.tensor([0, 0, 0, 1])
-    loss, metrics = weighted_nll(logp, w, normalization="token_mean")
+    loss, _ = weighted_nll(logp, w, normalization="token_mean")
     assert loss.item() == pytest.approx((1 + 1 + 6 + 4) / 4)
     loss, _ = weighted_nll(logp, w, seq, normalization="sequence_mean")
     assert loss.item() == pytest.approx(((1 + 1 + 6) / 3 + 4) / 2)

@@ -15,6 +15,7 @@ end-of-turn token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,10 +45,8 @@ def to_template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
                 fn = dict(call.get("function", {}))
                 args = fn.get("arguments")
                 if isinstance(args, str):
-                    try:
+                    with contextlib.suppress(ValueError):  # malformed arguments stay verbatim
                         fn["arguments"] = json.loads(args)
-                    except ValueError:
-                        pass  # keep malformed arguments verbatim
                 call["function"] = fn
                 calls.append(call)
             message["tool_calls"] = calls
