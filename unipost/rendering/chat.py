@@ -188,4 +188,6 @@ def trajectory_sequences(
     if spine.labels:
         documents.append(spine)
     documents.reverse()
+    for doc in documents:  # labels were attached walking backwards: restore turn order
+        doc.labels.sort(key=lambda label: label.meta["turn"])
     return documents
