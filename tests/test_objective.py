@@ -176,7 +176,9 @@ def test_teacher_student_and_offline_protocols(tmp_path):
     rng = np.random.default_rng(0)
     assert TeacherRollout().plan(0, rng).executors(4) == ["teacher"] * 4
     assert StudentRollout(group_size=4).plan(2, rng).executors(4) == ["student"] * 4
-    assert TeacherRollout().needs == {Need.TEACHER_ACTIONS} and StudentRollout().needs == frozenset()
+    assert TeacherRollout().uses_teacher and not TeacherRollout().uses_student
+    assert StudentRollout().uses_student and not StudentRollout().uses_teacher
+    assert TurnMixture(0.5).needs == frozenset()  # executing teacher turns is uses_teacher, not a Need
     with pytest.raises(ValueError, match="turn index t must be a non-negative integer"):
         TeacherRollout().plan(0, rng).executor(-1)
     with pytest.raises(ValueError, match=r"numpy\.random\.Generator"):
@@ -282,8 +284,8 @@ def test_user_composition_mixture_opd_just_works():
     recipe = Recipe(
         TurnMixture(0.5), OwnSamples(), TeacherLogRatio(), KLToReference(0.01) + EntropyBonus(0.001)
     )
+    # no TEACHER_ACTIONS: the teacher executes some turns but is never asked for labels at student turns
     assert recipe.needs == {
-        Need.TEACHER_ACTIONS,
         Need.STUDENT_LOGPROBS,
         Need.TEACHER_LOGPROBS,
         Need.REFERENCE_LOGPROBS,
@@ -382,3 +384,12 @@ def test_keep_and_select_labels_apply_the_submission_filter():
     assert len(dagger.select_labels(submitted)) == 4 and dagger.select_labels(unsubmitted) == []
     no_filter = DAgger(filter_unsubmitted=False)
     assert no_filter.keep(unsubmitted) and len(no_filter.select_labels(unsubmitted)) == 4
+
+
+def test_normalizations_match_the_kernel_loss():
+    from typing import get_args
+
+    from unipost.kernels.loss import Normalization
+    from unipost.objective import NORMALIZATIONS
+
+    assert set(NORMALIZATIONS) == set(get_args(Normalization))

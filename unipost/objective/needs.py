@@ -17,7 +17,11 @@ class Need(enum.Enum):
     """One kind of data a part of the objective needs the rollout engine or batch builder to provide."""
 
     TEACHER_ACTIONS = "teacher_actions"
-    """The teacher's action a*_t at every visited state (a live teacher that can ``act``; black-box ok)."""
+    """The teacher's action a*_t at EVERY visited state, student-executed ones included (Eq. 10-11).
+
+    On teacher-executed turns the executed action is that label, so only student turns cost an extra
+    teacher call. Any teacher that can ``act`` serves it (black-box API teachers included).
+    """
 
     TEACHER_LOGPROBS = "teacher_logprobs"
     """log pi_T of the label tokens (OPD's score): needs a white-box teacher."""

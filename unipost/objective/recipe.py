@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -52,14 +52,10 @@ from unipost.objective.scores import (
     score_factors,
 )
 
-try:  # the kernel's list of normalisations is the source of truth when it is importable
-    from unipost.kernels.loss import Normalization
-except ImportError:  # pragma: no cover - kernels are part of the package
-    from typing import Literal
-
-    Normalization = Literal["token_mean", "sequence_mean", "sum", "constant"]  # type: ignore[misc]
-
-NORMALIZATIONS: tuple[str, ...] = tuple(get_args(Normalization))
+# The normalisations unipost.kernels.loss.weighted_nll implements (a test keeps the two in sync). Not
+# imported from there: unipost.objective stays importable without the kernels (and transformers).
+Normalization = Literal["token_mean", "sequence_mean", "sum", "constant"]
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 
 
 class RecipeError(ValueError):
@@ -101,7 +97,7 @@ class Recipe:
     _: KW_ONLY
     name: str | None = None
     filter_unsubmitted: bool = False
-    normalization: str = "token_mean"
+    normalization: Normalization = "token_mean"
 
     def __post_init__(self) -> None:
         self._validate()

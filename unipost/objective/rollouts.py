@@ -87,7 +87,13 @@ class _LazyBernoulli:
 
 @runtime_checkable
 class RolloutProtocol(Protocol):
-    """Who executes each turn. ``group_size`` = samples per task (GRPO groups; 1 otherwise)."""
+    """Who executes each turn. ``group_size`` = samples per task (GRPO groups; 1 otherwise).
+
+    Executing turns with the teacher is ``uses_teacher``, not a :class:`Need`: ``Need.TEACHER_ACTIONS``
+    means "the teacher's label at every visited state" and comes from the label source, so a mixture
+    rollout trained on its own samples (mixture OPD) does not pay for teacher labels at student turns.
+    The built-in protocols need nothing extra; ``needs`` is there for protocols that do.
+    """
 
     needs: frozenset[Need]
     group_size: int
@@ -103,7 +109,7 @@ class TeacherRollout:
     """The teacher executes every turn: d_C = d_{pi_T} (SFT / behaviour cloning)."""
 
     group_size: int = 1
-    needs: ClassVar[frozenset[Need]] = frozenset({Need.TEACHER_ACTIONS})
+    needs: ClassVar[frozenset[Need]] = frozenset()
 
     def __post_init__(self) -> None:
         _check_group_size("TeacherRollout", self.group_size)
@@ -149,7 +155,7 @@ class TurnMixture:
 
     beta: Schedule | float = 0.5
     group_size: int = 1
-    needs: ClassVar[frozenset[Need]] = frozenset({Need.TEACHER_ACTIONS})
+    needs: ClassVar[frozenset[Need]] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beta", as_schedule(self.beta, owner="TurnMixture.beta"))
@@ -182,7 +188,7 @@ class PrefixSwitch:
 
     k: PrefixSchedule | int = 0
     group_size: int = 1
-    needs: ClassVar[frozenset[Need]] = frozenset({Need.TEACHER_ACTIONS})
+    needs: ClassVar[frozenset[Need]] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "k", as_prefix_schedule(self.k, owner="PrefixSwitch.k"))
