@@ -44,7 +44,8 @@ class LabelSource(Protocol):
     needs: frozenset[Need]
     samples_from_student: bool  # labels are y ~ pi_theta (what score-function weights require)
 
-    def select(self, trajectory: Trajectory) -> list[LabelRef]: ...
+    def select(self, trajectory: Trajectory) -> list[LabelRef]:
+        """The (context, label) transitions of this trajectory, in turn order."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class TeacherLabels:
             raise ValueError(f"TeacherLabels.on_missing must be 'error' or 'skip', got {self.on_missing!r}")
 
     def select(self, trajectory: Trajectory) -> list[LabelRef]:
+        """The (context, label) transitions of this trajectory, in turn order."""
         refs: list[LabelRef] = []
         for t, turn in enumerate(trajectory.turns):
             if turn.executor == "teacher":
@@ -106,13 +108,16 @@ class OwnSamples:
 
     @property
     def needs(self) -> frozenset[Need]:
+        """Student sampling data, unless only teacher turns are labelled."""
         return frozenset() if self.executor == "teacher" else frozenset({Need.STUDENT_LOGPROBS})
 
     @property
     def samples_from_student(self) -> bool:
+        """True only for the student's own samples (y ~ pi_theta)."""
         return self.executor == "student"
 
     def select(self, trajectory: Trajectory) -> list[LabelRef]:
+        """The (context, label) transitions of this trajectory, in turn order."""
         return [
             LabelRef(
                 t,

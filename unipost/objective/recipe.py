@@ -245,6 +245,7 @@ class Recipe:
 
     @property
     def display_name(self) -> str:
+        """``name`` or "Recipe"."""
         return self.name or "Recipe"
 
     def describe(self) -> str:

@@ -142,6 +142,7 @@ class RegularizerSum(_RegBase):
 
     @property
     def needs(self) -> frozenset[Need]:  # type: ignore[override]
+        """Union of both terms' needs."""
         return frozenset(self.a.needs) | frozenset(self.b.needs)
 
     def __call__(self, inputs: RegularizerInputs) -> Tensor:

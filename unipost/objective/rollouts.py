@@ -61,6 +61,7 @@ class EpisodePlan:
         self.meta = meta
 
     def executor(self, t: int) -> Executor:
+        """ "teacher" or "student": who executes turn t (0-based)."""
         return self._rule(_check_turn(t))
 
     def executors(self, num_turns: int) -> list[Executor]:
@@ -101,7 +102,8 @@ class RolloutProtocol(Protocol):
     uses_student: bool  # the student executes some turns (own samples exist)
     collects: bool  # runs episodes (False for stored data)
 
-    def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan: ...
+    def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan:
+        """Plan one episode of this iteration; draws only from ``rng``."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class TeacherRollout:
     collects: ClassVar[bool] = True
 
     def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan:
+        """Plan one episode of this iteration; draws only from ``rng``."""
         meta = {"iteration": _check_iteration(iteration), "beta": 1.0, "prefix_k": None}
         _check_rng(rng)
         return EpisodePlan(lambda t: "teacher", meta)
@@ -139,6 +142,7 @@ class StudentRollout:
     collects: ClassVar[bool] = True
 
     def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan:
+        """Plan one episode of this iteration; draws only from ``rng``."""
         meta = {"iteration": _check_iteration(iteration), "beta": 0.0, "prefix_k": None}
         _check_rng(rng)
         return EpisodePlan(lambda t: "student", meta)
@@ -166,12 +170,14 @@ class TurnMixture:
     collects: ClassVar[bool] = True
 
     def beta_at(self, iteration: int) -> float:
+        """beta_i, checked to be a probability (a custom schedule could stray)."""
         beta = float(self.beta(iteration))  # type: ignore[operator]
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"TurnMixture.beta({iteration}) = {beta} is not a probability in [0, 1]")
         return beta
 
     def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan:
+        """Plan one episode of this iteration; draws only from ``rng``."""
         beta = self.beta_at(_check_iteration(iteration))
         seed = int(_check_rng(rng).integers(2**63 - 1))
         meta = {"iteration": int(iteration), "beta": beta, "prefix_k": None, "plan_seed": seed}
@@ -199,6 +205,7 @@ class PrefixSwitch:
     collects: ClassVar[bool] = True
 
     def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan:
+        """Plan one episode of this iteration; draws only from ``rng``."""
         i = _check_iteration(iteration)
         k = int(self.k(i, _check_rng(rng)))  # type: ignore[operator]
         if k < 0:
@@ -232,6 +239,7 @@ class OfflineData:
     collects: ClassVar[bool] = False
 
     def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan:
+        """Plan one episode of this iteration; draws only from ``rng``."""
         raise RuntimeError(
             f"OfflineData({str(self.path)!r}) collects no rollouts; read its trajectories with "
             ".trajectories() and build batches from them"

@@ -138,7 +138,8 @@ class PrefixSchedule(Protocol):
     low: int
     high: int
 
-    def probs(self, iteration: int) -> np.ndarray: ...
+    def probs(self, iteration: int) -> np.ndarray:
+        """P_i(k = low + j) for j = 0..high-low; sums to 1."""
 
     def __call__(self, iteration: int, rng: np.random.Generator) -> int: ...
 
@@ -150,6 +151,7 @@ class _PrefixLaw:
     high: int
 
     def probs(self, iteration: int) -> np.ndarray:  # pragma: no cover - overridden
+        """P_i(k = low + j) for j = 0..high-low; sums to 1."""
         raise NotImplementedError
 
     def support(self) -> np.ndarray:
@@ -183,13 +185,16 @@ class FixedPrefix(_PrefixLaw):
 
     @property
     def low(self) -> int:  # type: ignore[override]
+        """k itself."""
         return int(self.k)
 
     @property
     def high(self) -> int:  # type: ignore[override]
+        """k itself."""
         return int(self.k)
 
     def probs(self, iteration: int) -> np.ndarray:
+        """P_i(k = low + j) for j = 0..high-low; sums to 1."""
         _check_iteration(iteration)
         return np.ones(1)
 
@@ -205,6 +210,7 @@ class UniformPrefix(_PrefixLaw):
         _check_range("UniformPrefix", self.low, self.high)
 
     def probs(self, iteration: int) -> np.ndarray:
+        """P_i(k = low + j) for j = 0..high-low; sums to 1."""
         _check_iteration(iteration)
         n = self.high - self.low + 1
         return np.full(n, 1.0 / n)
@@ -245,6 +251,7 @@ class ShiftingPrefix(_PrefixLaw):
         return float(self.initial_tilt) + float(self.shift_per_iter) * _check_iteration(iteration)
 
     def probs(self, iteration: int) -> np.ndarray:
+        """P_i(k = low + j) for j = 0..high-low; sums to 1."""
         tau = self.tilt(iteration)
         n = max(self.high - self.low, 1)
         logits = tau * np.arange(self.high - self.low + 1, dtype=np.float64) / n

@@ -262,10 +262,12 @@ class Product(_ScoreBase):
 
     @property
     def needs(self) -> frozenset[Need]:  # type: ignore[override]
+        """Union of both factors' needs."""
         return frozenset(self.a.needs) | frozenset(self.b.needs)
 
     @property
     def requires_own_samples(self) -> bool:  # type: ignore[override]
+        """True when either factor is a score-function weight."""
         return bool(self.a.requires_own_samples or self.b.requires_own_samples)
 
     def factors(self) -> list[Score]:
