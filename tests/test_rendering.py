@@ -21,7 +21,7 @@ from unipost.rendering.chat import (
     trajectory_sequences,
 )
 
-IMPL = "reference"  # TEMP until fused lands
+IMPL = "fused"
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chat_templates"
 TOOLS = [
     {
