@@ -1,0 +1,190 @@
+"""``EmbeddedEnv``: one episode of the mini software-engineering world (unipost.envs.base.Environment).
+
+``reset`` writes the task's buggy package into a fresh temporary workspace (seen by the agent as
+``/testbed``) and returns the system + issue messages; ``step`` executes the assistant message's tool
+calls and never raises (bad calls become ``ERROR: ...`` observations with ``tool_error=True``);
+``verify`` runs the hidden tests and classifies the outcome. The rollout engine owns the turn and context
+budgets, so it passes ``ended_by`` to ``verify`` when it stopped the episode.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from unipost.data import Message, Outcome
+from unipost.envs.base import StepResult
+from unipost.envs.embedded.sandbox import WORKSPACE, Limits, Sandbox
+from unipost.envs.embedded.tasks import Difficulty, Task, generate_task
+from unipost.envs.embedded.tools import (
+    FileEditor,
+    Terminal,
+    ToolError,
+    parse_tool_call,
+    tool_schemas,
+)
+from unipost.envs.embedded.verifier import EndedBy, classify, run_hidden_tests
+
+SYSTEM_PROMPT = (
+    "You are a software engineering agent. A Python repository is at /testbed. Use the tools to inspect "
+    "the code, find the cause of the issue, edit the source to fix it, check your fix, and then call "
+    "`finish`. Make exactly one tool call per message."
+)
+NO_TOOL_CALL = (
+    "Your last message contained no tool call. Continue working on the task using the tools, "
+    "and call `finish` when you are done."
+)
+
+
+class EmbeddedEnv:
+    """One episode on one task. ``max_observation_chars`` caps every tool observation."""
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        max_observation_chars: int = 4000,
+        limits: Limits | None = None,
+        unsafe_local: bool = False,
+        full_tool_descriptions: bool = False,
+    ) -> None:
+        self.task = task
+        self.max_observation_chars = max_observation_chars
+        self.limits = limits or Limits()
+        self.unsafe_local = unsafe_local
+        self.tools: list[dict[str, Any]] = tool_schemas(full=full_tool_descriptions)
+        self.workspace: Path | None = None
+        self.sandbox: Sandbox | None = None
+        self._reset_state()
+
+    @classmethod
+    def from_split(cls, split: str, index: int, difficulty: str | Difficulty = "medium", **kwargs: Any):
+        return cls(generate_task(split, index, difficulty), **kwargs)
+
+    def _reset_state(self) -> None:
+        self.done = False
+        self.submitted = False
+        self.turn_tool_errors: list[bool] = []
+        self.actions: list[str] = []  # canonical (name, args) of each turn's calls, for loop detection
+
+    # -- Environment protocol -------------------------------------------------------------------------
+    def reset(self) -> list[Message]:
+        self.close()
+        self._reset_state()
+        self.workspace = Path(tempfile.mkdtemp(prefix="unipost-ws-"))
+        for rel, text in self.task.files.items():
+            path = self.workspace / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        self.sandbox = Sandbox(self.workspace, self.limits, unsafe_local=self.unsafe_local)
+        self.editor = FileEditor(self.workspace, self.max_observation_chars, self.sandbox)
+        self.terminal = Terminal(self.sandbox, self.max_observation_chars)
+        return [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": self.task.issue},
+        ]
+
+    def step(self, action: Message) -> StepResult:
+        if self.workspace is None:
+            raise RuntimeError("EmbeddedEnv.step() called before reset().")
+        if self.done:
+            return StepResult([_user("The episode has ended; no more actions are executed.")], True, True)
+        calls = (action.get("tool_calls") or []) if isinstance(action, dict) else []
+        if not isinstance(calls, list) or not calls:
+            self.turn_tool_errors.append(True)
+            content = action.get("content", "") if isinstance(action, dict) else repr(action)
+            self.actions.append(json.dumps(["<no tool call>", str(content)]))
+            return StepResult([_user(NO_TOOL_CALL)], done=False, tool_error=True, info={"tools": []})
+        observation: list[Message] = []
+        any_error, names = False, []
+        for i, call in enumerate(calls):
+            text, name, error, call_id = self._execute(call, i)
+            any_error |= error
+            names.append(name)
+            observation.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": text})
+            if self.done:
+                break
+        self.turn_tool_errors.append(any_error)
+        self.actions.append(json.dumps([_canonical(c) for c in calls]))
+        return StepResult(observation, done=self.done, tool_error=any_error, info={"tools": names})
+
+    def verify(self, ended_by: EndedBy = None) -> Outcome:
+        """Run the hidden tests (when submitted) and classify; ``ended_by`` comes from the rollout engine."""
+        if self.workspace is None or self.sandbox is None:
+            raise RuntimeError("EmbeddedEnv.verify() called before reset().")
+        report = run_hidden_tests(self.task, self.sandbox) if self.submitted else None
+        return classify(
+            self.task,
+            self.workspace,
+            report,
+            submitted=self.submitted,
+            turn_tool_errors=self.turn_tool_errors,
+            actions=self.actions,
+            ended_by=ended_by,
+        )
+
+    def close(self) -> None:
+        if self.workspace is not None:
+            shutil.rmtree(self.workspace, ignore_errors=True)
+            self.workspace = None
+
+    def __enter__(self) -> EmbeddedEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _execute(self, call: Any, i: int) -> tuple[str, str, bool, str]:
+        call_id = str(call.get("id") or f"call_{i}") if isinstance(call, dict) else f"call_{i}"
+        raw_name = _raw_name(call)
+        try:
+            parsed = parse_tool_call(call)
+            if parsed.name == "finish":
+                self.done = self.submitted = True
+                return parsed.arguments.get("message", ""), raw_name, False, call_id
+            if parsed.name == "think":
+                return "Your thought has been logged.", raw_name, False, call_id
+            if parsed.name == "file_editor":
+                return self.editor(parsed.arguments), raw_name, False, call_id
+            text, _code = self.terminal(parsed.arguments)
+            return text, raw_name, False, call_id
+        except ToolError as exc:
+            return f"ERROR:\n{exc}", raw_name, True, call_id
+        except Exception as exc:  # an environment fault must not crash the rollout
+            return f"ERROR:\n{type(exc).__name__}: {exc}", raw_name, True, call_id
+
+    def host_path(self, path: str) -> Path:
+        """The host file behind an agent-visible /testbed path (privileged; used by the scripted expert)."""
+        assert self.workspace is not None
+        return self.workspace / path[len(WORKSPACE) :].lstrip("/")
+
+
+def _user(text: str) -> Message:
+    return {"role": "user", "content": text}
+
+
+def _raw_name(call: Any) -> str:
+    if isinstance(call, dict):
+        fn = call.get("function") if isinstance(call.get("function"), dict) else call
+        name = fn.get("name")
+        if isinstance(name, str):
+            return name
+    return "unknown"
+
+
+def _canonical(call: Any) -> list[Any]:
+    """(name, sorted-JSON arguments) of a call, so identical actions compare equal."""
+    if not isinstance(call, dict):
+        return [repr(call)]
+    fn = call.get("function") if isinstance(call.get("function"), dict) else call
+    args = fn.get("arguments", "")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return [str(fn.get("name")), args]
+    return [str(fn.get("name")), json.dumps(args, sort_keys=True, default=str)]

@@ -1,0 +1,220 @@
+"""Run an agent's shell commands under bubblewrap, with resource limits and a scrubbed environment.
+
+Why bubblewrap and not Docker: it needs no daemon, starts in milliseconds and is an ordinary Debian
+package, so the embedded environment runs on a laptop and on CI. What it does and does not guarantee
+is written down in docs/sandbox.md; for untrusted models at scale use the Docker-based OpenHands runtime.
+
+Layout inside the sandbox: the episode's workspace is the ONLY writable bind, at ``/testbed``; ``/usr``
+(and the symlinked ``/bin``, ``/lib``, ``/lib64``) are read-only; a fresh tmpfs is ``/tmp``; nothing else
+of the host is visible (no ``/etc``, ``/root``, ``/home``). ``--unshare-all`` leaves the command without
+network. Optional extra read-only binds (the verifier's hidden tests) are given per call.
+
+Process-count limit: RLIMIT_NPROC is counted per *real* user and ignored for root, so when the host
+process is root the sandboxed command runs as an unprivileged uid (``nobody``, 65534): bwrap then builds
+an unprivileged user namespace and the limit stops a fork bomb (verified in tests/test_sandbox.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORKSPACE = "/testbed"  # where the agent sees its repository (as in the paper's SWE-Gym setup)
+UNSAFE_ENV_VAR = "UNIPOST_UNSAFE_LOCAL"
+
+
+class SandboxUnavailableError(RuntimeError):
+    """bubblewrap is missing and the user did not opt into unsafe local execution."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-command resource limits. Defaults suit the embedded tasks (a tiny package + unittest)."""
+
+    timeout_s: float = 10.0  # wall clock; the whole process tree is killed after it
+    cpu_s: int = 10  # RLIMIT_CPU
+    memory_bytes: int = 1 << 30  # RLIMIT_AS (address space)
+    file_bytes: int = 8 << 20  # RLIMIT_FSIZE: the largest file a command may write
+    max_processes: int = 64  # RLIMIT_NPROC for the sandbox uid
+    max_output_chars: int = 200_000  # raw stdout+stderr kept before the tool's own truncation
+
+
+@dataclass
+class CommandResult:
+    output: str  # stdout and stderr, interleaved as the command wrote them
+    exit_code: int
+    timed_out: bool = False
+
+
+@dataclass
+class Sandbox:
+    """Executes commands for one episode's workspace (a host directory shown as ``/testbed``).
+
+    ``unsafe_local=True`` (or ``UNIPOST_UNSAFE_LOCAL=1``) runs commands directly on the host when bwrap
+    is absent: only for trusted policies (e.g. the scripted expert) on a developer machine.
+    """
+
+    workspace: Path
+    limits: Limits = field(default_factory=Limits)
+    unsafe_local: bool = False
+    sandbox_uid: int = 65534  # used when the host process is root, so that RLIMIT_NPROC applies
+
+    def __post_init__(self) -> None:
+        self.workspace = Path(self.workspace).resolve()
+        if not self.workspace.is_dir():
+            raise ValueError(f"Sandbox workspace {self.workspace} does not exist or is not a directory.")
+        self.bwrap = shutil.which("bwrap")
+        self.unsafe_local = self.unsafe_local or os.environ.get(UNSAFE_ENV_VAR) == "1"
+        if self.bwrap is None:
+            if not self.unsafe_local:
+                raise SandboxUnavailableError(
+                    "bubblewrap (bwrap) is not installed, so model actions cannot be executed safely. "
+                    "Install it (Debian/Ubuntu: apt-get install bubblewrap) or, for trusted policies only, "
+                    f"opt into unsafe local execution with unsafe_local=True or {UNSAFE_ENV_VAR}=1."
+                )
+            warnings.warn(
+                "UNSAFE LOCAL MODE: bwrap is missing; agent commands run directly on this host with only "
+                "rlimits and a timeout. Never use this with untrusted models.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._drop_to = self.sandbox_uid if (os.geteuid() == 0 and self.bwrap is not None) else None
+        if self._drop_to is not None:
+            _chown_tree(self.workspace, self._drop_to)
+
+    @property
+    def isolated(self) -> bool:
+        return self.bwrap is not None
+
+    # -- public -------------------------------------------------------------------------------------
+    def run(
+        self,
+        command: str,
+        *,
+        cwd: str = WORKSPACE,
+        timeout_s: float | None = None,
+        ro_binds: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> CommandResult:
+        """Run ``bash -c command`` in the sandbox; never raises for the command's own failures."""
+        timeout = min(timeout_s or self.limits.timeout_s, max(self.limits.timeout_s, 1.0) * 6)
+        argv, run_env = self._argv(command, cwd, ro_binds or {}, env or {})
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=run_env,
+            cwd=str(self.workspace),
+            preexec_fn=self._preexec,
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            raw, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            raw, _ = proc.communicate()
+        if not self.isolated:
+            _kill_group(proc)  # background children of an unsandboxed command must not outlive it
+        output = raw.decode("utf-8", errors="replace")[-self.limits.max_output_chars :]
+        if not self.isolated:
+            output = output.replace(str(self.workspace), WORKSPACE)
+        code = proc.returncode if not timed_out else -1
+        return CommandResult(output=output, exit_code=code, timed_out=timed_out)
+
+    def fix_ownership(self, path: Path) -> None:
+        """Make a host-written file writable from inside the sandbox (host edits run as root)."""
+        if self._drop_to is not None and path.exists():
+            _chown_tree(path, self._drop_to)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _argv(self, command: str, cwd: str, ro_binds: dict[str, str], env: dict[str, str]):
+        base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKSPACE, "LANG": "C.UTF-8"}
+        base_env |= {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": WORKSPACE} | env
+        if not self.isolated:  # unsafe local: translate /testbed to the host directory
+            host_env = {k: v.replace(WORKSPACE, str(self.workspace)) for k, v in base_env.items()}
+            host_env["PATH"] = os.path.dirname(sys.executable) + ":" + host_env["PATH"]
+            host_cwd = cwd.replace(WORKSPACE, str(self.workspace), 1)
+            script = f"cd {_quote(host_cwd)} 2>/dev/null; " + command.replace(WORKSPACE, str(self.workspace))
+            return ["/bin/bash", "-c", script], host_env
+        argv = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
+        argv += ["--ro-bind", "/usr", "/usr"]
+        for name in ("bin", "lib", "lib64", "sbin"):
+            host = Path("/" + name)
+            if host.is_symlink():
+                argv += ["--symlink", os.readlink(host), "/" + name]
+            elif host.is_dir():
+                argv += ["--ro-bind", str(host), "/" + name]
+        if Path("/etc/alternatives").is_dir():
+            argv += ["--ro-bind", "/etc/alternatives", "/etc/alternatives"]
+        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        argv += ["--bind", str(self.workspace), WORKSPACE]
+        for host_path, inside in ro_binds.items():
+            argv += ["--ro-bind", host_path, inside]
+        argv += ["--chdir", cwd, "--clearenv"]
+        for key, value in base_env.items():
+            argv += ["--setenv", key, value]
+        argv += ["/bin/bash", "-c", command]
+        return argv, dict(base_env)
+
+    def _preexec(self) -> None:
+        lim = self.limits
+        resource.setrlimit(resource.RLIMIT_CPU, (lim.cpu_s, lim.cpu_s))
+        resource.setrlimit(resource.RLIMIT_AS, (lim.memory_bytes, lim.memory_bytes))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (lim.file_bytes, lim.file_bytes))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if self._drop_to is not None:
+            os.setgroups([])
+            os.setgid(self._drop_to)
+            os.setuid(self._drop_to)
+            resource.setrlimit(resource.RLIMIT_NPROC, (lim.max_processes, lim.max_processes))
+        elif os.geteuid() != 0:
+            # NPROC counts all processes of this user; leave room for the ones already running.
+            mine = _count_user_processes(os.getuid())
+            n = mine + lim.max_processes
+            resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+
+
+def bwrap_available() -> bool:
+    return shutil.which("bwrap") is not None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _chown_tree(path: Path, uid: int) -> None:
+    os.chown(path, uid, uid)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
+
+
+def _count_user_processes(uid: int) -> int:
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    count += 1
+            except OSError:
+                continue
+    return count
+
+
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
