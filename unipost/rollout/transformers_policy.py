@@ -1,0 +1,330 @@
+"""A local white-box policy on a transformers causal LM: batched sampling with log-probs, and scoring.
+
+``act`` renders every state through the tokenizer's own chat template (with the tool schemas),
+left-pads the batch, and runs ``model.generate`` with its KV cache until the end-of-turn token.
+``score`` returns the per-token log-probs of given actions (OPD's teacher log-probs, importance
+ratios), with one padded forward pass per micro-batch.
+
+Which log-probs ``act`` returns (``logprobs=``):
+
+- ``"raw"`` (default): ``log_softmax(logits / temperature)`` at each sampled token, *before* top-p
+  truncation. This is the policy's own distribution, what the trainer's forward pass computes (at
+  temperature 1 exactly ``log pi_theta``), so it is the right ``log pi_old`` for importance ratios and
+  for OPD's ``log pi_T - log pi_theta``.
+- ``"sampling"``: the log-prob under the distribution the token was actually drawn from, after
+  temperature *and* top-p renormalisation (the proposal density of the sample).
+
+Both are recorded by logits processors while generating, one (batch, vocab) tensor at a time, rather
+than through ``output_scores``/``output_logits``, which keep a (steps, batch, vocab) tensor: 40 GB for a
+32 x 2048-token batch of a 150k-vocabulary model. We therefore apply temperature and top-p with our own
+processors (and pin transformers' ones off), so the order raw -> temperature -> top-p -> record is ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from unipost.data import Message
+from unipost.rendering.toolcalls import (
+    ToolCallStyle,
+    detect_style,
+    parse_assistant,
+    render_action,
+    render_prompt,
+)
+from unipost.rollout.policy import AgentState, PolicyOutput
+
+CONTEXT_OVERFLOW = "context_overflow"
+
+
+class _LogprobRecorder(LogitsProcessor):
+    """Records log p(sampled token) for every row and step, holding one (B, V) tensor at a time.
+
+    At step s the processor sees the scores for token s and ``input_ids`` ending with token s-1, so it
+    gathers the previous step's log-probs at that token; ``finish`` gathers the last step's.
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+        self.prev_BV: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []  # per step: (B,)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._gather(input_ids[:, -1])
+        self.prev_BV = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _gather(self, chosen_B: torch.Tensor) -> None:
+        if self.prev_BV is not None:
+            self.steps.append(self.prev_BV.gather(1, chosen_B[:, None].to(self.prev_BV.device))[:, 0])
+
+    def finish(self, last_B: torch.Tensor) -> torch.Tensor:
+        """(B, S) log-probs of the S generated tokens."""
+        self._gather(last_B)
+        self.prev_BV = None
+        return torch.stack(self.steps, dim=1).cpu()
+
+
+class TransformersPolicy:
+    """A local causal LM (any transformers model with a chat template) as a batched policy.
+
+    Args:
+        model: a causal LM (``Qwen3ForCausalLM`` ...); put it on its device and dtype beforehand.
+        tokenizer: its tokenizer, carrying the chat template that defines the model's native format.
+        max_new_tokens: generation budget per turn (a turn that exhausts it usually fails to parse).
+        temperature, top_p: sampling parameters (``greedy=True`` ignores them for the choice of token).
+        style: tool-call format; None reads it off the chat template (``detect_style``).
+        name: the policy's name in trajectories and logs.
+        context_budget: a prompt longer than this many tokens is not generated from; its output carries
+            ``tool_error="context_overflow"`` (paper Table 4's failure mode) instead of raising.
+        logprobs: "raw" or "sampling", see the module docstring.
+        seed / generator: make sampling reproducible. A seed is drawn from the generator per ``act``
+            call; sampling runs under ``torch.random.fork_rng`` so the global RNG is left untouched.
+            Note: a row's sample depends on the batch it was drawn in.
+        max_calls, require_call: passed to ``parse_assistant`` (one call per turn, as OpenHands).
+        score_batch_size: sequences per forward pass in ``score``.
+        end_of_turn: the token that ends an assistant turn (generation stops there).
+    """
+
+    white_box = True
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        style: ToolCallStyle | None = None,
+        name: str = "student",
+        context_budget: int | None = None,
+        logprobs: Literal["raw", "sampling"] = "raw",
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        max_calls: int | None = 1,
+        require_call: bool = False,
+        score_batch_size: int = 8,
+        end_of_turn: str = "<|im_end|>",
+    ):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0 (use act(..., greedy=True) for greedy), got {temperature}"
+            )
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if logprobs not in ("raw", "sampling"):
+            raise ValueError(f"logprobs must be 'raw' or 'sampling', got {logprobs!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.style: ToolCallStyle = style or detect_style(tokenizer.chat_template)
+        self.name = name
+        self.context_budget = context_budget
+        self.logprobs = logprobs
+        self.generator = generator if seed is None else torch.Generator().manual_seed(seed)
+        self.max_calls = max_calls
+        self.require_call = require_call
+        self.score_batch_size = score_batch_size
+        self.end_of_turn = end_of_turn
+        eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+        if eot_id is None or eot_id == tokenizer.unk_token_id:
+            raise ValueError(f"end-of-turn token {end_of_turn!r} is not in the tokenizer's vocabulary")
+        self.eot_id: int = eot_id
+        pad = tokenizer.pad_token_id
+        self.pad_id: int = pad if pad is not None else eot_id
+
+    def __repr__(self) -> str:
+        return (
+            f"TransformersPolicy(name={self.name!r}, model={type(self.model).__name__}, "
+            f"style={self.style!r}, temperature={self.temperature}, top_p={self.top_p}, "
+            f"max_new_tokens={self.max_new_tokens})"
+        )
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, state: AgentState) -> list[int]:
+        """The tokens the model is given at state s_t: the chat-templated context + generation prompt."""
+        return self.encode(render_prompt(self.tokenizer, state.messages, state.tools, style=self.style))
+
+    def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids_BL = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask_BL = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids_BL[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask_BL[i, width - len(r) :] = 1
+        return ids_BL.to(self.device), mask_BL.to(self.device)
+
+    def _draw_seed(self, seed: int | None) -> int | None:
+        if seed is not None:
+            return seed
+        if self.generator is not None:
+            return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return None
+
+    # -- act ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def act(
+        self, states: list[AgentState], *, greedy: bool = False, seed: int | None = None
+    ) -> list[PolicyOutput]:
+        """One assistant turn per state, generated as one left-padded batch."""
+        outputs: list[PolicyOutput | None] = [None] * len(states)
+        batch: list[tuple[int, list[int]]] = []
+        for i, state in enumerate(states):
+            ids = self.prompt_ids(state)
+            if self.context_budget is not None and len(ids) > self.context_budget:
+                outputs[i] = PolicyOutput(
+                    message={"role": "assistant", "content": ""},
+                    tool_error=CONTEXT_OVERFLOW,
+                    raw=f"prompt of {len(ids)} tokens exceeds the context budget of {self.context_budget}",
+                )
+            else:
+                batch.append((i, ids))
+        if batch:
+            tokens, logps = self._generate(
+                [ids for _, ids in batch], greedy=greedy, seed=self._draw_seed(seed)
+            )
+            for (i, _), toks, lps in zip(batch, tokens, logps, strict=True):
+                outputs[i] = self._to_output(states[i], toks, lps)
+        return outputs  # type: ignore[return-value]
+
+    def _generate(
+        self, prompts: list[list[int]], *, greedy: bool, seed: int | None
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        ids_BL, mask_BL = self._left_pad(prompts)
+        raw = _LogprobRecorder(self.temperature)
+        sampled = _LogprobRecorder(1.0)
+        processors = [raw, TemperatureLogitsWarper(self.temperature)]
+        if self.top_p < 1.0:
+            processors.append(TopPLogitsWarper(self.top_p))
+        processors.append(sampled)
+        kwargs = dict(
+            attention_mask=mask_BL,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=not greedy,
+            repetition_penalty=1.0,
+            eos_token_id=self.eot_id,
+            pad_token_id=self.pad_id,
+            logits_processor=LogitsProcessorList(processors),
+            use_cache=True,
+            return_dict_in_generate=True,
+        )
+        if not greedy:
+            # pinned so that the model's generation_config (Qwen3: temperature 0.6, top_k 20) cannot add
+            # warpers after our recorders; ours above implement temperature and top-p
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+        if seed is None or greedy:
+            out = self.model.generate(ids_BL, **kwargs)
+        else:
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)
+                out = self.model.generate(ids_BL, **kwargs)
+        new_BS = out.sequences[:, ids_BL.shape[1] :].cpu()
+        recorder = raw if self.logprobs == "raw" else sampled
+        other = sampled if recorder is raw else raw
+        logp_BS = recorder.finish(new_BS[:, -1])
+        other.prev_BV = None
+        tokens, logps = [], []
+        for row, lp in zip(new_BS.tolist(), logp_BS.tolist(), strict=True):
+            n = row.index(self.eot_id) + 1 if self.eot_id in row else len(row)
+            tokens.append(row[:n])
+            logps.append(lp[:n])
+        return tokens, logps
+
+    def _to_output(self, state: AgentState, token_ids: list[int], logprobs: list[float]) -> PolicyOutput:
+        body = token_ids[:-1] if token_ids and token_ids[-1] == self.eot_id else token_ids
+        text = self.tokenizer.decode(body, skip_special_tokens=False)
+        parsed = parse_assistant(
+            text,
+            self.style,
+            tools=state.tools or None,
+            max_calls=self.max_calls,
+            require_call=self.require_call,
+            id_prefix=f"call_t{state.turn}",
+        )
+        return PolicyOutput(parsed.message, token_ids, logprobs, parsed.error, text)
+
+    # -- score --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score(
+        self,
+        states: list[AgentState],
+        actions: list[Message],
+        *,
+        action_token_ids: list[list[int]] | None = None,
+        temperature: float = 1.0,
+    ) -> list[torch.Tensor]:
+        """log pi(a_j | s, a_<j) for every token of each action: a list of float32 (n_tokens,) CPU tensors.
+
+        The action's tokens are what the chat template renders after the generation prompt, up to and
+        including the end-of-turn token (``render_action``); pass ``action_token_ids`` to score exact
+        sampled tokens instead (OPD: the teacher scores the student's tokens, same tokenizer).
+        """
+        if len(states) != len(actions):
+            raise ValueError(f"score got {len(states)} states but {len(actions)} actions")
+        if action_token_ids is not None and len(action_token_ids) != len(states):
+            raise ValueError(f"score got {len(states)} states but {len(action_token_ids)} action_token_ids")
+        pairs = []
+        for i, (state, action) in enumerate(zip(states, actions, strict=True)):
+            if action_token_ids is not None:
+                prompt, action_ids = self.prompt_ids(state), list(action_token_ids[i])
+            else:
+                prompt_text, action_text = render_action(
+                    self.tokenizer,
+                    state.messages,
+                    action,
+                    state.tools,
+                    style=self.style,
+                    end_token=self.end_of_turn,
+                )
+                prompt, action_ids = self.encode(prompt_text), self.encode(action_text)
+            if not action_ids:
+                raise ValueError(f"action {i} renders to no tokens")
+            pairs.append((prompt, action_ids))
+        out: list[torch.Tensor] = []
+        for start in range(0, len(pairs), self.score_batch_size):
+            out.extend(self._score_batch(pairs[start : start + self.score_batch_size], temperature))
+        return out
+
+    def _score_batch(
+        self, pairs: list[tuple[list[int], list[int]]], temperature: float
+    ) -> list[torch.Tensor]:
+        # left padding puts every action at the end, so logits_to_keep = longest action + 1 suffices
+        ids_BL, mask_BL = self._left_pad([p + a for p, a in pairs])
+        position_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+        keep = max(len(a) for _, a in pairs) + 1
+        logits_BKV = self.model(
+            input_ids=ids_BL,
+            attention_mask=mask_BL,
+            position_ids=position_BL,
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits
+        out = []
+        for i, (_, action) in enumerate(pairs):
+            n = len(action)
+            logits_NV = logits_BKV[i, keep - n - 1 : keep - 1].float() / temperature
+            target_N = torch.tensor(action, device=logits_NV.device)
+            out.append(torch.log_softmax(logits_NV, -1).gather(1, target_N[:, None])[:, 0].cpu())
+        return out
