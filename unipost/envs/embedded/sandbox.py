@@ -29,6 +29,7 @@ from pathlib import Path
 
 WORKSPACE = "/testbed"  # where the agent sees its repository (as in the paper's SWE-Gym setup)
 UNSAFE_ENV_VAR = "UNIPOST_UNSAFE_LOCAL"
+_PROBED: dict[tuple[str | None, int | None], str | None] = {}  # bwrap setup -> failure text (None: works)
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -89,6 +90,22 @@ class Sandbox:
         self._drop_to = self.sandbox_uid if (os.geteuid() == 0 and self.bwrap is not None) else None
         if self._drop_to is not None:
             _chown_tree(self.workspace, self._drop_to)
+        if self.isolated:
+            self._probe()
+
+    def _probe(self) -> None:
+        """Fail at construction, with the reason, when bwrap cannot actually start (once per process)."""
+        key = (self.bwrap, self._drop_to)
+        if key not in _PROBED:
+            res = self.run("python3 -c 'import sys; print(sys.version_info[0])'")
+            _PROBED[key] = None if res.output.strip().endswith("3") else res.output.strip()[-500:]
+        if _PROBED[key] is not None:
+            raise SandboxUnavailableError(
+                f"bubblewrap is installed but a sandboxed probe command failed: {_PROBED[key]!r}. "
+                "Common causes: unprivileged user namespaces are disabled (sysctl "
+                "kernel.unprivileged_userns_clone=1, or kernel.apparmor_restrict_unprivileged_userns=0 on "
+                "Ubuntu), or there is no python3 under /usr/bin."
+            )
 
     @property
     def isolated(self) -> bool:
