@@ -64,6 +64,7 @@ class LabelSpec:
     message: Message
     weight: float | tuple[float, ...] = 1.0
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    token_ids: tuple[int, ...] | None = None  # exact sampled tokens of a student action (no re-tokenising)
 
 
 @dataclass
@@ -152,7 +153,7 @@ def trajectory_sequences(
         context = trajectory.context(turn)
         out = []
         for spec in by_turn[turn]:
-            ids = renderer.label_ids(context, spec.message)
+            ids = list(spec.token_ids) if spec.token_ids else renderer.label_ids(context, spec.message)
             meta = {"turn": turn, "task_id": trajectory.task_id, **spec.meta}
             out.append(Label(context_len, tuple(ids), spec.weight, meta))
             stats.labels += 1

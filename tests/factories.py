@@ -1,0 +1,71 @@
+"""Canonical trajectories for tests: OpenAI-style tool calls, mixed executors, teacher labels."""
+
+from __future__ import annotations
+
+import json
+
+from unipost.data import Outcome, Trajectory, Turn
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "terminal",
+            "description": "Run a shell command.",
+            "parameters": {
+                "type": "object",
+                "properties": {"command": {"type": "string"}},
+                "required": ["command"],
+            },
+        },
+    }
+]
+
+
+def action(text: str, command: str, call_id: str) -> dict:
+    return {
+        "role": "assistant",
+        "content": text,
+        "tool_calls": [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": "terminal", "arguments": json.dumps({"command": command})},
+            }
+        ],
+    }
+
+
+def make_trajectory(
+    executors: str = "tststs",
+    *,
+    task_id: str = "t0",
+    seed: int = 0,
+    reasoning: bool = False,
+    resolved: bool = True,
+    submitted: bool = True,
+    reward: float | None = None,
+    meta: dict | None = None,
+) -> Trajectory:
+    """``executors`` is a string of 't'/'s' per turn; the teacher label is recorded at every state."""
+    turns = []
+    for t, who in enumerate(executors):
+        teacher = action(
+            ("<think>\nlocate the bug\n</think>\n\n" if reasoning else "") + f"Look at file {t + seed}.",
+            f"cat pkg/mod{t + seed}.py",
+            f"call_{t}",
+        )
+        executed = (
+            teacher if who == "t" else action(f"Try {t * 7 + seed}.", f"ls -la {t + seed}", f"call_{t}")
+        )
+        obs = [{"role": "tool", "tool_call_id": f"call_{t}", "content": f"output {t + seed}\nline two"}]
+        executor = "teacher" if who == "t" else "student"
+        turns.append(Turn(index=t, executor=executor, action=executed, label=teacher, observation=obs))
+    prompt = [
+        {"role": "system", "content": "You are a careful software engineer."},
+        {"role": "user", "content": f"The function add(2, {seed}) returns the wrong value."},
+    ]
+    outcome = Outcome(
+        resolved=resolved, submitted=submitted, reward=float(resolved) if reward is None else reward
+    )
+    return Trajectory(task_id=task_id, prompt=prompt, turns=turns, outcome=outcome, meta=meta or {})

@@ -1,0 +1,179 @@
+"""From finished trajectories and a Recipe to the Eq. 14 loss, through the one fused kernel.
+
+    trajectories --recipe.keep / recipe.select_labels--> (context, label) transitions
+                 --ChatRenderer + tree packing-------> PackedBatch
+                 --packed_logprobs (fused head)------> logp_L (+ entropy_L)
+                 --recipe.loss_weights (score w)-----> sg(w_L)
+                 --weighted_nll + recipe.regularization--> loss
+
+Every method (SFT, GRPO, OPD, DAgger, AggreVaTe, and user compositions) goes through exactly this
+function; only the recipe's parts differ. OPD's teacher log-probs and a KL regulariser's reference
+log-probs are computed here on the *same* packed batch with the white-box teacher / reference model
+(same tokenizer), so the log-ratio is taken on exactly the tokens being trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from unipost.data import Trajectory
+from unipost.kernels.loss import weighted_nll
+from unipost.kernels.model import packed_logprobs
+from unipost.kernels.packing import PackedBatch, pack
+from unipost.objective import Need, Recipe, RegularizerInputs, ScoreInputs
+from unipost.rendering.chat import ChatRenderer, LabelSpec, RenderStats, trajectory_sequences
+
+
+class EmptyBatchError(ValueError):
+    """No trajectory survived the recipe's filter, or none had a label to train on."""
+
+
+@dataclass
+class TrainingBatch:
+    """A packed batch plus the per-trajectory data the score needs (S labels, B trajectories)."""
+
+    packed: PackedBatch
+    trajectories: list[Trajectory]  # the kept ones, index b
+    traj_of_seq_S: torch.Tensor
+    reward_B: torch.Tensor
+    resolved_B: torch.Tensor
+    submitted_B: torch.Tensor
+    group_of_traj_B: torch.Tensor
+    render_stats: RenderStats = field(default_factory=RenderStats)
+
+    @property
+    def num_label_tokens(self) -> int:
+        return self.packed.num_label_tokens
+
+
+def _group_ids(trajectories: Sequence[Trajectory]) -> torch.Tensor:
+    """Trajectories of the same task and iteration form a GRPO group (``meta['group']`` overrides)."""
+    keys: dict[object, int] = {}
+    ids = []
+    for traj in trajectories:
+        key = traj.meta.get("group", (traj.task_id, traj.meta.get("iteration")))
+        ids.append(keys.setdefault(str(key), len(keys)))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def build_batch(
+    trajectories: Sequence[Trajectory],
+    recipe: Recipe,
+    renderer: ChatRenderer,
+    *,
+    mode: str = "tree",
+    vocab_size: int | None = None,
+) -> TrainingBatch:
+    """Select, render and pack the recipe's transitions of ``trajectories``.
+
+    Groups are computed over *all* trajectories before the submission filter (a GRPO group's
+    baseline includes its failed samples); filtered trajectories are then dropped.
+    """
+    groups_all = _group_ids(trajectories)
+    stats = RenderStats()
+    documents = []
+    kept: list[Trajectory] = []
+    kept_groups: list[int] = []
+    seq_traj: list[int] = []
+    for traj, group in zip(trajectories, groups_all.tolist(), strict=True):
+        refs = recipe.select_labels(traj)
+        if not refs:
+            continue
+        b = len(kept)
+        specs = [LabelSpec(r.turn, r.message, meta={"traj": b}, token_ids=r.token_ids) for r in refs]
+        docs = trajectory_sequences(traj, specs, renderer, mode=mode, stats=stats)
+        documents.extend(docs)
+        seq_traj.extend(b for doc in docs for _ in doc.labels)
+        kept.append(traj)
+        kept_groups.append(group)
+    if not documents:
+        raise EmptyBatchError(
+            f"none of the {len(trajectories)} trajectories has a label to train on under "
+            f"{recipe.display_name} (all filtered out, e.g. no valid submission, or no turns)"
+        )
+    packed = pack(documents, vocab_size=vocab_size)
+    outcomes = [t.outcome for t in kept]
+    return TrainingBatch(
+        packed=packed,
+        trajectories=kept,
+        traj_of_seq_S=torch.tensor(seq_traj, dtype=torch.long),
+        reward_B=torch.tensor([o.reward for o in outcomes], dtype=torch.float32),
+        resolved_B=torch.tensor([o.resolved for o in outcomes], dtype=torch.bool),
+        submitted_B=torch.tensor([o.submitted for o in outcomes], dtype=torch.bool),
+        group_of_traj_B=torch.tensor(kept_groups, dtype=torch.long),
+        render_stats=stats,
+    )
+
+
+def objective_loss(
+    model: torch.nn.Module,
+    batch: TrainingBatch,
+    recipe: Recipe,
+    *,
+    teacher: torch.nn.Module | None = None,
+    reference: torch.nn.Module | None = None,
+    normalization_constant: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The Eq. 14 surrogate for one batch: sum_t sg(w_t) (-log pi(y_t|x)) / Z + R.
+
+    ``normalization_constant`` is used when ``recipe.normalization == "constant"`` (e.g. the global
+    label-token count when a batch is split into micro-batches).
+    """
+    needs = recipe.needs
+    packed = batch.packed
+    out = packed_logprobs(model, packed, return_entropy=Need.ENTROPY in needs)
+    teacher_logp = None
+    if Need.TEACHER_LOGPROBS in needs:
+        if teacher is None:
+            raise ValueError(
+                f"{recipe.display_name} needs teacher log-probs: pass a white-box `teacher` model"
+            )
+        with torch.no_grad():
+            teacher_logp = packed_logprobs(teacher, packed).logp_L
+    ref_logp = None
+    if Need.REFERENCE_LOGPROBS in needs:
+        if reference is None:
+            raise ValueError(
+                f"{recipe.display_name} needs reference log-probs: pass a frozen `reference` model"
+            )
+        with torch.no_grad():
+            ref_logp = packed_logprobs(reference, packed).logp_L
+    device = out.logp_L.device
+    inputs = ScoreInputs(
+        logp_L=out.logp_L.detach(),
+        label_seq_L=packed.label_seq_L.to(device),
+        traj_of_seq_S=batch.traj_of_seq_S.to(device),
+        reward_B=batch.reward_B.to(device),
+        resolved_B=batch.resolved_B.to(device),
+        submitted_B=batch.submitted_B.to(device),
+        teacher_logp_L=None if teacher_logp is None else teacher_logp.to(device),
+        group_of_traj_B=batch.group_of_traj_B.to(device),
+    )
+    weights_L = recipe.loss_weights(inputs) * packed.label_weight_L.to(device)
+    nll, metrics = weighted_nll(
+        out.logp_L,
+        weights_L,
+        packed.label_seq_L.to(device),
+        normalization=recipe.normalization,
+        constant=normalization_constant,
+    )
+    reg = recipe.regularization(
+        RegularizerInputs(logp_L=out.logp_L, ref_logp_L=ref_logp, entropy_L=out.entropy_L)
+    )
+    loss = nll + reg
+    metrics.update(
+        {
+            "loss": float(loss.detach()),
+            "nll": float(nll.detach()),
+            "regularizer": float(reg.detach()),
+            "packed_tokens": float(packed.num_tokens),
+            "labels": float(packed.num_labels),
+            "trajectories": float(len(batch.trajectories)),
+        }
+    )
+    if teacher_logp is not None:
+        metrics["reverse_kl_sampled"] = float((out.logp_L.detach() - teacher_logp.to(device)).mean())
+    return loss, metrics
