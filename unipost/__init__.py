@@ -17,10 +17,62 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     # data model
-    "Trajectory": "unipost.data",
-    "Turn": "unipost.data",
-    "Outcome": "unipost.data",
+    **dict.fromkeys(["Trajectory", "Turn", "Outcome"], "unipost.data"),
+    # the objective: four parts, schedules, recipes
+    **dict.fromkeys(
+        [
+            "Recipe",
+            "SFT",
+            "GRPO",
+            "OPD",
+            "DAgger",
+            "AggreVaTe",
+            "get_recipe",
+            "Need",
+            "TeacherRollout",
+            "StudentRollout",
+            "TurnMixture",
+            "PrefixSwitch",
+            "OfflineData",
+            "TeacherLabels",
+            "OwnSamples",
+            "Uniform",
+            "SuccessFilter",
+            "GroupAdvantage",
+            "TeacherLogRatio",
+            "Product",
+            "KLToReference",
+            "EntropyBonus",
+            "Constant",
+            "LinearDecay",
+            "Cosine",
+            "UniformPrefix",
+            "ShiftingPrefix",
+            "FixedPrefix",
+        ],
+        "unipost.objective",
+    ),
+    # the kernel
+    **dict.fromkeys(
+        [
+            "token_logprobs",
+            "token_logprobs_reference",
+            "pack",
+            "PackSequence",
+            "Label",
+            "PackedBatch",
+            "packed_logprobs",
+            "weighted_nll",
+            "FusedLossMixin",
+            "fused_causal_lm_loss",
+        ],
+        "unipost.kernels",
+    ),
+    # trajectories -> packed batch -> Eq. 14 loss
+    **dict.fromkeys(["build_batch", "objective_loss", "TrainingBatch"], "unipost.batch"),
+    **dict.fromkeys(["ChatRenderer", "trajectory_sequences"], "unipost.rendering.chat"),
 }
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -66,6 +66,8 @@ class Turn(BaseModel):
 
 
 class Outcome(BaseModel):
+    """The verifier's verdict on a finished episode; ``failure_mode`` uses paper Table 4's categories."""
+
     model_config = ConfigDict(extra="forbid")
 
     resolved: bool = False
