@@ -14,9 +14,8 @@ from unipost.rollout.policy import AgentState, Policy, PolicyOutput
 from unipost.rollout.scripted import RandomToolPolicy, ScriptedPolicy
 from unipost.rollout.transformers_policy import TransformersPolicy
 
-FIXTURE = (
-    Path(__file__).resolve().parents[2] / "shared/fixtures/openhands/tool_schemas-openhands-tools-1.58.0.json"
-)
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURE = FIXTURES / "openhands" / "tool_schemas-openhands-tools-1.58.0.json"
 OPENHANDS_TOOLS = list(json.loads(FIXTURE.read_text()).values())
 # the policy tests use the two short schemas: the full OpenHands system prompt is ~4k tokens, and the
 # tiny model's speed, not prompt length, is what these tests exercise
@@ -197,6 +196,21 @@ def test_score_of_sampled_tokens_equals_act_logprobs(model, tokenizer):
     )
     for out, got in zip(outs, scores, strict=True):
         assert torch.allclose(got, torch.tensor(out.logprobs), atol=ATOL)
+
+
+def test_style_comes_from_the_chat_template(model, tokenizer):
+    import copy
+
+    from unipost.models import load_template
+
+    coder = copy.deepcopy(tokenizer)
+    coder.chat_template = load_template(str(FIXTURES / "chat_templates" / "qwen3-coder.jinja"))
+    policy = TransformersPolicy(model, coder, max_new_tokens=3)
+    assert policy.style == "qwen3_coder"
+    assert "<function=example_function_name>" in tokenizer.decode(policy.prompt_ids(STATES[0]))
+    coder.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        TransformersPolicy(model, coder)
 
 
 def test_constructor_validates(model, tokenizer):

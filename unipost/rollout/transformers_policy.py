@@ -128,7 +128,12 @@ class TransformersPolicy:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
-        self.style: ToolCallStyle = style or detect_style(tokenizer.chat_template)
+        template = getattr(tokenizer, "chat_template", None)
+        if not isinstance(template, str):
+            raise ValueError(
+                "the tokenizer has no chat template; set tokenizer.chat_template (its native format)"
+            )
+        self.style: ToolCallStyle = style or detect_style(template)
         self.name = name
         self.context_budget = context_budget
         self.logprobs = logprobs
