@@ -1,0 +1,357 @@
+"""Fused token log-probabilities: LM head -> log-softmax -> gather, never materialising ``[N, V]`` logits.
+
+Why: every objective in unipost (SFT, GRPO, OPD, DAgger, AggreVaTe) is
+``sum_t sg(w_t) * -log pi(y_t | x)`` (+ a regulariser), so one log-likelihood path serves them all. With
+N = 16k tokens and V = 152k the fp32 logits alone are 10 GB, and autograd keeps two more copies for the
+backward pass. This kernel computes the same numbers in ``[C, Cv]`` tiles:
+
+* forward: per row chunk, an online (streaming) log-sum-exp over vocabulary tiles, as flash-attention does
+  over keys; it keeps only ``lse`` [N] (and the entropy [N]) for the backward pass;
+* backward: recomputes each tile's logits, forms the gradient of the logits from the saved statistics
+  and the upstream gradients, and feeds it straight into the two matmuls that produce the hidden and
+  weight gradients.
+
+Tiling both axes, not just the tokens, matters: a token-only chunk of C rows re-reads the whole [V, H]
+head once per chunk (at V = 152k that is 545 MB of fp32 per chunk) and accumulates the weight gradient
+with a rank-C update; square-ish tiles keep both costs small.
+
+Unlike fused *losses* (Liger's fused linear cross-entropy computes the gradient inside the forward pass
+for a fixed loss), this returns per-token log-probs and takes **arbitrary** upstream gradients: per-token
+weights ``w_t`` on ``logp`` (the advantage, the DAgger/AggreVaTe weight) and a separate gradient on the
+entropy. Both are applied in the backward pass; neither is dropped or assumed to be 1.
+
+Notation: N tokens, H hidden size, V vocabulary; ``z = logits / temperature``; ``p = softmax(z)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["token_logprobs"]
+
+# One fp32 [C, Cv] tile of logits is at most this many elements (8 MiB). The kernel keeps about two such
+# tiles alive (logits and probabilities) plus the low-precision matmul copies, so the extra memory is
+# ~20 MiB whatever N and V are.
+_TILE_ELEMENTS = 2 * 1024 * 1024
+# Default rows per chunk: large enough that each tile matmul is an efficient GEMM, small enough that the
+# vocabulary tile (budget / rows) stays >= 2k columns.
+_DEFAULT_ROWS = 1024
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    vocab_chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token ``log_softmax((hidden @ weight.T + bias) / T)[target]``, never building ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[N, H]`` final hidden states (any floating dtype; flatten batch and time first).
+        weight: ``[V, H]`` LM head. May be the tied input-embedding weight: autograd adds this
+            kernel's gradient to the embedding's as usual.
+        targets: ``[N]`` integer token ids in ``[0, V)``, or ``ignore_index``.
+        bias: optional ``[V]`` head bias, same dtype as ``weight``.
+        ignore_index: target value marking rows to skip: their ``logp`` and ``entropy`` are exactly 0
+            and they receive exactly zero gradient.
+        chunk_size: token rows per tile. ``None`` picks 1024 rows (fewer if N is smaller).
+        temperature: logits are divided by it before the softmax (sampling temperature of the policy
+            whose log-probs you need, e.g. for importance ratios against vLLM logprobs).
+        return_entropy: also return the entropy of ``softmax(z)`` per row, differentiable.
+        vocab_chunk_size: vocabulary columns per tile. ``None`` picks it so one fp32 tile holds at
+            most 2M elements (8 MiB); with ``chunk_size=1`` that is the whole vocabulary up to V = 2M.
+
+    Returns:
+        ``logp`` [N], or ``(logp, entropy)`` when ``return_entropy``.
+
+    Dtypes: the matmuls run in the input dtype (so bf16 inputs use bf16 GEMMs, which accumulate in fp32
+    on CPU and CUDA) and each logits tile is upcast to fp32 before the softmax; ``logp`` and ``entropy``
+    are fp32. fp64 inputs compute and return fp64 throughout (that is what ``gradcheck`` needs). In the
+    backward pass, the logits gradient is formed in fp32 and cast to the input dtype for the two matmuls;
+    the weight (and bias) gradient is accumulated across tiles in fp32 and cast to the weight dtype once
+    at the end, so bf16 rounding does not compound over chunks. ``hidden`` and ``weight`` must have the
+    same dtype and device.
+
+    Memory: besides the inputs and the gradients, about two fp32 tiles (see ``vocab_chunk_size``)
+    plus, for bf16/fp16, one fp32 gradient accumulator of ``min(N, V) x H`` elements.
+
+    The logits are assumed finite (a ``-inf`` bias entry would turn the streaming entropy into NaN).
+    """
+    _validate(hidden, weight, targets, bias, ignore_index, temperature, chunk_size, vocab_chunk_size)
+    n, v = hidden.shape[0], weight.shape[0]
+    rows, cols = _plan_tiles(n, v, chunk_size, vocab_chunk_size)
+    logp_N, entropy_N = _TokenLogprobs.apply(
+        hidden, weight, bias, targets, int(ignore_index), rows, cols, 1.0 / float(temperature), return_entropy
+    )
+    return (logp_N, entropy_N) if return_entropy else logp_N
+
+
+def _validate(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    temperature: float,
+    chunk_size: int | None,
+    vocab_chunk_size: int | None,
+) -> None:
+    """Reject bad input up front with a message naming the problem (the tile loops would fail obscurely)."""
+    if not isinstance(hidden, Tensor) or hidden.dim() != 2:
+        shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a 2-D [N, H] tensor (flatten batch and time first), got {shape}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D [V, H] tensor (the LM head), got {shape}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden is {tuple(hidden.shape)} but weight is {tuple(weight.shape)}; "
+            "weight must be [V, H] with the same H (did you pass weight.T?)"
+        )
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise ValueError(f"hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(
+            f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype; cast one of them"
+        )
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError(
+            f"hidden, weight and targets must be on one device, got {hidden.device}, {weight.device}, "
+            f"{targets.device}"
+        )
+    if not isinstance(targets, Tensor) or targets.dim() != 1:
+        shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"targets must be a 1-D [N] integer tensor, got {shape}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must hold integer token ids (int64), got dtype {targets.dtype}")
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"targets has {targets.shape[0]} entries but hidden has {hidden.shape[0]} rows; "
+            "they must match one target per hidden state"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if bias is not None and (bias.dtype != weight.dtype or bias.device != weight.device):
+        raise ValueError(f"bias must match weight's dtype and device, got {bias.dtype} on {bias.device}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if targets.numel():
+        v = weight.shape[0]
+        bad = (targets != targets.new_tensor(ignore_index)) & ((targets < 0) | (targets >= v))
+        if bool(bad.any()):
+            first = int(targets[bad][0])
+            raise ValueError(
+                f"targets must be in [0, {v}) or equal ignore_index={ignore_index}; found {first} "
+                f"({int(bad.sum())} bad entries)"
+            )
+
+
+def _plan_tiles(n: int, v: int, chunk_size: int | None, vocab_chunk_size: int | None) -> tuple[int, int]:
+    """Rows and vocabulary columns per tile: honour what was given, fill the rest from the tile budget."""
+    if chunk_size is None:
+        rows = _DEFAULT_ROWS if vocab_chunk_size is None else max(1, _TILE_ELEMENTS // vocab_chunk_size)
+    else:
+        rows = chunk_size
+    rows = max(1, min(rows, n))
+    cols = vocab_chunk_size if vocab_chunk_size is not None else max(1, _TILE_ELEMENTS // rows)
+    return rows, max(1, min(cols, v))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _raw_logits(h_c: Tensor, w_t: Tensor, b_t: Tensor | None) -> Tensor:
+    """``h_c @ w_t.T + b_t`` for one tile, in the input dtype (bf16 GEMMs accumulate in fp32 internally).
+
+    Forward and backward both call this, so the recomputed tile is bit-identical to the one the saved
+    log-sum-exp was taken over.
+    """
+    return torch.addmm(b_t, h_c, w_t.T) if b_t is not None else h_c @ w_t.T  # (C, Cv)
+
+
+def _shifted(raw: Tensor, shift_C: Tensor, inv_temp: float) -> Tensor:
+    """``raw * inv_temp - shift`` in the compute dtype, in one pass.
+
+    For low-precision ``raw`` the upcast, the temperature and the shift happen in a single ``add`` (type
+    promotion writes fp32); for fp32/fp64 it reuses ``raw``'s storage instead of allocating a tile.
+    """
+    if raw.dtype == shift_C.dtype:
+        if inv_temp != 1.0:
+            raw = raw.mul_(inv_temp)
+        return raw.sub_(shift_C[:, None])
+    return torch.add(-shift_C[:, None], raw, alpha=inv_temp)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Tiled forward (online log-sum-exp) and backward (recomputed tiles); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, rows, cols, inv_temp, want_entropy):
+        n, v = hidden.shape[0], weight.shape[0]
+        cdtype = _compute_dtype(hidden.dtype)
+        valid_N = targets != ignore_index
+        lse_N = hidden.new_empty(n, dtype=cdtype)
+        target_logit_N = hidden.new_zeros(n, dtype=cdtype)
+        entropy_N = hidden.new_zeros(n, dtype=cdtype) if want_entropy else None
+
+        with torch.no_grad():
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                h_c, tgt_c = hidden[r0:r1], targets[r0:r1]
+                lse_c = ent_c = None
+                for v0 in range(0, v, cols):
+                    v1 = min(v, v0 + cols)
+                    b_t = bias[v0:v1] if bias is not None else None
+                    raw = _raw_logits(h_c, weight[v0:v1], b_t)  # (C, Cv) input dtype
+                    # The target's logit, for the rows whose target falls in this tile.
+                    in_tile = (tgt_c >= v0) & (tgt_c < v1)
+                    local = (tgt_c - v0).clamp(0, v1 - v0 - 1).long()
+                    z_tgt = raw.gather(1, local[:, None]).squeeze(1).to(cdtype) * inv_temp
+                    target_logit_N[r0:r1] = torch.where(in_tile, z_tgt, target_logit_N[r0:r1])
+                    # Tile log-sum-exp with the max taken on the (cheaper) input-dtype tile; T > 0 keeps
+                    # the argmax, so max(z) = max(raw) / T.
+                    m_t = raw.amax(dim=1).to(cdtype) * inv_temp
+                    y = _shifted(raw, m_t, inv_temp)  # (C, Cv) z - m_t
+                    if want_entropy:
+                        e = torch.exp(y)
+                        s_t = e.sum(dim=1)
+                        # Entropy of the tile's softmax q = e / s_t: -sum q log q = log s_t - <e, y> / s_t.
+                        # Centring on the tile max keeps it well conditioned (no lse - E[z] cancellation).
+                        ent_t = torch.log(s_t) - torch.linalg.vecdot(e, y, dim=1) / s_t
+                        del e
+                    else:
+                        s_t = y.exp_().sum(dim=1)
+                    del y, raw
+                    lse_t = m_t + torch.log(s_t)
+                    if lse_c is None:
+                        lse_c, ent_c = lse_t, (ent_t if want_entropy else None)
+                        continue
+                    lse_new = torch.logaddexp(lse_c, lse_t)
+                    if want_entropy:
+                        # H = sum_tiles a_t * (H_t + lse - lse_t), a_t = exp(lse_t - lse): merge two parts.
+                        a_old, a_t = torch.exp(lse_c - lse_new), torch.exp(lse_t - lse_new)
+                        ent_c = a_old * (ent_c + lse_new - lse_c) + a_t * (ent_t + lse_new - lse_t)
+                    lse_c = lse_new
+                if lse_c is not None:
+                    lse_N[r0:r1] = lse_c
+                    if want_entropy:
+                        entropy_N[r0:r1] = ent_c
+
+        logp_N = torch.where(valid_N, target_logit_N - lse_N, torch.zeros_like(lse_N))
+        if want_entropy:
+            entropy_out_N = torch.where(valid_N, entropy_N, torch.zeros_like(entropy_N))
+        else:
+            entropy_out_N = hidden.new_zeros(0, dtype=cdtype)
+            ctx.mark_non_differentiable(entropy_out_N)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_N, entropy_N)
+        ctx.meta = (ignore_index, rows, cols, inv_temp, want_entropy)
+        ctx.set_materialize_grads(False)
+        return logp_N, entropy_out_N
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp_N, grad_entropy_N):
+        hidden, weight, bias, targets, lse_N, entropy_N = ctx.saved_tensors
+        ignore_index, rows, cols, inv_temp, want_entropy = ctx.meta
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        use_entropy = want_entropy and grad_entropy_N is not None
+        if (grad_logp_N is None and not use_entropy) or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None, None, None, None
+
+        n, v = hidden.shape[0], weight.shape[0]
+        dtype, cdtype = hidden.dtype, _compute_dtype(hidden.dtype)
+        valid_N = targets != ignore_index
+        zero_N = torch.zeros_like(lse_N)
+        # Per-row coefficients of dL/dz, with 1/T folded in (dz/dlogits = 1/T) and masked rows zeroed:
+        #   dL/dz_j = gl * (onehot_j - p_j) - ge * p_j * (z_j - E_p[z])
+        #           = p_j * (-ge * (z_j - lse) + c) + gl * onehot_j,   c = -ge * H - gl
+        # since E_p[z] - lse = -H.
+        gl_N = zero_N
+        if grad_logp_N is not None:
+            gl_N = torch.where(valid_N, grad_logp_N.to(cdtype) * inv_temp, zero_N)
+        if use_entropy:
+            ge_N = torch.where(valid_N, grad_entropy_N.to(cdtype) * inv_temp, zero_N)
+            c_N = -ge_N * entropy_N - gl_N
+        else:
+            c_N = -gl_N
+
+        # Outputs in the input dtype accumulate in place; for bf16/fp16 the side that accumulates across
+        # the outer loop gets an fp32 buffer. The outer loop runs over the longer axis so that buffer is
+        # the smaller of [N, H] and [V, H].
+        direct = dtype == cdtype
+        rows_outer = n >= v
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        acc_h = acc_w = None
+        if need_h and not direct and not rows_outer:
+            acc_h = torch.zeros(hidden.shape, dtype=cdtype, device=hidden.device)
+        if need_w and not direct and rows_outer:
+            acc_w = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)
+        grad_b = torch.zeros(v, dtype=cdtype, device=weight.device) if need_b else None
+
+        row_starts, col_starts = range(0, n, rows), range(0, v, cols)
+        outer, inner = (row_starts, col_starts) if rows_outer else (col_starts, row_starts)
+        for o0 in outer:
+            # Tile-local fp32 accumulator for the outer side's gradient (low precision only).
+            local = None
+            for i0 in inner:
+                r0, v0 = (o0, i0) if rows_outer else (i0, o0)
+                r1, v1 = min(n, r0 + rows), min(v, v0 + cols)
+                h_c, w_t = hidden[r0:r1], weight[v0:v1]
+                b_t = bias[v0:v1] if bias is not None else None
+                g = _shifted(_raw_logits(h_c, w_t, b_t), lse_N[r0:r1], inv_temp)  # (C, Cv) log p
+                if use_entropy:
+                    p = torch.exp(g)
+                    g = p.mul_(g.mul_(-ge_N[r0:r1, None]).add_(c_N[r0:r1, None]))
+                    del p
+                else:
+                    g = g.exp_().mul_(c_N[r0:r1, None])
+                tgt_c = targets[r0:r1]
+                in_tile = (tgt_c >= v0) & (tgt_c < v1)
+                col = (tgt_c - v0).clamp(0, v1 - v0 - 1).long()
+                g.scatter_add_(1, col[:, None], torch.where(in_tile, gl_N[r0:r1], zero_N[r0:r1])[:, None])
+                if need_b:
+                    grad_b[v0:v1] += g.sum(0)
+                g_lp = g if direct else g.to(dtype)
+                if need_h:
+                    if direct:
+                        grad_h[r0:r1].addmm_(g_lp, w_t)
+                    elif rows_outer:
+                        part = g_lp @ w_t
+                        local = part.to(cdtype) if local is None else local.add_(part)
+                    else:
+                        acc_h[r0:r1].add_(g_lp @ w_t)
+                if need_w:
+                    if direct:
+                        grad_w[v0:v1].addmm_(g_lp.T, h_c)
+                    elif rows_outer:
+                        acc_w[v0:v1].add_(g_lp.T @ h_c)
+                    else:
+                        part = g_lp.T @ h_c
+                        local = part.to(cdtype) if local is None else local.add_(part)
+            if local is not None:
+                if rows_outer:
+                    grad_h[o0 : min(n, o0 + rows)] = local
+                else:
+                    grad_w[o0 : min(v, o0 + cols)] = local
+        if not direct:
+            if need_h and not rows_outer:
+                grad_h.copy_(acc_h)
+            if need_w and rows_outer:
+                grad_w.copy_(acc_w)
+        grad_bias = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_bias, None, None, None, None, None, None
