@@ -21,13 +21,12 @@ from unipost.envs.embedded import (
     Sandbox,
     SandboxUnavailableError,
     generate_task,
+    play_expert,
     tool_call_message,
 )
 
-pytestmark = [
-    pytest.mark.sandbox,
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed"),
-]
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+pytestmark = pytest.mark.sandbox
 
 
 @pytest.fixture()
@@ -48,18 +47,37 @@ def edit(env, **args):
     return env.step(tool_call_message("", "file_editor", args, "c"))
 
 
-def _sandbox_processes() -> list[int]:
+def _uid(env) -> int:
+    """The uid the sandboxed commands run as (their own when the tests run as root)."""
+    drop = env.sandbox._drop_to
+    return os.getuid() if drop is None else drop
+
+
+def _sandbox_processes(uid: int) -> list[int]:
+    """Live (non-zombie) processes of ``uid``."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.stat(f"/proc/{entry}").st_uid == 65534:
-                    pids.append(int(entry))
-            except OSError:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        pids.append(int(entry))
+            except (OSError, IndexError):
                 pass
     return pids
 
 
+def _settles_to(uid: int, count: int, within_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while len(_sandbox_processes(uid)) > count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@needs_bwrap
 def test_host_files_are_invisible(env):
     out = run(env, "cat /etc/passwd; ls /root /home")
     assert "No such file or directory" in out and "root:x:0:0" not in out
@@ -73,6 +91,7 @@ def test_host_files_are_invisible(env):
         assert r.tool_error and "root:x:0:0" not in r.observation[0]["content"]
 
 
+@needs_bwrap
 def test_writes_outside_the_workspace_do_not_reach_the_host(env):
     tag = secrets.token_hex(4)
     parent = env.workspace.parent
@@ -89,38 +108,37 @@ def test_writes_outside_the_workspace_do_not_reach_the_host(env):
     assert not Path(f"/tmp/unipost_{tag}").exists() and not (parent / f"unipost_{tag}").exists()
 
 
+@needs_bwrap
 def test_fork_bomb_is_contained(env):
-    before = len(_sandbox_processes())
+    before = len(_sandbox_processes(_uid(env)))
     start = time.monotonic()
     out = run(env, "bomb() { bomb | bomb & }; bomb; sleep 1; echo survived")
     assert time.monotonic() - start < 15
     assert "Resource temporarily unavailable" in out or "timed out" in out
-    time.sleep(0.5)
-    assert len(_sandbox_processes()) <= before  # nothing of the bomb outlives the call
+    assert _settles_to(_uid(env), before)  # nothing of the bomb outlives the call
     assert "hello" in run(env, "echo hello")  # the environment still works
 
 
+@needs_bwrap
 def test_disk_filling_is_stopped_by_the_file_size_limit(env):
     out = run(env, "head -c 50000000 /dev/zero > /testbed/big; ls -l /testbed/big")
     assert "File size limit exceeded" in out
     assert (env.workspace / "big").stat().st_size <= 1 << 20
 
 
+@needs_bwrap
 def test_runaway_command_times_out_and_is_killed(env):
     start = time.monotonic()
     out = run(env, "sleep 600")
     assert time.monotonic() - start < 10
     assert "[The command timed out after 3 seconds and was killed.]" in out
-    time.sleep(0.3)
-    assert not any(
-        "sleep" in Path(f"/proc/{p}/cmdline").read_text()
-        for p in _sandbox_processes()
-        if Path(f"/proc/{p}").exists()
-    )
+    if env.sandbox._drop_to is not None:  # root: the sandbox has its own uid, which must be empty now
+        assert _settles_to(_uid(env), 0)
     out = run(env, "python3 -c 'while True: pass'")  # CPU-bound: the CPU limit or the timeout stops it
     assert "exit code 0" not in out
 
 
+@needs_bwrap
 def test_no_network_and_memory_limit(env):
     out = run(env, "python3 -c \"import socket; socket.create_connection(('1.1.1.1', 53), timeout=2)\"")
     assert "Network is unreachable" in out
@@ -128,6 +146,7 @@ def test_no_network_and_memory_limit(env):
     assert "MemoryError" in out
 
 
+@needs_bwrap
 def test_environment_is_scrubbed(env, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-unipost-secret")
     out = run(env, "env")
@@ -148,3 +167,12 @@ def test_missing_bwrap_refuses_unless_unsafe_local(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         Sandbox(tmp_path)
     assert any("UNSAFE LOCAL MODE" in str(w.message) for w in caught)
+
+
+def test_unsafe_local_mode_still_runs_whole_episodes(monkeypatch):
+    """Without bwrap (opted in), paths are translated so the expert and the verifier still work."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        traj = play_expert(generate_task("heldout", 1, "hard"), perturb=2, unsafe_local=True)
+    assert traj.outcome.resolved, traj.outcome

@@ -10,13 +10,15 @@ of the host is visible (no ``/etc``, ``/root``, ``/home``). ``--unshare-all`` le
 network. Optional extra read-only binds (the verifier's hidden tests) are given per call.
 
 Process-count limit: RLIMIT_NPROC is counted per *real* user and ignored for root, so when the host
-process is root the sandboxed command runs as an unprivileged uid (``nobody``, 65534): bwrap then builds
-an unprivileged user namespace and the limit stops a fork bomb (verified in tests/test_sandbox.py).
+process is root the sandboxed command runs as an unprivileged uid of its own (one per ``Sandbox``, from a
+range no real account uses): bwrap then builds an unprivileged user namespace and the limit stops a fork
+bomb (verified in tests/test_sandbox.py) without starving the episodes running beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import resource
 import shutil
@@ -29,7 +31,7 @@ from pathlib import Path
 
 WORKSPACE = "/testbed"  # where the agent sees its repository (as in the paper's SWE-Gym setup)
 UNSAFE_ENV_VAR = "UNIPOST_UNSAFE_LOCAL"
-_PROBED: dict[tuple[str | None, int | None], str | None] = {}  # bwrap setup -> failure text (None: works)
+_PROBED: dict[tuple[str | None, bool], str | None] = {}  # bwrap setup -> failure text (None: works)
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -66,7 +68,7 @@ class Sandbox:
     workspace: Path
     limits: Limits = field(default_factory=Limits)
     unsafe_local: bool = False
-    sandbox_uid: int = 65534  # used when the host process is root, so that RLIMIT_NPROC applies
+    sandbox_uid: int | None = None  # as root: the uid commands run as (None: a fresh one per Sandbox)
 
     def __post_init__(self) -> None:
         self.workspace = Path(self.workspace).resolve()
@@ -87,7 +89,9 @@ class Sandbox:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self._drop_to = self.sandbox_uid if (os.geteuid() == 0 and self.bwrap is not None) else None
+        self._drop_to = None
+        if os.geteuid() == 0 and self.bwrap is not None:
+            self._drop_to = self.sandbox_uid if self.sandbox_uid is not None else _fresh_uid()
         if self._drop_to is not None:
             _chown_tree(self.workspace, self._drop_to)
         if self.isolated:
@@ -95,7 +99,7 @@ class Sandbox:
 
     def _probe(self) -> None:
         """Fail at construction, with the reason, when bwrap cannot actually start (once per process)."""
-        key = (self.bwrap, self._drop_to)
+        key = (self.bwrap, self._drop_to is not None)
         if key not in _PROBED:
             res = self.run("python3 -c 'import sys; print(sys.version_info[0])'")
             _PROBED[key] = None if res.output.strip().endswith("3") else res.output.strip()[-500:]
@@ -200,6 +204,15 @@ class Sandbox:
             mine = _count_user_processes(os.getuid())
             n = mine + lim.max_processes
             resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+
+
+_UID_BASE = 3_000_000  # far above real accounts (and the usual /etc/subuid ranges)
+_uid_counter = itertools.count()
+
+
+def _fresh_uid() -> int:
+    """A uid for one sandbox: process-count limits then apply per episode, not across episodes."""
+    return _UID_BASE + (os.getpid() % 50_000) * 1000 + next(_uid_counter) % 1000
 
 
 def bwrap_available() -> bool:

@@ -36,11 +36,11 @@ REPEAT_WINDOW = 3
 
 _RUNNER = """\
 import importlib, json, pathlib, sys, unittest
-nonce, package = sys.argv[1], sys.argv[2]
-sys.path.insert(0, "/testbed")
+nonce, package, root = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path.insert(0, root)
 report = {"import_error": None}
 try:
-    for mod in sorted(pathlib.Path("/testbed", package).glob("*.py")):
+    for mod in sorted(pathlib.Path(root, package).glob("*.py")):
         name = package if mod.stem == "__init__" else f"{package}.{mod.stem}"
         importlib.import_module(name)
     import test_hidden
@@ -79,13 +79,12 @@ def run_hidden_tests(task: Task, sandbox: Sandbox) -> TestReport:
             os.chmod(f, 0o644)
         nonce = f"UNIPOST_RESULT_{secrets.token_hex(8)}:"
         if sandbox.isolated:
-            cmd = (
-                f"cd /testbed && PYTHONPATH=/hidden python3 /hidden/_unipost_runner.py {nonce} {task.package}"
-            )
+            runner = "/hidden/_unipost_runner.py"
+            cmd = f"cd /testbed && PYTHONPATH=/hidden python3 {runner} {nonce} {task.package} /testbed"
             res = sandbox.run(cmd, ro_binds={str(hidden): "/hidden"})
         else:
             runner = hidden / "_unipost_runner.py"
-            cmd = f"cd /testbed && PYTHONPATH={hidden} python3 {runner} {nonce} {task.package}"
+            cmd = f"cd /testbed && PYTHONPATH={hidden} python3 {runner} {nonce} {task.package} /testbed"
             res = sandbox.run(cmd)
     finally:
         shutil.rmtree(hidden, ignore_errors=True)
