@@ -15,45 +15,17 @@ end-of-turn token.
 
 from __future__ import annotations
 
-import contextlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from unipost.data import Message, Trajectory
 from unipost.kernels.packing import Label, PackSequence
+from unipost.rendering.toolcalls import ToolCallStyle, detect_style, prepare_messages
 
 
 class TemplatePrefixError(ValueError):
     """The chat template renders a context differently once a label is appended to it."""
-
-
-def to_template_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    """OpenAI-style messages -> what Jinja chat templates expect.
-
-    Tool-call arguments are stored as JSON strings (OpenAI format); templates such as Qwen3-Coder
-    iterate ``arguments|items``, so they get dicts here.
-    """
-    out = []
-    for message in messages:
-        message = dict(message)
-        if message.get("tool_calls"):
-            calls = []
-            for call in message["tool_calls"]:
-                call = dict(call)
-                fn = dict(call.get("function", {}))
-                args = fn.get("arguments")
-                if isinstance(args, str):
-                    with contextlib.suppress(ValueError):  # malformed arguments stay verbatim
-                        fn["arguments"] = json.loads(args)
-                call["function"] = fn
-                calls.append(call)
-            message["tool_calls"] = calls
-        if message.get("content") is None:
-            message["content"] = ""
-        out.append(message)
-    return out
 
 
 @dataclass(frozen=True)
@@ -86,10 +58,14 @@ class ChatRenderer:
         self.tools = list(tools) if tools else None
         eot = end_of_turn or tokenizer.eos_token
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
+        try:  # the same message preparation the policies use at rollout time
+            self.style: ToolCallStyle = detect_style(tokenizer.chat_template)
+        except ValueError:  # a template without tool calls: hermes preparation is harmless
+            self.style = "hermes"
 
     def render_text(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            to_template_messages(messages),
+            prepare_messages(messages, self.style),
             tools=self.tools,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
