@@ -491,19 +491,23 @@ def _flat_namespace(funcs: list[_Func], buggy: bool) -> dict[str, Any]:
 
 
 def _hidden_tests(package: str, mod0: str, api: str, cases, extra) -> str:
+    """Plain-assert test functions (pytest-compatible); the verifier's tiny runner calls them directly,
+    which avoids importing unittest/pytest in every verification (most of a verification's cost)."""
     names = sorted({api} | {name for name, _, _ in extra})
     lines = [
         '"""Hidden tests: copied in only for verification, never visible to the agent."""',
         "",
-        "import unittest",
-        "",
         f"from {package}.{mod0} import {', '.join(names)}",
         "",
-        "",
-        "class HiddenTests(unittest.TestCase):",
     ]
-    for i, (xs, want, _got) in enumerate(cases):
-        lines += [f"    def test_{api}_{i}(self):", f"        self.assertEqual({api}({xs}), {want})", ""]
-    for name, xs, want in extra:
-        lines += [f"    def test_{name}(self):", f"        self.assertEqual({name}({xs}), {want})", ""]
+    tests = [(f"{api}_{i}", api, xs, want) for i, (xs, want, _got) in enumerate(cases)]
+    tests += [(name, name, xs, want) for name, xs, want in extra]
+    for test, fn, xs, want in tests:
+        lines += [
+            "",
+            f"def test_{test}():",
+            f"    got = {fn}({xs})",
+            f'    assert got == {want}, f"returned {{got!r}}, expected {want}"',
+            "",
+        ]
     return "\n".join(lines).rstrip() + "\n"

@@ -1,8 +1,9 @@
 """Hidden-test verification and the paper's Table-4 failure classification.
 
 The hidden tests never sit in the agent's workspace: they live in a separate host directory that is
-bound read-only at ``/hidden`` for the verification run only. They run with ``unittest`` through a tiny
-runner (no pytest: its start-up would dominate the cost of an embedded episode).
+bound read-only at ``/hidden`` for the verification run only. They are plain-assert test functions
+(pytest-compatible) called by a tiny runner under ``python3 -S``: importing pytest or even unittest
+would dominate the cost of an embedded episode.
 
 Classification (one primary mode per unresolved episode, paper Table 4):
 
@@ -35,23 +36,29 @@ EndedBy = Literal["turn_budget", "context_budget"] | None
 REPEAT_WINDOW = 3
 
 _RUNNER = """\
-import importlib, json, pathlib, sys, unittest
+import importlib, json, os, sys
 nonce, package, root = sys.argv[1], sys.argv[2], sys.argv[3]
 sys.path.insert(0, root)
 report = {"import_error": None}
 try:
-    for mod in sorted(pathlib.Path(root, package).glob("*.py")):
-        name = package if mod.stem == "__init__" else f"{package}.{mod.stem}"
-        importlib.import_module(name)
+    for name in sorted(os.listdir(os.path.join(root, package))):
+        if name.endswith(".py"):
+            importlib.import_module(package if name == "__init__.py" else package + "." + name[:-3])
     import test_hidden
 except BaseException as exc:
-    report["import_error"] = f"{type(exc).__name__}: {exc}"
+    report["import_error"] = type(exc).__name__ + ": " + str(exc)
 else:
-    result = unittest.TestResult()
-    unittest.defaultTestLoader.loadTestsFromModule(test_hidden).run(result)
-    report.update(tests=result.testsRun, failures=len(result.failures), errors=len(result.errors),
-                  details=[t.id().rsplit(".", 1)[-1] + ": " + tb.strip().splitlines()[-1]
-                           for t, tb in result.failures + result.errors][:5])
+    tests = sorted(n for n in dir(test_hidden) if n.startswith("test_") and callable(getattr(test_hidden, n)))
+    failures, errors = [], []
+    for n in tests:
+        try:
+            getattr(test_hidden, n)()
+        except AssertionError as exc:
+            failures.append(n + ": " + str(exc))
+        except BaseException as exc:
+            errors.append(n + ": " + type(exc).__name__ + ": " + str(exc))
+    details = (failures + errors)[:5]
+    report.update(tests=len(tests), failures=len(failures), errors=len(errors), details=details)
 print(nonce + json.dumps(report))
 """
 
@@ -80,11 +87,11 @@ def run_hidden_tests(task: Task, sandbox: Sandbox) -> TestReport:
         nonce = f"UNIPOST_RESULT_{secrets.token_hex(8)}:"
         if sandbox.isolated:
             runner = "/hidden/_unipost_runner.py"
-            cmd = f"cd /testbed && PYTHONPATH=/hidden python3 {runner} {nonce} {task.package} /testbed"
+            cmd = f"cd /testbed && PYTHONPATH=/hidden python3 -S {runner} {nonce} {task.package} /testbed"
             res = sandbox.run(cmd, ro_binds={str(hidden): "/hidden"})
         else:
             runner = hidden / "_unipost_runner.py"
-            cmd = f"cd /testbed && PYTHONPATH={hidden} python3 {runner} {nonce} {task.package} /testbed"
+            cmd = f"cd /testbed && PYTHONPATH={hidden} python3 -S {runner} {nonce} {task.package} /testbed"
             res = sandbox.run(cmd)
     finally:
         shutil.rmtree(hidden, ignore_errors=True)
