@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
 
 import typer
 
@@ -11,7 +13,7 @@ app = typer.Typer(
 )
 
 # Sub-apps live beside the code they drive; each is registered if its module is present.
-for _module, _name in [("unipost.envs.cli", "env"), ("unipost.train.cli", "train")]:
+for _module, _name in [("unipost.envs.cli", "env")]:
     try:
         _sub = importlib.import_module(_module)
     except ModuleNotFoundError as exc:  # the sub-package has not landed yet
@@ -33,14 +35,70 @@ def doctor() -> None:
     typer.echo(f"{'bwrap':14s} {'yes' if shutil.which('bwrap') else 'no'}")
 
 
+def _load_experiment(path: Path):
+    """An experiment is a .py file defining ``config()`` (and optionally ``recipe()``), or a JSON config."""
+    from unipost.train.config import TrainConfig
+
+    if not path.exists():
+        raise typer.BadParameter(f"{path} does not exist")
+    if path.suffix == ".json":
+        return TrainConfig.from_file(path), None
+    spec = importlib.util.spec_from_file_location(f"unipost_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise typer.BadParameter(f"{path} defines no config() function returning a TrainConfig")
+    recipe = module.recipe() if hasattr(module, "recipe") else None
+    return module.config(), recipe
+
+
 @app.command()
-def main() -> None:
-    """The README's main job (a DAgger vs SFT run lands with the training issue)."""
-    typer.echo(
-        "unipost main: the DAgger-vs-SFT training job arrives with the Training issue; "
-        "for now this checks the install."
+def train(
+    experiment: Path = typer.Argument(..., help="experiments/<name>.py (defines config()) or a JSON config"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run's latest valid checkpoint"),
+    output_dir: str | None = typer.Option(None, help="override config.output_dir"),
+    iterations: int | None = typer.Option(None, help="override config.iterations"),
+) -> None:
+    """Train with an experiment's recipe: collect -> label -> score -> optimise -> evaluate -> checkpoint."""
+    from unipost.train.trainer import Trainer
+
+    config, recipe = _load_experiment(experiment)
+    updates = {k: v for k, v in {"output_dir": output_dir, "iterations": iterations}.items() if v is not None}
+    if updates:
+        config = config.model_validate({**config.model_dump(), **updates})
+    Trainer(config, recipe=recipe, resume=resume).fit()
+
+
+@app.command("eval")
+def evaluate(
+    run: Path = typer.Argument(..., help="a run directory (holds config.json and checkpoints/)"),
+    tasks: int | None = typer.Option(None, help="number of held-out tasks (default: the run's)"),
+) -> None:
+    """Greedy held-out evaluation of a run's latest checkpoint: resolve rate, failure modes, reverse KL."""
+    from unipost.train.config import TrainConfig
+    from unipost.train.trainer import Trainer
+
+    config = TrainConfig.from_file(run / "config.json")
+    config = config.model_validate(
+        {**config.model_dump(), "output_dir": str(run.parent), "name": run.name}
+        | ({"env": {**config.env.model_dump(), "heldout_tasks": tasks}} if tasks else {})
     )
-    doctor()
+    trainer = Trainer(config, resume=True)
+    metrics = trainer.evaluate(trainer.start_iteration)
+    for key, value in sorted(metrics.items()):
+        typer.echo(f"{key:40s} {value:.4f}")
+
+
+@app.command()
+def main(
+    out_dir: str = typer.Option("runs/main", help="where both runs, the plot and summary.json go"),
+    quick: bool = typer.Option(False, help="a seconds-long smoke version (tests)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """The README's main job: DAgger vs SFT on the embedded environment, with a comparison and a plot."""
+    from unipost.train.main_job import run_main_job
+
+    run_main_job(out_dir, quick=quick, seed=seed)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     token_logprobs(hidden, weight, targets)  chunked LM head -> log pi(target), no [N x V] logits
     pack(sequences)                          (context, label) documents -> PackedBatch (varlen / tree)
-    packed_logprobs(model, batch)            unmodified HF causal LM over a PackedBatch -> logp per label token
+    packed_logprobs(model, batch)            unmodified HF causal LM over a PackedBatch -> logp per label
     weighted_nll(logp, weights, ...)         sum_t sg(w_t) * (-logp_t) / Z with the usual normalisations
     FusedLossMixin / fused_causal_lm_loss    drop-in loss for HF Trainer / TRL SFTTrainer
 """

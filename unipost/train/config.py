@@ -1,0 +1,187 @@
+"""Typed, validated training configuration (pydantic). Every field says what it is for.
+
+An experiment file builds a :class:`TrainConfig` and calls :func:`unipost.train.train`; a bad value
+fails at construction with a message naming the field and what to change.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """The student: a tiny Qwen3 built from a config (CPU), or a local pretrained directory."""
+
+    kind: Literal["tiny", "pretrained"] = "tiny"
+    path: str | None = Field(
+        None, description="pretrained model directory (kind='pretrained'); never a hub id"
+    )
+    hidden_size: int = Field(128, ge=8, description="tiny model width")
+    num_layers: int = Field(2, ge=1, description="tiny model depth")
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    tokenizer_vocab: int = Field(2048, ge=300, description="size of the locally trained BPE tokenizer")
+    lora_rank: int | None = Field(None, ge=1, description="train a PEFT LoRA adapter of this rank instead")
+    lora_alpha: int = 16
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _path_for_pretrained(self) -> ModelConfig:
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("model.kind='pretrained' needs model.path (a local directory)")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        return self
+
+
+class WarmStartConfig(_Strict):
+    """The student's initialisation: brief behaviour cloning on expert demos (our 'instruct' stage).
+
+    The paper starts from instruction-tuned students that already speak the tool format; a random-init
+    tiny model does not, so every method starts from the same cached warm start.
+    """
+
+    demos: int = Field(24, ge=0, description="expert trajectories (train split) to clone; 0 = random init")
+    epochs: int = Field(6, ge=1)
+    lr: float = Field(3e-3, gt=0)
+
+
+class TeacherConfig(_Strict):
+    """Who labels and executes teacher turns."""
+
+    kind: Literal["expert", "openai"] = "expert"
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint (kind='openai'), e.g. vllm serve"
+    )
+    model: str | None = None
+    api_key_env: str = Field("UNIPOST_TEACHER_API_KEY", description="env var holding the key; never stored")
+    white_box: Literal["none", "distilled"] = Field(
+        "distilled",
+        description="white-box teacher LM for OPD and the reverse-KL diagnostic: 'distilled' = a model "
+        "of the student's shape trained by unipost on expert trajectories and cached",
+    )
+    distill_demos: int = Field(64, ge=1)
+    distill_epochs: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> TeacherConfig:
+        if self.kind == "openai" and not (self.base_url and self.model):
+            raise ValueError("teacher.kind='openai' needs teacher.base_url and teacher.model")
+        return self
+
+
+class EnvConfig(_Strict):
+    """The embedded mini-SWE environment."""
+
+    name: Literal["embedded"] = "embedded"
+    difficulty: str = Field("easy", description="easy | medium | hard | expert | marathon")
+    train_tasks: int = Field(64, ge=1, description="size of the training task pool (train split)")
+    heldout_tasks: int = Field(16, ge=1, description="held-out tasks for evaluation")
+    max_observation_chars: int = Field(1200, ge=100)
+
+    @field_validator("difficulty")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from unipost.envs.embedded.tasks import DIFFICULTIES
+
+        if v not in DIFFICULTIES:
+            raise ValueError(f"env.difficulty={v!r} unknown; choose one of {sorted(DIFFICULTIES)}")
+        return v
+
+
+class RolloutConfig(_Strict):
+    episodes_per_iteration: int = Field(8, ge=1, description="tasks per iteration (x recipe group size)")
+    max_turns: int = Field(16, ge=1, description="turn budget per episode")
+    context_budget: int = Field(4096, ge=64, description="max tokens of the student's prompt")
+    max_new_tokens: int = Field(160, ge=8)
+    temperature: float = Field(1.0, gt=0, description="rollout sampling temperature (eval is greedy)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    concurrency: int = Field(8, ge=1)
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    epochs_per_batch: int = Field(1, ge=1, description="passes over each collected batch")
+    micro_batch_tokens: int = Field(8192, ge=64, description="packed tokens per forward/backward")
+    grad_clip: float | None = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class EvalConfig(_Strict):
+    every: int = Field(1, ge=1, description="evaluate every N iterations (and after the last)")
+    kl_tasks: int = Field(8, ge=0, description="student rollouts for the reverse-KL diagnostic (0 = off)")
+
+
+class TrainConfig(_Strict):
+    """One training run: a recipe, a student, a teacher, an environment, and the loop's knobs."""
+
+    name: str = "run"
+    recipe: str = Field("dagger", description="sft | grpo | opd | dagger | aggrevate")
+    recipe_kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments of the named recipe")
+    iterations: int = Field(6, ge=1)
+    aggregate: bool = Field(False, description="classic DAgger D = D_1 u ... u D_i instead of a fresh batch")
+    seed: int = Field(0, ge=0)
+    output_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    env: EnvConfig = EnvConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    progress: bool = True
+    cache_dir: str | None = Field(None, description="where warm starts / distilled teachers are cached")
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, v: str) -> str:
+        from unipost.objective import RECIPES
+
+        key = v.lower()
+        if key not in {k.lower() for k in RECIPES}:
+            raise ValueError(f"recipe={v!r} unknown; choose one of {sorted(RECIPES)}")
+        return key
+
+    @model_validator(mode="after")
+    def _recipe_builds(self) -> TrainConfig:
+        self.build_recipe()  # surfaces e.g. beta outside [0, 1] now, naming the bad part
+        return self
+
+    def build_recipe(self):
+        from unipost.objective import RecipeError, get_recipe
+
+        try:
+            return get_recipe(self.recipe, **self.recipe_kwargs)
+        except (RecipeError, ValueError, TypeError) as exc:
+            raise ValueError(
+                f"recipe {self.recipe!r} with recipe_kwargs={self.recipe_kwargs}: {exc}"
+            ) from exc
+
+    def replace(self, **updates: Any) -> TrainConfig:
+        """A validated copy with top-level fields replaced (``model_copy`` would skip validation)."""
+        return type(self).model_validate({**dict(self), **updates})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_json(self) -> str:
+        """The config as saved with a run (no secrets: keys live in the environment only)."""
+        return json.dumps(self.model_dump(mode="json"), indent=2, default=str)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        return cls.model_validate_json(Path(path).read_text())

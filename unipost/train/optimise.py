@@ -1,0 +1,103 @@
+"""Optimisation over collected trajectories: micro-batches of packed tokens, one update each.
+
+A micro-batch never splits a GRPO group (the group's baseline must see all its samples), and each
+update normalises by its own label tokens (or labels) as the recipe says. With
+``grad_accumulation > 1`` the micro-batch losses are rescaled so the accumulated gradient equals the
+gradient of the recipe's normalised loss over all accumulated micro-batches (exact, not approximate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from unipost.batch import EmptyBatchError, TrainingBatch, _group_ids, build_batch, objective_loss
+from unipost.data import Trajectory
+from unipost.objective import Recipe
+from unipost.rendering.chat import ChatRenderer
+
+
+def make_microbatches(
+    trajectories: Sequence[Trajectory],
+    recipe: Recipe,
+    renderer: ChatRenderer,
+    *,
+    max_tokens: int,
+    vocab_size: int | None = None,
+) -> list[TrainingBatch]:
+    """Greedy first-fit of whole groups into micro-batches of at most ``max_tokens`` packed tokens."""
+    groups: dict[int, list[Trajectory]] = {}
+    for traj, gid in zip(trajectories, _group_ids(trajectories).tolist(), strict=True):
+        groups.setdefault(gid, []).append(traj)
+    units: list[tuple[list[Trajectory], int]] = []
+    for members in groups.values():
+        try:
+            size = build_batch(members, recipe, renderer, vocab_size=vocab_size).packed.num_tokens
+        except EmptyBatchError:
+            continue  # nothing to learn from this group (filtered out)
+        units.append((members, size))
+    bins: list[list[Trajectory]] = []
+    used: list[int] = []
+    for members, size in units:
+        for i in range(len(bins)):
+            if used[i] + size <= max_tokens:
+                bins[i].extend(members)
+                used[i] += size
+                break
+        else:
+            bins.append(list(members))
+            used.append(size)
+    return [build_batch(b, recipe, renderer, vocab_size=vocab_size) for b in bins]
+
+
+def _scale(batch: TrainingBatch, recipe: Recipe, totals: tuple[int, int]) -> float:
+    tokens, labels = totals
+    if recipe.normalization == "token_mean":
+        return batch.packed.num_label_tokens / max(tokens, 1)
+    if recipe.normalization == "sequence_mean":
+        return batch.packed.num_labels / max(labels, 1)
+    return 1.0
+
+
+def optimise_epoch(
+    model: torch.nn.Module,
+    batches: Sequence[TrainingBatch],
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer,
+    *,
+    generator: torch.Generator | None = None,
+    grad_accumulation: int = 1,
+    grad_clip: float | None = 1.0,
+    teacher: torch.nn.Module | None = None,
+    reference: torch.nn.Module | None = None,
+    on_step=None,
+) -> dict[str, float]:
+    """One pass over ``batches`` in a seeded random order; returns mean metrics over updates."""
+    if not batches:
+        return {"loss": float("nan"), "updates": 0.0}
+    model.train()
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    sums: dict[str, float] = {}
+    updates = 0
+    for start in range(0, len(order), grad_accumulation):
+        group = [batches[i] for i in order[start : start + grad_accumulation]]
+        totals = (sum(b.packed.num_label_tokens for b in group), sum(b.packed.num_labels for b in group))
+        optimizer.zero_grad(set_to_none=True)
+        step_metrics: dict[str, float] = {}
+        for batch in group:
+            loss, metrics = objective_loss(model, batch, recipe, teacher=teacher, reference=reference)
+            (loss * _scale(batch, recipe, totals)).backward()
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + v / len(group)
+        if grad_clip is not None:
+            step_metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        optimizer.step()
+        updates += 1
+        if on_step is not None:
+            on_step(step_metrics)
+        for k, v in step_metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    out = {k: v / updates for k, v in sums.items()}
+    out["updates"] = float(updates)
+    return out

@@ -1,0 +1,177 @@
+"""Everything a CPU run needs before its first iteration, built locally and cached.
+
+* the tokenizer: byte-level BPE trained on expert trajectories of the embedded environment (rendered
+  with the project's chat template), so task text compresses well and nothing is downloaded;
+* the student's warm start: brief behaviour cloning on a few expert demos. The paper's students are
+  instruction-tuned models that already speak the tool-call format; a random-init tiny model does
+  not, so every method starts from the same cached warm start (our "instruct" stage);
+* the white-box teacher LM: a student-shaped model distilled from many expert trajectories, used as
+  pi_T by OPD's log-ratio and by the reverse-KL diagnostic (the scripted expert has actions, not
+  log-probs, exactly like an API teacher).
+
+Caches are keyed by a hash of everything that determines their content, under ``cache_dir``
+(default ``$UNIPOST_CACHE`` or ``~/.cache/unipost``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unipost.data import Trajectory
+from unipost.envs.embedded import EmbeddedEnv
+from unipost.envs.embedded.expert import ScriptedExpert
+from unipost.envs.embedded.tools import tool_schemas
+from unipost.models import build_tiny_qwen3, build_tokenizer
+from unipost.objective import SFT, Recipe
+from unipost.rendering.chat import ChatRenderer
+from unipost.rollout.engine import RolloutEngine
+
+SETUP_VERSION = "1"  # bump when what is cached here changes meaning
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = Path(cache_dir or os.environ.get("UNIPOST_CACHE") or Path.home() / ".cache" / "unipost")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _key(*parts: Any) -> str:
+    blob = json.dumps([SETUP_VERSION, *parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def env_factory(difficulty: str, max_observation_chars: int):
+    """``(split, index) -> EmbeddedEnv``: one fresh sandboxed world per episode."""
+
+    def make(task: tuple[str, int]) -> EmbeddedEnv:
+        split, index = task
+        return EmbeddedEnv.from_split(split, index, difficulty, max_observation_chars=max_observation_chars)
+
+    return make
+
+
+def expert_trajectories(
+    n: int,
+    *,
+    difficulty: str,
+    max_observation_chars: int,
+    split: str = "train",
+    start: int = 0,
+    max_turns: int = 40,
+    progress: bool = False,
+) -> list[Trajectory]:
+    """Scripted-expert trajectories on tasks ``start .. start+n-1`` of ``split``."""
+    engine = RolloutEngine(
+        env_factory(difficulty, max_observation_chars),
+        student=None,
+        teacher=ScriptedExpert(),
+        recipe=SFT(rejection_sampling=False),
+        max_turns=max_turns,
+        concurrency=8,
+        progress=progress,
+    )
+    return engine.collect([(split, start + i) for i in range(n)], iteration=0).trajectories
+
+
+def build_task_tokenizer(
+    vocab_size: int, *, difficulty: str, max_observation_chars: int, cache_dir: str | None = None
+):
+    """A BPE tokenizer trained on rendered expert trajectories (cached as tokenizer.json)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from unipost.models.tiny import load_template
+
+    path = cache_root(cache_dir) / f"tokenizer-{_key('tok', vocab_size, difficulty, max_observation_chars)}"
+    if (path / "tokenizer.json").exists():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        tok.chat_template = load_template()
+        return tok
+    demos = expert_trajectories(
+        24, difficulty=difficulty, max_observation_chars=max_observation_chars, start=10_000
+    )
+    plain = build_tokenizer(vocab_size=256 + 16)  # only to render text with the chat template
+    renderer = ChatRenderer(plain, tool_schemas())
+    corpus = [renderer.render_text(t.messages(), add_generation_prompt=False) for t in demos]
+    tok = build_tokenizer(corpus, vocab_size=vocab_size)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def behaviour_clone(
+    model: torch.nn.Module,
+    trajectories: Sequence[Trajectory],
+    renderer: ChatRenderer,
+    *,
+    epochs: int,
+    lr: float,
+    micro_batch_tokens: int = 8192,
+    seed: int = 0,
+    progress: bool = False,
+    recipe: Recipe | None = None,
+) -> list[float]:
+    """Plain SFT on teacher trajectories through the same packed kernel; returns the epoch losses."""
+    from unipost.train.optimise import make_microbatches, optimise_epoch
+
+    recipe = recipe or SFT(rejection_sampling=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    batches = make_microbatches(trajectories, recipe, renderer, max_tokens=micro_batch_tokens)
+    losses = []
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        stats = optimise_epoch(model, batches, recipe, optimizer, generator=generator, grad_clip=1.0)
+        losses.append(stats["loss"])
+        if progress:
+            print(f"  behaviour cloning epoch {epoch + 1}/{epochs}: loss {stats['loss']:.3f}")
+    return losses
+
+
+def cached_clone(
+    name: str,
+    model_kwargs: dict[str, Any],
+    tokenizer: Any,
+    *,
+    demos: int,
+    epochs: int,
+    lr: float,
+    difficulty: str,
+    max_observation_chars: int,
+    tools: list[dict] | None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.nn.Module:
+    """A tiny Qwen3 behaviour-cloned on ``demos`` expert trajectories, cached by its recipe."""
+    from safetensors.torch import load_model, save_model
+
+    vocab_hash = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:12]
+    key = _key(name, model_kwargs, demos, epochs, lr, difficulty, max_observation_chars, vocab_hash, seed)
+    path = cache_root(cache_dir) / f"{name}-{key}.safetensors"
+    model = build_tiny_qwen3(len(tokenizer), seed=seed, **model_kwargs)
+    if path.exists():
+        load_model(model, str(path))
+        return model
+    if demos > 0:
+        if progress:
+            print(f"building {name}: behaviour cloning on {demos} expert trajectories (cached afterwards)")
+        trajs = expert_trajectories(
+            demos,
+            difficulty=difficulty,
+            max_observation_chars=max_observation_chars,
+            start=20_000 if name == "teacher" else 30_000,
+            progress=progress,
+        )
+        behaviour_clone(
+            model, trajs, ChatRenderer(tokenizer, tools), epochs=epochs, lr=lr, seed=seed, progress=progress
+        )
+    tmp = path.with_suffix(".tmp")
+    save_model(model, str(tmp))
+    os.replace(tmp, path)
+    return model

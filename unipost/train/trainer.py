@@ -1,0 +1,386 @@
+"""One Trainer for every method: the loop is fixed, the Recipe decides everything else.
+
+    for iteration i:
+        collect   RolloutEngine runs recipe.rollout (who executes each turn) and queries the teacher at
+                  every visited state when recipe.labels need it; finished trajectories are appended
+                  to the run's trajectory store as they finish
+        label / score / filter   build_batch: recipe.keep, recipe.select_labels, tree packing
+        (aggregate)  classic DAgger D = D_1 u ... u D_i, or the paper's fresh batch per iteration
+        optimise  epochs over micro-batches of packed tokens, objective_loss (Eq. 14)
+        evaluate  greedy held-out resolve rate, failure modes, reverse KL on student states (§4.4)
+        checkpoint  model, optimizer, scheduler, RNG, iteration, store position, metrics: atomically
+
+There is no per-method branch below: SFT, GRPO, OPD, DAgger, AggreVaTe and user compositions differ
+only in the recipe object handed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unipost.data import Trajectory
+from unipost.envs.embedded.expert import ScriptedExpert
+from unipost.envs.embedded.tools import tool_schemas
+from unipost.objective import Need, Recipe
+from unipost.rendering.chat import ChatRenderer
+from unipost.rollout.engine import RolloutEngine
+from unipost.rollout.store import TrajectoryStore
+from unipost.rollout.transformers_policy import TransformersPolicy
+from unipost.train.config import TrainConfig
+from unipost.train.optimise import make_microbatches, optimise_epoch
+from unipost.train.setup import build_task_tokenizer, cached_clone, env_factory
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with what to change."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs ``config.iterations`` iterations of collect -> label -> score -> optimise -> evaluate."""
+
+    def __init__(self, config: TrainConfig, *, recipe: Recipe | None = None, resume: bool = False) -> None:
+        self.config = cfg = config
+        self.recipe = recipe or cfg.build_recipe()
+        self.run_dir = cfg.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        self.tools = tool_schemas()
+        self.tokenizer = self._tokenizer()
+        self.renderer = ChatRenderer(self.tokenizer, self.tools)
+        self.make_env = env_factory(cfg.env.difficulty, cfg.env.max_observation_chars)
+        self.teacher_policy = self._teacher_policy()
+        self.student = self._student()
+        self.teacher_model = self._white_box_teacher()
+        self.student_policy = TransformersPolicy(
+            self.student,
+            self.tokenizer,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            seed=cfg.seed,
+        )
+        self._check_context_budget()
+        self.engine = RolloutEngine(
+            self.make_env,
+            student=self.student_policy if self.recipe.rollout.uses_student else None,
+            teacher=self.teacher_policy,
+            recipe=self.recipe,
+            max_turns=cfg.rollout.max_turns,
+            context_budget=cfg.rollout.context_budget,
+            count_tokens=lambda messages, tools: len(self.renderer.context_ids(messages)),
+            concurrency=cfg.rollout.concurrency,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.store = TrajectoryStore(self.run_dir / "trajectories.jsonl")
+        from unipost.train.checkpoint import CheckpointManager
+        from unipost.train.metrics import MetricsLogger
+
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=2)
+        self.history: list[dict[str, float]] = []
+        self.start_iteration = 0
+        self.effective_samples = 0
+        resume_step = None
+        if resume:
+            resume_step = self._resume()
+        self.metrics = MetricsLogger(
+            self.run_dir, config=cfg.model_dump(mode="json"), resume_from_step=resume_step
+        )
+        (self.run_dir / "config.json").write_text(cfg.to_json())
+
+    # -- construction -------------------------------------------------------------------------------
+
+    def _tokenizer(self):
+        from transformers import PreTrainedTokenizerFast
+
+        from unipost.models.tiny import load_template
+
+        path = self.run_dir / "tokenizer"
+        if (path / "tokenizer.json").exists():  # a resumed run keeps its own tokenizer
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+            tok.chat_template = load_template()
+            return tok
+        cfg = self.config
+        tok = build_task_tokenizer(
+            cfg.model.tokenizer_vocab,
+            difficulty=cfg.env.difficulty,
+            max_observation_chars=cfg.env.max_observation_chars,
+            cache_dir=cfg.cache_dir,
+        )
+        tok.save_pretrained(str(path))
+        return tok
+
+    def _model_kwargs(self) -> dict[str, Any]:
+        m = self.config.model
+        return {
+            "hidden_size": m.hidden_size,
+            "num_layers": m.num_layers,
+            "num_heads": m.num_heads,
+            "num_kv_heads": m.num_kv_heads,
+        }
+
+    def _clone(self, name: str, demos: int, epochs: int, lr: float) -> torch.nn.Module:
+        cfg = self.config
+        return cached_clone(
+            name,
+            self._model_kwargs(),
+            self.tokenizer,
+            demos=demos,
+            epochs=epochs,
+            lr=lr,
+            difficulty=cfg.env.difficulty,
+            max_observation_chars=cfg.env.max_observation_chars,
+            tools=self.tools,
+            cache_dir=cfg.cache_dir,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
+
+    def _student(self) -> torch.nn.Module:
+        cfg = self.config
+        if cfg.model.kind == "pretrained":
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.path, attn_implementation="sdpa")
+        else:
+            ws = cfg.warm_start
+            model = self._clone("student", ws.demos, ws.epochs, ws.lr)
+        if cfg.model.lora_rank:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(
+                r=cfg.model.lora_rank,
+                lora_alpha=cfg.model.lora_alpha,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                lora_dropout=0.0,
+            )
+            model = get_peft_model(model, lora)
+        return model
+
+    def _teacher_policy(self):
+        cfg = self.config
+        if cfg.teacher.kind == "openai":
+            from unipost.rollout.openai_policy import OpenAIChatPolicy
+
+            self.recipe.check_teacher(white_box=False)  # OPD with an API teacher is refused here
+            policy = OpenAIChatPolicy(
+                cfg.teacher.base_url, cfg.teacher.model, api_key_env=cfg.teacher.api_key_env
+            )
+            policy.check()  # fail fast when the endpoint does not answer
+            return policy
+        needs_teacher = self.recipe.rollout.uses_teacher or Need.TEACHER_ACTIONS in self.recipe.needs
+        return ScriptedExpert() if needs_teacher else None
+
+    def _white_box_teacher(self) -> torch.nn.Module | None:
+        cfg = self.config
+        needs_logprobs = Need.TEACHER_LOGPROBS in self.recipe.needs
+        if needs_logprobs and cfg.teacher.white_box == "none":
+            raise ConfigError(
+                f"{self.recipe.display_name} needs teacher log-probs but teacher.white_box='none'; set "
+                "teacher.white_box='distilled' or choose a recipe that needs only teacher actions"
+            )
+        if not (needs_logprobs or cfg.eval.kl_tasks > 0) or cfg.teacher.white_box == "none":
+            return None
+        t = cfg.teacher
+        model = self._clone("teacher", t.distill_demos, t.distill_epochs, cfg.warm_start.lr)
+        model.eval().requires_grad_(False)
+        return model
+
+    def _check_context_budget(self) -> None:
+        env = self.make_env(("train", 0))
+        try:
+            prompt = env.reset()
+        finally:
+            env.close()
+        n = len(self.renderer.context_ids(prompt))
+        if n >= self.config.rollout.context_budget:
+            raise ConfigError(
+                f"rollout.context_budget={self.config.rollout.context_budget} is smaller than the task "
+                "prompt "
+                f"({n} tokens with the tool schemas); raise rollout.context_budget above {n + 256}"
+            )
+
+    def _lr_factor(self, iteration: int) -> float:
+        o = self.config.optim
+        if o.warmup_steps and iteration < o.warmup_steps:
+            return (iteration + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, iteration / max(1, self.config.iterations - 1))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def tasks_for(self, iteration: int) -> list[tuple[str, int]]:
+        """This iteration's training tasks: a seeded draw from the train pool (same for every method)."""
+        rng = np.random.default_rng([self.config.seed, iteration, 7])
+        pool = self.config.env.train_tasks
+        n = self.config.rollout.episodes_per_iteration
+        picks = rng.choice(pool, size=n, replace=n > pool)
+        return [("train", int(i)) for i in picks]
+
+    def heldout_tasks(self) -> list[tuple[str, int]]:
+        return [("heldout", i) for i in range(self.config.env.heldout_tasks)]
+
+    def fit(self) -> list[dict[str, float]]:
+        """Run the remaining iterations; returns the metrics history (one dict per logged step)."""
+        if self.start_iteration == 0 and not self.history:
+            self._log(0, self.evaluate(0))
+        for i in range(self.start_iteration, self.config.iterations):
+            self.run_iteration(i)
+        self.metrics.close()
+        return self.history
+
+    def run_iteration(self, i: int) -> dict[str, float]:
+        cfg = self.config
+        started = time.perf_counter()
+        self.student_policy.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+        self.student.eval()
+        batch = self.engine.collect(self.tasks_for(i), i, store=self.store)
+        metrics: dict[str, float] = {f"rollout/{k}": v for k, v in _floats(batch.stats.to_dict()).items()}
+        data: list[Trajectory] = batch.trajectories
+        if cfg.aggregate:
+            data = self.store_trajectories(upto_iteration=i)
+        microbatches = make_microbatches(
+            data,
+            self.recipe,
+            self.renderer,
+            max_tokens=cfg.optim.micro_batch_tokens,
+            vocab_size=len(self.tokenizer),
+        )
+        labels = sum(b.packed.num_labels for b in microbatches)
+        metrics["train/labels"] = float(labels)
+        metrics["train/kept_trajectories"] = float(sum(len(b.trajectories) for b in microbatches))
+        if not microbatches:
+            logger.warning("iteration %d: no trajectory has a label to train on (all filtered); skipping", i)
+        generator = torch.Generator().manual_seed(cfg.seed * 7919 + i)
+        for _ in range(cfg.optim.epochs_per_batch):
+            stats = optimise_epoch(
+                self.student,
+                microbatches,
+                self.recipe,
+                self.optimizer,
+                generator=generator,
+                grad_clip=cfg.optim.grad_clip,
+                teacher=self.teacher_model,
+            )
+            metrics.update({f"train/{k}": v for k, v in stats.items()})
+        self.scheduler.step()
+        self.effective_samples += labels
+        metrics["train/effective_samples"] = float(self.effective_samples)
+        metrics["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["time/iteration_s"] = time.perf_counter() - started
+        if (i + 1) % cfg.eval.every == 0 or i + 1 == cfg.iterations:
+            metrics.update(self.evaluate(i + 1))
+        self._log(i + 1, metrics)
+        self.checkpoints.save(
+            i,
+            model=self.student,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={
+                "iteration": i,
+                "store_position": list(self.store.position()),
+                "history": self.history,
+                "effective_samples": self.effective_samples,
+                "config": cfg.model_dump(mode="json"),
+            },
+        )
+        return metrics
+
+    def store_trajectories(self, upto_iteration: int) -> list[Trajectory]:
+        """D_1 u ... u D_i: every stored trajectory of this run up to ``upto_iteration``."""
+        return [t for t in self.store.load().trajectories if t.meta.get("iteration", 0) <= upto_iteration]
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy held-out evaluation and the reverse-KL diagnostic on student-visited states."""
+        from unipost.eval import collect_student_states, evaluate_policy, reverse_kl_on_student_states
+
+        cfg = self.config
+        self.student.eval()
+        result = evaluate_policy(
+            self.make_env,
+            self.student_policy,
+            self.heldout_tasks(),
+            max_turns=cfg.rollout.max_turns,
+            context_budget=cfg.rollout.context_budget,
+            count_tokens=lambda messages, tools: len(self.renderer.context_ids(messages)),
+            concurrency=cfg.rollout.concurrency,
+            seed=cfg.seed,
+            progress=False,
+        )
+        out = _floats(result.to_dict())
+        if self.teacher_model is not None and cfg.eval.kl_tasks > 0:
+            self.student_policy.generator = torch.Generator().manual_seed(cfg.seed * 31 + step)
+            trajs = collect_student_states(
+                self.make_env,
+                self.student_policy,
+                self.heldout_tasks()[: cfg.eval.kl_tasks],
+                max_turns=cfg.rollout.max_turns,
+                context_budget=cfg.rollout.context_budget,
+                count_tokens=lambda messages, tools: len(self.renderer.context_ids(messages)),
+                seed=cfg.seed + step,
+            )
+            kl = reverse_kl_on_student_states(self.student, self.teacher_model, trajs, self.renderer)
+            out["eval/reverse_kl"] = float(kl.mean_kl)
+        return out
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": float(step), **metrics}
+        self.history.append(record)
+        self.metrics.log(step, metrics)
+        if self.config.progress:
+            keys = ["eval/resolve_rate", "eval/submission_rate", "eval/reverse_kl", "train/loss"]
+            shown = ", ".join(f"{k.split('/')[1]} {metrics[k]:.3f}" for k in keys if k in metrics)
+            print(f"[{self.config.name}] step {step}: {shown}")
+
+    def _resume(self) -> int | None:
+        ckpt = self.checkpoints.latest()
+        if ckpt is None:
+            logger.warning("resume requested but %s holds no valid checkpoint: starting fresh", self.run_dir)
+            self.store.truncate_to((0, 0))
+            return 0
+        state = self.checkpoints.load(
+            ckpt, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        self.store.truncate_to(tuple(state["store_position"]))
+        self.history = list(state["history"])
+        self.effective_samples = int(state["effective_samples"])
+        self.start_iteration = int(state["iteration"]) + 1
+        return self.start_iteration  # metrics logged at steps > this belong to the lost iteration
+
+
+def _floats(d: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (bool, int, float)):
+            out[k] = float(v)
+    return out
+
+
+def train(config: TrainConfig | str | Path, *, recipe: Recipe | None = None, resume: bool = False):
+    """Build a Trainer from a config (or a JSON config file) and run it; returns the Trainer."""
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_file(config)
+    trainer = Trainer(config, recipe=recipe, resume=resume)
+    trainer.fit()
+    return trainer
