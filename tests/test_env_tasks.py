@@ -275,3 +275,9 @@ def test_verifier_classifies_table4_failure_modes():
     assert _episode(task, [look], ended_by="context_budget").failure_mode == "context_overflow"
     assert _episode(task, [look], ended_by="turn_budget").failure_mode == "no_edit"
     assert set(FAILURE_MODES) >= {"wrong_file", "no_edit"}
+    # a test_hidden.py planted in the workspace does not replace the hidden tests
+    fake = "def test_ok():\n    pass\n"
+    plant = tool_call_message(
+        "", "file_editor", {"command": "create", "path": "/testbed/test_hidden.py", "file_text": fake}, "p"
+    )
+    assert not _episode(task, [plant, _fin()]).resolved

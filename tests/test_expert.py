@@ -17,6 +17,7 @@ from unipost.envs.embedded import (
     generate_task,
     play_expert,
     random_perturbation,
+    tool_call_message,
 )
 from unipost.rollout.policy import AgentState, Policy
 
@@ -66,6 +67,25 @@ def test_expert_recovers_from_each_kind_of_perturbation(kind):
             if result.done:
                 break
         assert env.verify().resolved
+
+
+def test_expert_recovers_from_deleted_package_and_binary_garbage():
+    task = generate_task("heldout", 9, "medium")
+    for command in (
+        f"rm -rf /testbed/{task.package}",
+        f"head -c 3000 /dev/urandom > /testbed/{task.bug.path}",
+    ):
+        with EmbeddedEnv(task) as env:
+            messages = env.reset()
+            action = tool_call_message("", "terminal", {"command": command}, "x")
+            messages += [action, *env.step(action).observation]
+            for t in range(40):
+                action = ScriptedExpert().next_action(AgentState(messages, env.tools, env, t))
+                result = env.step(action)
+                messages += [action, *result.observation]
+                if result.done:
+                    break
+            assert env.verify().resolved, command
 
 
 def test_expert_is_a_deterministic_black_box_policy_with_canonical_actions():

@@ -182,11 +182,14 @@ class ScriptedExpert:
             return tool_call_message(
                 "Let me reproduce the issue first.", "terminal", {"command": repro_cmd}, cid
             )
-        extra = sorted(set(current) - set(target))
+        unreadable = {"<binary file>", "<large file>"}  # workspace_files' placeholders: rewrite from scratch
+        extra = sorted(set(current) - set(target)) or sorted(
+            p for p in target if current.get(p) in unreadable
+        )
         if extra:
             paths = " ".join(shlex.quote(f"{WORKSPACE}/{p}") for p in extra)
             return tool_call_message(
-                "These files are not part of the fix; let me remove them.",
+                "These files are not part of the fix or are damaged; let me remove them.",
                 "terminal",
                 {"command": f"rm -f {paths}"},
                 cid,

@@ -156,7 +156,7 @@ class Sandbox:
     def fix_ownership(self, path: Path) -> None:
         """Make a host-written file writable from inside the sandbox (host edits run as root)."""
         if self._drop_to is not None and path.exists():
-            _chown_tree(path, self._drop_to)
+            os.chown(path, self._drop_to, self._drop_to, follow_symlinks=False)
 
     # -- internals ----------------------------------------------------------------------------------
     def _argv(self, command: str, cwd: str, ro_binds: dict[str, str], env: dict[str, str]):

@@ -313,10 +313,13 @@ class FileEditor:
             raise ToolError(f"Cannot open {self.display(host)}: not a UTF-8 text file.") from exc
 
     def write(self, host: Path, text: str, path: str) -> None:
+        root = self.root.resolve()
+        new_dirs = [p for p in host.parents if p != root and root in p.parents and not p.exists()]
         host.parent.mkdir(parents=True, exist_ok=True)
         host.write_text(text)
-        if self.sandbox is not None:
-            self.sandbox.fix_ownership(host)
+        if self.sandbox is not None:  # the sandboxed uid must be able to modify what the editor wrote
+            for p in [*new_dirs, host]:
+                self.sandbox.fix_ownership(p)
 
     def _push(self, path: str, content: str) -> None:
         self.history.setdefault(path, []).append(content)

@@ -36,15 +36,19 @@ EndedBy = Literal["turn_budget", "context_budget"] | None
 REPEAT_WINDOW = 3
 
 _RUNNER = """\
-import importlib, json, os, sys
+import importlib, importlib.util, json, os, sys
 nonce, package, root = sys.argv[1], sys.argv[2], sys.argv[3]
+here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, root)
 report = {"import_error": None}
 try:
     for name in sorted(os.listdir(os.path.join(root, package))):
         if name.endswith(".py"):
             importlib.import_module(package if name == "__init__.py" else package + "." + name[:-3])
-    import test_hidden
+    # load the hidden tests by file path: a test_hidden.py planted in the workspace cannot shadow them
+    spec = importlib.util.spec_from_file_location("test_hidden", os.path.join(here, "test_hidden.py"))
+    test_hidden = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_hidden)
 except BaseException as exc:
     report["import_error"] = type(exc).__name__ + ": " + str(exc)
 else:
