@@ -1,0 +1,241 @@
+"""Held-out evaluation: greedy student rollouts -> resolve rate, submission rate, Table-4 failure modes.
+
+The paper evaluates every method the same way (§4, Table 4): the student alone, greedy decoding, on
+held-out instances, and reports the resolve rate, whether a patch was submitted, and why the episode
+failed. Failure modes come in two blocks, and (as in the paper) each block's fractions are *of that
+block*: "submitted but unresolved" (wrong solution / wrong file / syntax or runtime error) sums to 1
+over the submitted-and-unresolved episodes, "no submission" (tool-use error / repetitive loop /
+context overflow / budget exhaustion / no edit) over the unsubmitted ones. Reading a block as a share
+of all episodes would hide that, e.g., SFT's 2.4% unsubmitted episodes are mostly context overflows.
+
+Held-out sets are small (tens to hundreds of tasks), so the resolve rate comes with a Wilson 95%
+interval: two methods whose intervals overlap widely have not been told apart.
+
+Evaluation runs through the same :class:`~unipost.rollout.engine.RolloutEngine` as training, with the
+protocol overridden to :class:`~unipost.objective.StudentRollout` and no teacher, so the budgets,
+tool-error handling and verification are exactly those the student trains under.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from unipost.data import FAILURE_MODES, Trajectory
+from unipost.envs.base import Environment
+from unipost.objective import OwnSamples, Recipe, StudentRollout
+from unipost.rollout.engine import CountTokens, RolloutEngine
+from unipost.rollout.policy import Policy
+from unipost.rollout.stats import RolloutStats
+
+SUBMITTED_UNRESOLVED_MODES: tuple[str, ...] = FAILURE_MODES[:3]
+"""Paper Table 4, left block: a patch was submitted but the hidden tests fail."""
+NO_SUBMISSION_MODES: tuple[str, ...] = FAILURE_MODES[3:]
+"""Paper Table 4, right block: the episode ended without a submission."""
+OTHER = "other"  # an unresolved episode whose failure mode is missing or belongs to the other block
+
+Z95 = 1.959963984540054  # two-sided 95% standard normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (default 95%).
+
+    Chosen over the normal (Wald) interval because it stays inside [0, 1] and keeps its coverage at
+    0/n and n/n, which is exactly where small held-out sets of weak or strong students land.
+    ``n == 0`` gives the uninformative (0, 1).
+    """
+    for name, value in (("successes", successes), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if successes > n:
+        raise ValueError(f"successes ({successes}) cannot exceed n ({n})")
+    if not z > 0:
+        raise ValueError(f"z must be positive, got {z!r}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _block_fractions(modes: Sequence[str | None], allowed: tuple[str, ...]) -> tuple[dict[str, float], int]:
+    """Fractions of ``allowed`` modes among ``modes`` (0.0 each for an empty block), and the 'other' count."""
+    counts = dict.fromkeys(allowed, 0)
+    other = 0
+    for mode in modes:
+        if mode in counts:
+            counts[mode] += 1
+        else:
+            other += 1
+    n = len(modes)
+    return {k: (v / n if n else 0.0) for k, v in counts.items()}, other
+
+
+@dataclass
+class EvalResult:
+    """Held-out metrics of one student, in the layout of paper Table 4.
+
+    ``submitted_unresolved_modes`` are fractions of the ``submitted_unresolved`` episodes,
+    ``no_submission_modes`` fractions of the ``no_submission`` episodes (0.0 everywhere when that block
+    is empty; check its count). Unresolved episodes whose failure mode is missing or belongs to the other
+    block (an environment that does not classify, a crashed environment) are counted in
+    ``*_other`` so that each block's fractions plus its other-share sum to 1.
+    """
+
+    n: int
+    resolved: int
+    submitted: int
+    resolve_rate: float
+    resolve_ci: tuple[float, float]  # Wilson 95%
+    submission_rate: float
+    submitted_unresolved: int  # size of the left block
+    no_submission: int  # size of the right block
+    submitted_unresolved_modes: dict[str, float]
+    no_submission_modes: dict[str, float]
+    submitted_unresolved_other: int = 0
+    no_submission_other: int = 0
+    mean_turns: float = 0.0
+    tool_error_rate: float = 0.0  # per executed turn
+    env_errors: int = 0
+    iteration: int = 0
+    stats: RolloutStats | None = None
+    trajectories: list[Trajectory] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_trajectories(
+        cls,
+        trajectories: Sequence[Trajectory],
+        *,
+        stats: RolloutStats | None = None,
+        iteration: int = 0,
+    ) -> EvalResult:
+        """Metrics of finished (greedy, student-only) trajectories; usable on any stored eval run."""
+        trajectories = list(trajectories)
+        n = len(trajectories)
+        outcomes = [t.outcome for t in trajectories]
+        resolved = sum(o.resolved for o in outcomes)
+        submitted = sum(o.submitted for o in outcomes)
+        left = [o.failure_mode for o in outcomes if o.submitted and not o.resolved]
+        right = [o.failure_mode for o in outcomes if not o.submitted]
+        left_frac, left_other = _block_fractions(left, SUBMITTED_UNRESOLVED_MODES)
+        right_frac, right_other = _block_fractions(right, NO_SUBMISSION_MODES)
+        turns = sum(len(t.turns) for t in trajectories)
+        tool_errors = sum(turn.tool_error for t in trajectories for turn in t.turns)
+        return cls(
+            n=n,
+            resolved=resolved,
+            submitted=submitted,
+            resolve_rate=resolved / n if n else 0.0,
+            resolve_ci=wilson_interval(resolved, n),
+            submission_rate=submitted / n if n else 0.0,
+            submitted_unresolved=len(left),
+            no_submission=len(right),
+            submitted_unresolved_modes=left_frac,
+            no_submission_modes=right_frac,
+            submitted_unresolved_other=left_other,
+            no_submission_other=right_other,
+            mean_turns=turns / n if n else 0.0,
+            tool_error_rate=tool_errors / turns if turns else 0.0,
+            env_errors=sum(bool(t.meta.get("env_error")) for t in trajectories),
+            iteration=iteration,
+            stats=stats,
+            trajectories=trajectories,
+        )
+
+    @property
+    def failure_modes(self) -> dict[str, float]:
+        """All eight Table-4 fractions (each relative to its own block), in ``FAILURE_MODES`` order."""
+        return {**self.submitted_unresolved_modes, **self.no_submission_modes}
+
+    def to_dict(self, prefix: str = "eval/") -> dict[str, float]:
+        """Flat ``name -> float`` for metric loggers (JSONL, TensorBoard): no nesting, no trajectories."""
+        out = {
+            "n": float(self.n),
+            "resolve_rate": self.resolve_rate,
+            "resolve_ci_low": self.resolve_ci[0],
+            "resolve_ci_high": self.resolve_ci[1],
+            "submission_rate": self.submission_rate,
+            "no_submission_rate": 1.0 - self.submission_rate if self.n else 0.0,
+            "submitted_unresolved": float(self.submitted_unresolved),
+            "no_submission": float(self.no_submission),
+            "mean_turns": self.mean_turns,
+            "tool_error_rate": self.tool_error_rate,
+            "env_errors": float(self.env_errors),
+        }
+        out.update({f"failure/{mode}": frac for mode, frac in self.failure_modes.items()})
+        return {f"{prefix}{k}": float(v) for k, v in out.items()}
+
+    def summary(self, name: str | None = None) -> str:
+        """One line for logs: resolve rate with its interval, submission rate, turns, top failure mode."""
+        lo, hi = self.resolve_ci
+        worst = max(self.failure_modes.items(), key=lambda kv: kv[1], default=(None, 0.0))
+        top = f", top failure {worst[0]}" if worst[1] > 0 else ""
+        head = f"{name}: " if name else ""
+        return (
+            f"{head}resolve {self.resolve_rate:.1%} [{lo:.1%}, {hi:.1%}] (n={self.n}), "
+            f"submit {self.submission_rate:.1%}, {self.mean_turns:.1f} turns, "
+            f"tool errors {self.tool_error_rate:.1%}/turn{top}"
+        )
+
+
+_EVAL_RECIPE = Recipe(StudentRollout(), OwnSamples(), name="eval")
+
+
+def _check_tasks(tasks: Sequence[Any]) -> list[Any]:
+    if isinstance(tasks, (str, bytes)) or not hasattr(tasks, "__iter__"):
+        raise TypeError(
+            f"tasks must be a sequence of env_factory arguments (one per episode), got {tasks!r:.80}"
+        )
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("evaluation needs at least one held-out task; got an empty task list")
+    return tasks
+
+
+def evaluate_policy(
+    env_factory: Callable[[Any], Environment],
+    student: Policy,
+    tasks: Sequence[Any],
+    *,
+    max_turns: int,
+    context_budget: int | None = None,
+    count_tokens: CountTokens | None = None,
+    concurrency: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+    iteration: int = 0,
+) -> EvalResult:
+    """Run ``student`` alone with greedy decoding on held-out ``tasks`` and summarise (paper Table 4).
+
+    Args:
+        env_factory: ``task -> Environment`` (e.g. ``lambda t: EmbeddedEnv.from_split(*t)``).
+        student: the policy to evaluate; ``act(..., greedy=True)`` is called.
+        tasks: held-out tasks, one episode each.
+        max_turns, context_budget, count_tokens: the same budgets as training (budget endings become
+            the ``budget_exhaustion`` / ``context_overflow`` failure modes).
+        concurrency: episodes in flight (the student's generation batch size).
+        seed: engine seed (greedy rollouts of deterministic policies do not depend on it).
+        progress: show a rich progress bar.
+        iteration: the training iteration being evaluated, recorded in the result and trajectories.
+    """
+    if student is None:
+        raise ValueError("evaluate_policy needs a student policy to evaluate, got None")
+    tasks = _check_tasks(tasks)
+    engine = RolloutEngine(
+        env_factory,
+        student=student,
+        teacher=None,
+        recipe=_EVAL_RECIPE,
+        max_turns=max_turns,
+        context_budget=context_budget,
+        count_tokens=count_tokens,
+        concurrency=concurrency,
+        seed=seed,
+        progress=progress,
+    )
+    batch = engine.collect(tasks, iteration, greedy=True, protocol_override=StudentRollout())
+    return EvalResult.from_trajectories(batch.trajectories, stats=batch.stats, iteration=iteration)
