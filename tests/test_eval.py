@@ -118,6 +118,7 @@ def test_block_fractions_from_known_outcomes():
     assert (r.submitted_unresolved_other, r.no_submission_other) == (0, 1)
     assert r.mean_turns == pytest.approx((8 * 2 + 2 * 4) / 10)
     assert r.tool_error_rate == pytest.approx(6 / 24)
+    assert "top failure wrong_solution (3/10)" in r.summary()
     flat = r.to_dict()
     assert all(isinstance(v, float) for v in flat.values())
     assert flat["eval/failure/wrong_solution"] == 0.75 and flat["eval/resolve_rate"] == 0.2

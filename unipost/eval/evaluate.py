@@ -172,8 +172,10 @@ class EvalResult:
     def summary(self, name: str | None = None) -> str:
         """One line for logs: resolve rate with its interval, submission rate, turns, top failure mode."""
         lo, hi = self.resolve_ci
-        worst = max(self.failure_modes.items(), key=lambda kv: kv[1], default=(None, 0.0))
-        top = f", top failure {worst[0]}" if worst[1] > 0 else ""
+        counts = {m: f * self.submitted_unresolved for m, f in self.submitted_unresolved_modes.items()}
+        counts.update({m: f * self.no_submission for m, f in self.no_submission_modes.items()})
+        worst = max(counts.items(), key=lambda kv: kv[1], default=(None, 0.0))  # by episodes, not share
+        top = f", top failure {worst[0]} ({round(worst[1])}/{self.n})" if worst[1] > 0 else ""
         head = f"{name}: " if name else ""
         return (
             f"{head}resolve {self.resolve_rate:.1%} [{lo:.1%}, {hi:.1%}] (n={self.n}), "
