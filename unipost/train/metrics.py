@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from unipost._optional import available
-from unipost.train.checkpoint import check_no_secrets
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +153,8 @@ class MetricsLogger:
         ):
             raise ValueError(f"resume_from_step must be a non-negative int or None, got {resume_from_step!r}")
         if config is not None:
+            from unipost.train.checkpoint import check_no_secrets  # lazy: read_metrics needs no torch
+
             check_no_secrets(config, "config")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
