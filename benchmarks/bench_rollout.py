@@ -1,0 +1,174 @@
+"""Rollout throughput: batched, concurrent episodes vs one episode at a time, side by side in one run.
+
+The same work each time: ``--episodes`` episodes of the embedded mini-SWE environment (easy tasks of the
+train split), ``--max-turns`` turns each, the student a tiny random-init Qwen3 (``build_tiny_qwen3``)
+behind :class:`~unipost.rollout.transformers_policy.TransformersPolicy`, *sampling* up to
+``--max-new-tokens`` tokens per turn. Only the engine's ``concurrency`` changes:
+
+* concurrency 1: one episode at a time, one ``generate`` call per turn (a naive rollout loop);
+* concurrency 8 / 16: that many episodes in flight, ONE batched ``generate`` per tick over all of them,
+  environment steps in a thread pool.
+
+``--recipe dagger`` runs DAgger's turn-level mixture instead (beta 0.5, the scripted expert executes
+and labels turns, so environment steps run real sandboxed commands); the default ``student`` is
+on-policy sampling (GRPO / OPD rollouts). A random-init model rarely emits a valid tool call, so in
+``student`` mode the environment mostly answers "no tool call" and the run measures generation.
+
+Prints a rich table (episodes/s, env steps/s, student calls, mean batch, time in generation, speedup
+over concurrency 1) and writes benchmarks/results/rollout{-quick}.{json,md}. The machine's load average
+is recorded because these CPU machines are shared: compare ratios within one run, not across runs.
+
+    python benchmarks/bench_rollout.py            # the recorded configuration
+    python benchmarks/bench_rollout.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from unipost.envs.embedded import EmbeddedEnv, ScriptedExpert
+from unipost.models import build_tiny_qwen3, build_tokenizer
+from unipost.objective import OwnSamples, Recipe, StudentRollout, TeacherLabels, TurnMixture
+from unipost.rollout.engine import RolloutEngine
+from unipost.rollout.transformers_policy import TransformersPolicy
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_env(task) -> EmbeddedEnv:
+    return EmbeddedEnv.from_split(*task)
+
+
+def run_once(args, student, recipe, teacher, concurrency: int) -> dict:
+    tasks = [("train", i, "easy") for i in range(args.episodes)]
+    engine = RolloutEngine(
+        make_env,
+        student=student,
+        teacher=teacher,
+        recipe=recipe,
+        max_turns=args.max_turns,
+        concurrency=concurrency,
+        seed=args.seed,
+        progress=False,
+    )
+    load_before = os.getloadavg()[0]
+    batch = engine.collect(tasks, iteration=0)
+    s = batch.stats
+    return {
+        "concurrency": concurrency,
+        "episodes": s.episodes,
+        "turns": s.turns,
+        "student_turns": s.student_queries,
+        "student_calls": s.student_calls,
+        "mean_batch": s.student_queries / max(s.student_calls, 1),
+        "wall_s": s.wall_time_s,
+        "student_s": s.student_time_s,
+        "env_s": s.env_time_s,
+        "episodes_per_s": s.episodes_per_s,
+        "env_steps_per_s": s.env_steps_per_s,
+        "teacher_fraction": s.teacher_fraction,
+        "tool_error_rate": s.tool_error_rate,
+        "load_avg_1m": load_before,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--episodes", type=int, default=32)
+    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--recipe", choices=["student", "dagger"], default="student")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--quick", action="store_true", help="8 episodes, 2 turns, 16 tokens")
+    args = parser.parse_args()
+    if args.quick:
+        args.episodes, args.max_turns, args.max_new_tokens = 8, 2, 16
+        args.concurrency = [1, 8]
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    tokenizer = build_tokenizer()
+    model = build_tiny_qwen3(len(tokenizer), seed=args.seed).eval()
+    student = TransformersPolicy(
+        model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed
+    )
+    if args.recipe == "dagger":
+        recipe, teacher = Recipe(TurnMixture(0.5), TeacherLabels()), ScriptedExpert()
+    else:
+        recipe, teacher = Recipe(StudentRollout(), OwnSamples()), None
+
+    # warm-up (first generate call pays one-off costs), not timed
+    run_once(argparse.Namespace(**{**vars(args), "episodes": 2, "max_turns": 1}), student, recipe, teacher, 2)
+
+    rows = [run_once(args, student, recipe, teacher, c) for c in args.concurrency]
+    base = next((r for r in rows if r["concurrency"] == 1), rows[0])
+    for r in rows:
+        r["speedup"] = r["episodes_per_s"] / base["episodes_per_s"]
+
+    title = (
+        f"rollout throughput: {args.episodes} episodes x {args.max_turns} turns, recipe {args.recipe}, "
+        f"sampling {args.max_new_tokens} new tokens, tiny Qwen3, embedded env (easy)"
+    )
+    table = Table(title=title)
+    headers = [
+        "concurrency",
+        "episodes/s",
+        "env steps/s",
+        "student calls",
+        "mean batch",
+        "wall s",
+        "in generate s",
+        "speedup",
+    ]
+    for h in headers:
+        table.add_column(h, justify="right")
+    md = [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---:|" * len(headers)]
+    for r in rows:
+        cells = [
+            str(r["concurrency"]),
+            f"{r['episodes_per_s']:.2f}",
+            f"{r['env_steps_per_s']:.1f}",
+            str(r["student_calls"]),
+            f"{r['mean_batch']:.1f}",
+            f"{r['wall_s']:.1f}",
+            f"{r['student_s']:.1f}",
+            f"{r['speedup']:.2f}x",
+        ]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    Console(width=max(Console().width, 120)).print(table)
+
+    config = {
+        **{k: v for k, v in vars(args).items() if k != "quick"},
+        "model": {"hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers},
+        "params": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    loads = ", ".join(f"{r['load_avg_1m']:.1f}" for r in rows)
+    md += ["", f"1-minute load average at the start of each row: {loads} (on {os.cpu_count()} CPUs)."]
+    suffix = "-quick" if args.quick else ""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"rollout{suffix}.json").write_text(
+        json.dumps({"config": config, "rows": rows}, indent=2) + "\n"
+    )
+    (RESULTS / f"rollout{suffix}.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
