@@ -186,11 +186,17 @@ def _run_case(method, n, v, h, dtype, repeats, timeout) -> dict:
 
 def _ratios(rows: list[dict]) -> None:
     naive = {(r["N"], r["V"]): r for r in rows if r["method"] == "naive" and r["status"] == "ok"}
+    for r in naive.values():
+        r["extra_mib"] = round(float(r["peak_mib"]) - float(r["grad_mib"]), 1)
     for r in rows:
         ref = naive.get((r["N"], r["V"]))
         ok = r["status"] == "ok" and ref is not None
-        r["mem_ratio"] = round(r["peak_mib"] / ref["peak_mib"], 3) if ok else None
-        r["time_ratio"] = round(r["total_s"] / ref["total_s"], 2) if ok else None
+        if r["status"] == "ok":
+            # Memory beyond inputs AND the returned gradients (which every method must produce).
+            r["extra_mib"] = round(float(r["peak_mib"]) - float(r["grad_mib"]), 1)
+        r["mem_ratio"] = round(float(r["peak_mib"]) / float(ref["peak_mib"]), 3) if ok else None
+        r["extra_ratio"] = round(r["extra_mib"] / ref["extra_mib"], 3) if ok else None
+        r["time_ratio"] = round(float(r["total_s"]) / float(ref["total_s"]), 2) if ok else None
 
 
 def _fmt(x, spec):
@@ -200,7 +206,7 @@ def _fmt(x, spec):
 def write_outputs(rows: list[dict], header: str, stem: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     cols = ["method", "N", "V", "H", "dtype", "status", "fwd_s", "bwd_s", "total_s", "peak_mib", "grad_mib"]
-    cols += ["mem_ratio", "time_ratio", "repeats"]
+    cols += ["extra_mib", "mem_ratio", "extra_ratio", "time_ratio", "repeats"]
     csv_path, md_path = RESULTS / f"{stem}.csv", RESULTS / f"{stem}.md"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -209,16 +215,19 @@ def write_outputs(rows: list[dict], header: str, stem: str) -> tuple[Path, Path]
     lines = [
         header,
         "",
-        "| N | V | method | fwd+bwd s | peak MiB | (of which grads) | mem / naive | time / naive |",
+        "| N | V | method | fwd+bwd s | peak MiB | grads MiB | extra MiB | peak / naive | extra / naive "
+        "| time / naive |",
     ]
-    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|")
+    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['N']} | {r['V']} | {r['method']} | {r['status']} | | | | |")
+            lines.append(f"| {r['N']} | {r['V']} | {r['method']} | {r['status']} | | | | | | |")
             continue
         lines.append(
-            f"| {r['N']} | {r['V']} | {r['method']} | {r['total_s']:.2f} | {r['peak_mib']:.0f} | "
-            f"{r['grad_mib']:.0f} | {_fmt(r['mem_ratio'], '.3f')} | {_fmt(r['time_ratio'], '.2f')} |"
+            f"| {r['N']} | {r['V']} | {r['method']} | {float(r['total_s']):.2f} | "
+            f"{float(r['peak_mib']):.0f} | "
+            f"{float(r['grad_mib']):.0f} | {r['extra_mib']:.0f} | {_fmt(r['mem_ratio'], '.3f')} | "
+            f"{_fmt(r['extra_ratio'], '.3f')} | {_fmt(r['time_ratio'], '.2f')} |"
         )
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
