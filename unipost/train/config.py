@@ -65,13 +65,14 @@ class TeacherConfig(_Strict):
     )
     model: str | None = None
     api_key_env: str = Field("UNIPOST_TEACHER_API_KEY", description="env var holding the key; never stored")
+    max_retries: int = Field(4, ge=0, description="retries (with backoff) before the teacher counts as down")
+    timeout_s: float = Field(60.0, gt=0)
     white_box: Literal["none", "distilled"] = Field(
         "distilled",
-        description="white-box teacher LM for OPD and the reverse-KL diagnostic: 'distilled' = a model "
-        "of the student's shape trained by unipost on expert trajectories and cached",
+        description="white-box teacher LM for OPD and the reverse-KL diagnostic: 'distilled' = the "
+        "student's network behaviour-cloned on the warm-start demos for distill_epochs (cached)",
     )
-    distill_demos: int = Field(64, ge=1)
-    distill_epochs: int = Field(8, ge=1)
+    distill_epochs: int = Field(8, ge=1, description="epochs of the distilled teacher (>= warm_start.epochs)")
 
     @model_validator(mode="after")
     def _endpoint(self) -> TeacherConfig:
@@ -121,7 +122,9 @@ class OptimConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    every: int = Field(1, ge=1, description="evaluate every N iterations (and after the last)")
+    every: int = Field(
+        1, ge=0, description="evaluate before training, every N iterations and after the last; 0 = never"
+    )
     kl_tasks: int = Field(8, ge=0, description="student rollouts for the reverse-KL diagnostic (0 = off)")
 
 
@@ -154,6 +157,15 @@ class TrainConfig(_Strict):
         if key not in {k.lower() for k in RECIPES}:
             raise ValueError(f"recipe={v!r} unknown; choose one of {sorted(RECIPES)}")
         return key
+
+    @model_validator(mode="after")
+    def _teacher_trained_longer(self) -> TrainConfig:
+        if self.teacher.white_box == "distilled" and self.teacher.distill_epochs < self.warm_start.epochs:
+            raise ValueError(
+                f"teacher.distill_epochs={self.teacher.distill_epochs} < warm_start.epochs="
+                f"{self.warm_start.epochs}: the distilled teacher must train at least as long as the student"
+            )
+        return self
 
     @model_validator(mode="after")
     def _recipe_builds(self) -> TrainConfig:

@@ -21,6 +21,7 @@ from unipost.train.config import (
     EvalConfig,
     OptimConfig,
     RolloutConfig,
+    TeacherConfig,
     TrainConfig,
     WarmStartConfig,
 )
@@ -35,7 +36,8 @@ def main_config(out_dir: str, *, quick: bool = False, seed: int = 0) -> TrainCon
         iterations=2 if quick else 5,
         seed=seed,
         output_dir=out_dir,
-        warm_start=WarmStartConfig(demos=4 if quick else 16, epochs=2 if quick else 8),
+        warm_start=WarmStartConfig(demos=4 if quick else 24, epochs=1 if quick else 2),
+        teacher=TeacherConfig(distill_epochs=2 if quick else 6),
         env=EnvConfig(difficulty="easy", train_tasks=64, heldout_tasks=3 if quick else 12),
         rollout=RolloutConfig(
             episodes_per_iteration=3 if quick else 8,
@@ -54,8 +56,6 @@ def run_main_job(out_dir: str = "runs/main", *, quick: bool = False, seed: int =
 
     console = Console()
     base = main_config(out_dir, quick=quick, seed=seed)
-    if not quick:  # the white-box teacher used by the KL diagnostic is distilled once and cached
-        base = base.replace(teacher=base.teacher.model_copy(update={"distill_demos": 48}))
     histories: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
     for recipe in ("dagger", "sft"):

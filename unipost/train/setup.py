@@ -133,13 +133,12 @@ def behaviour_clone(
     return losses
 
 
-def cached_clone(
-    name: str,
+def cached_clones(
     model_kwargs: dict[str, Any],
     tokenizer: Any,
     *,
     demos: int,
-    epochs: int,
+    snapshots: Sequence[int],
     lr: float,
     difficulty: str,
     max_observation_chars: int,
@@ -147,31 +146,46 @@ def cached_clone(
     cache_dir: str | None = None,
     seed: int = 0,
     progress: bool = False,
-) -> torch.nn.Module:
-    """A tiny Qwen3 behaviour-cloned on ``demos`` expert trajectories, cached by its recipe."""
+) -> dict[int, torch.nn.Module]:
+    """Tiny Qwen3 models behaviour-cloned on the same ``demos`` expert trajectories, one per epoch count
+    in ``snapshots`` (0 = the random init), from ONE training run, each cached by its recipe.
+
+    The student's warm start and the white-box teacher come from the same run (e.g. epochs 2 and 8):
+    the teacher is the same network trained longer, which halves the set-up cost of a CPU run.
+    """
     from safetensors.torch import load_model, save_model
 
     vocab_hash = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:12]
-    key = _key(name, model_kwargs, demos, epochs, lr, difficulty, max_observation_chars, vocab_hash, seed)
-    path = cache_root(cache_dir) / f"{name}-{key}.safetensors"
+    key = _key("clone", model_kwargs, demos, lr, difficulty, max_observation_chars, vocab_hash, seed)
+    root = cache_root(cache_dir)
+    paths = {e: root / f"clone-{key}-epoch{e}.safetensors" for e in sorted(set(snapshots))}
+    models = {e: build_tiny_qwen3(len(tokenizer), seed=seed, **model_kwargs) for e in paths}
+    if all(p.exists() for p in paths.values()):
+        for e, p in paths.items():
+            load_model(models[e], str(p))
+        return models
     model = build_tiny_qwen3(len(tokenizer), seed=seed, **model_kwargs)
-    if path.exists():
-        load_model(model, str(path))
-        return model
-    if demos > 0:
+    last = max(paths)
+    if demos > 0 and last > 0:
         if progress:
-            print(f"building {name}: behaviour cloning on {demos} expert trajectories (cached afterwards)")
+            print(f"behaviour cloning on {demos} expert demos, {last} epochs, snapshots {sorted(paths)}")
         trajs = expert_trajectories(
             demos,
             difficulty=difficulty,
             max_observation_chars=max_observation_chars,
-            start=20_000 if name == "teacher" else 30_000,
+            start=20_000,
             progress=progress,
         )
-        behaviour_clone(
-            model, trajs, ChatRenderer(tokenizer, tools), epochs=epochs, lr=lr, seed=seed, progress=progress
-        )
-    tmp = path.with_suffix(".tmp")
-    save_model(model, str(tmp))
-    os.replace(tmp, path)
-    return model
+        renderer = ChatRenderer(tokenizer, tools)
+    done = 0
+    for epoch in sorted(paths):
+        if epoch > done and demos > 0:
+            behaviour_clone(
+                model, trajs, renderer, epochs=epoch - done, lr=lr, seed=seed + done, progress=progress
+            )
+            done = epoch
+        models[epoch].load_state_dict(model.state_dict())
+        tmp = paths[epoch].with_suffix(".tmp")
+        save_model(models[epoch], str(tmp))
+        os.replace(tmp, paths[epoch])
+    return models

@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ import torch
 
 from unipost.data import Trajectory
 from unipost.envs.embedded.expert import ScriptedExpert
-from unipost.envs.embedded.tools import tool_schemas
 from unipost.objective import Need, Recipe
 from unipost.rendering.chat import ChatRenderer
 from unipost.rollout.engine import RolloutEngine
@@ -36,7 +36,8 @@ from unipost.rollout.store import TrajectoryStore
 from unipost.rollout.transformers_policy import TransformersPolicy
 from unipost.train.config import TrainConfig
 from unipost.train.optimise import make_microbatches, optimise_epoch
-from unipost.train.setup import build_task_tokenizer, cached_clone, env_factory
+from unipost.train.setup import build_task_tokenizer, cached_clones
+from unipost.train.setup import env_factory as embedded_env_factory
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +55,41 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Runs ``config.iterations`` iterations of collect -> label -> score -> optimise -> evaluate."""
 
-    def __init__(self, config: TrainConfig, *, recipe: Recipe | None = None, resume: bool = False) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        recipe: Recipe | None = None,
+        resume: bool = False,
+        env_factory: Callable[[Any], Any] | None = None,
+        train_tasks: Sequence[Any] | None = None,
+        heldout_tasks: Sequence[Any] | None = None,
+        student: torch.nn.Module | None = None,
+        tokenizer: Any | None = None,
+        teacher_policy: Any | None = None,
+        teacher_model: torch.nn.Module | None = None,
+    ) -> None:
+        """Build everything a run needs; every component can be injected instead of built.
+
+        Injection is how a user brings their own environment (``env_factory`` + task lists), a
+        pretrained student and its tokenizer, an API teacher policy, or a white-box teacher model.
+        """
         self.config = cfg = config
         self.recipe = recipe or cfg.build_recipe()
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
-        self.tools = tool_schemas()
-        self.tokenizer = self._tokenizer()
+        self.make_env = env_factory or embedded_env_factory(cfg.env.difficulty, cfg.env.max_observation_chars)
+        self._train_tasks = list(train_tasks) if train_tasks is not None else None
+        self._heldout_tasks = list(heldout_tasks) if heldout_tasks is not None else None
+        self.tools = self._tool_schemas()
+        self.tokenizer = tokenizer if tokenizer is not None else self._tokenizer()
         self.renderer = ChatRenderer(self.tokenizer, self.tools)
-        self.make_env = env_factory(cfg.env.difficulty, cfg.env.max_observation_chars)
-        self.teacher_policy = self._teacher_policy()
-        self.student = self._student()
-        self.teacher_model = self._white_box_teacher()
+        self.teacher_policy = teacher_policy if teacher_policy is not None else self._teacher_policy()
+        self.student = student if student is not None else self._student()
+        self.teacher_model = teacher_model if teacher_model is not None else self._white_box_teacher()
+        if teacher_model is not None:
+            teacher_model.eval().requires_grad_(False)
         self.student_policy = TransformersPolicy(
             self.student,
             self.tokenizer,
@@ -138,15 +161,18 @@ class Trainer:
             "num_kv_heads": m.num_kv_heads,
         }
 
-    def _clone(self, name: str, demos: int, epochs: int, lr: float) -> torch.nn.Module:
+    def _clone(self, which: str) -> torch.nn.Module:
+        """The warm-started student or the distilled teacher: snapshots of one cached BC run."""
         cfg = self.config
-        return cached_clone(
-            name,
+        snapshots = {"student": cfg.warm_start.epochs, "teacher": cfg.teacher.distill_epochs}
+        if cfg.teacher.white_box == "none":
+            snapshots.pop("teacher")
+        models = cached_clones(
             self._model_kwargs(),
             self.tokenizer,
-            demos=demos,
-            epochs=epochs,
-            lr=lr,
+            demos=cfg.warm_start.demos,
+            snapshots=list(snapshots.values()),
+            lr=cfg.warm_start.lr,
             difficulty=cfg.env.difficulty,
             max_observation_chars=cfg.env.max_observation_chars,
             tools=self.tools,
@@ -154,6 +180,7 @@ class Trainer:
             seed=cfg.seed,
             progress=cfg.progress,
         )
+        return models[snapshots[which]]
 
     def _student(self) -> torch.nn.Module:
         cfg = self.config
@@ -162,8 +189,7 @@ class Trainer:
 
             model = AutoModelForCausalLM.from_pretrained(cfg.model.path, attn_implementation="sdpa")
         else:
-            ws = cfg.warm_start
-            model = self._clone("student", ws.demos, ws.epochs, ws.lr)
+            model = self._clone("student")
         if cfg.model.lora_rank:
             from peft import LoraConfig, get_peft_model
 
@@ -183,7 +209,12 @@ class Trainer:
 
             self.recipe.check_teacher(white_box=False)  # OPD with an API teacher is refused here
             policy = OpenAIChatPolicy(
-                cfg.teacher.base_url, cfg.teacher.model, api_key_env=cfg.teacher.api_key_env
+                cfg.teacher.base_url,
+                cfg.teacher.model,
+                api_key_env=cfg.teacher.api_key_env,
+                max_retries=cfg.teacher.max_retries,
+                timeout_s=cfg.teacher.timeout_s,
+                backoff_s=0.2,
             )
             policy.check()  # fail fast when the endpoint does not answer
             return policy
@@ -200,13 +231,20 @@ class Trainer:
             )
         if not (needs_logprobs or cfg.eval.kl_tasks > 0) or cfg.teacher.white_box == "none":
             return None
-        t = cfg.teacher
-        model = self._clone("teacher", t.distill_demos, t.distill_epochs, cfg.warm_start.lr)
+        model = self._clone("teacher")
         model.eval().requires_grad_(False)
         return model
 
+    def _tool_schemas(self) -> list[dict]:
+        env = self.make_env(self.tasks_for(0)[0])
+        try:
+            env.reset()
+            return list(env.tools)
+        finally:
+            env.close()
+
     def _check_context_budget(self) -> None:
-        env = self.make_env(("train", 0))
+        env = self.make_env(self.tasks_for(0)[0])
         try:
             prompt = env.reset()
         finally:
@@ -230,20 +268,22 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def tasks_for(self, iteration: int) -> list[tuple[str, int]]:
+    def tasks_for(self, iteration: int) -> list[Any]:
         """This iteration's training tasks: a seeded draw from the train pool (same for every method)."""
         rng = np.random.default_rng([self.config.seed, iteration, 7])
-        pool = self.config.env.train_tasks
+        pool = self._train_tasks or [("train", i) for i in range(self.config.env.train_tasks)]
         n = self.config.rollout.episodes_per_iteration
-        picks = rng.choice(pool, size=n, replace=n > pool)
-        return [("train", int(i)) for i in picks]
+        picks = rng.choice(len(pool), size=n, replace=n > len(pool))
+        return [pool[int(i)] for i in picks]
 
-    def heldout_tasks(self) -> list[tuple[str, int]]:
+    def heldout_tasks(self) -> list[Any]:
+        if self._heldout_tasks is not None:
+            return list(self._heldout_tasks)
         return [("heldout", i) for i in range(self.config.env.heldout_tasks)]
 
     def fit(self) -> list[dict[str, float]]:
         """Run the remaining iterations; returns the metrics history (one dict per logged step)."""
-        if self.start_iteration == 0 and not self.history:
+        if self.start_iteration == 0 and not self.history and self.config.eval.every:
             self._log(0, self.evaluate(0))
         for i in range(self.start_iteration, self.config.iterations):
             self.run_iteration(i)
@@ -289,7 +329,7 @@ class Trainer:
         metrics["train/effective_samples"] = float(self.effective_samples)
         metrics["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["time/iteration_s"] = time.perf_counter() - started
-        if (i + 1) % cfg.eval.every == 0 or i + 1 == cfg.iterations:
+        if cfg.eval.every and ((i + 1) % cfg.eval.every == 0 or i + 1 == cfg.iterations):
             metrics.update(self.evaluate(i + 1))
         self._log(i + 1, metrics)
         self.checkpoints.save(
