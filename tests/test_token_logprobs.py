@@ -247,6 +247,11 @@ def test_bad_input_raises_clear_error(hidden_shape, weight_shape, targets, kwarg
         token_logprobs(torch.randn(hidden_shape), torch.randn(weight_shape), torch.tensor(targets), **kwargs)
 
 
+def test_non_tensor_targets_raise():
+    with pytest.raises(ValueError, match="targets must be a 1-D"):
+        token_logprobs(torch.randn(3, 4), torch.randn(5, 4), [0, 1, 2])
+
+
 def test_mixed_dtypes_raise():
     with pytest.raises(ValueError, match="same dtype"):
         token_logprobs(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.bfloat16), torch.tensor([0, 1, 2]))

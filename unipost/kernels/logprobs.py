@@ -123,16 +123,16 @@ def _validate(
         raise ValueError(
             f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype; cast one of them"
         )
-    if hidden.device != weight.device or targets.device != hidden.device:
-        raise ValueError(
-            f"hidden, weight and targets must be on one device, got {hidden.device}, {weight.device}, "
-            f"{targets.device}"
-        )
     if not isinstance(targets, Tensor) or targets.dim() != 1:
         shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
         raise ValueError(f"targets must be a 1-D [N] integer tensor, got {shape}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"targets must hold integer token ids (int64), got dtype {targets.dtype}")
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError(
+            f"hidden, weight and targets must be on one device, got {hidden.device}, {weight.device}, "
+            f"{targets.device}"
+        )
     if targets.shape[0] != hidden.shape[0]:
         raise ValueError(
             f"targets has {targets.shape[0]} entries but hidden has {hidden.shape[0]} rows; "
