@@ -33,8 +33,9 @@ from torch import Tensor
 __all__ = ["token_logprobs"]
 
 # One fp32 [C, Cv] tile of logits is at most this many elements (8 MiB). The kernel keeps about two such
-# tiles alive (logits and probabilities) plus the low-precision matmul copies, so the extra memory is
-# ~20 MiB whatever N and V are.
+# tiles alive (logits and probabilities) plus the low-precision matmul copies: ~20-30 MiB whatever N and
+# V are. Measured peak RSS beyond inputs and gradients (benchmarks/README.md): 28 MiB in fp32 at N=8k,
+# V=32k; 63-126 MiB in bf16 up to N=16k, V=152k (adds the fp32 gradient accumulator and allocator slack).
 _TILE_ELEMENTS = 2 * 1024 * 1024
 # Default rows per chunk: large enough that each tile matmul is an efficient GEMM, small enough that the
 # vocabulary tile (budget / rows) stays >= 2k columns.
