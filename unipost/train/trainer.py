@@ -308,7 +308,7 @@ class Trainer:
             vocab_size=len(self.tokenizer),
         )
         labels = sum(b.packed.num_labels for b in microbatches)
-        metrics["train/labels"] = float(labels)
+        metrics["train/batch_labels"] = float(labels)
         metrics["train/kept_trajectories"] = float(sum(len(b.trajectories) for b in microbatches))
         if not microbatches:
             logger.warning("iteration %d: no trajectory has a label to train on (all filtered); skipping", i)
