@@ -3,7 +3,8 @@
 Progress is measured on held-out data and must exceed a stated margin:
 * SFT / DAgger / AggreVaTe: NLL of the expert's actions on held-out expert states drops by > 1 nat
   (a random-init student starts near ln|V|);
-* OPD: reverse KL(student || teacher) on held-out student-visited states drops by > 30 %;
+* OPD: reverse KL(student || teacher) on held-out student-visited states drops by > 10 % (student
+  and teacher: the same network behaviour-cloned for 1 and 6 epochs);
 * GRPO: mean reward of sampled rollouts on held-out prompts rises by > 0.05 (a real environment in
   this file whose verifier scores the fraction of vowels in the answer, so rewards vary within a
   group even for a random-init student, which a pass/fail SWE task would not give it).
@@ -19,7 +20,6 @@ import torch
 from unipost.batch import build_batch, objective_loss
 from unipost.data import Outcome
 from unipost.envs.base import StepResult
-from unipost.models import build_tiny_qwen3
 from unipost.objective import SFT
 from unipost.train.config import (
     EnvConfig,
@@ -100,19 +100,31 @@ def test_imitation_recipes_make_progress(recipe, tmp_path, cache_dir, task_token
 
 
 def test_opd_makes_progress_on_reverse_kl(tmp_path, cache_dir, task_tokenizer):
+    """OPD from a briefly cloned student towards the same network cloned longer (its teacher)."""
+    from unipost.envs.embedded.tools import tool_schemas
     from unipost.eval import collect_student_states, reverse_kl_on_student_states
+    from unipost.train.setup import cached_clones
 
-    student = build_tiny_qwen3(len(task_tokenizer), seed=0, **TINY)
-    teacher = copy.deepcopy(student)
-    with torch.no_grad():  # a sharper, different teacher: reverse KL starts well above zero
-        teacher.lm_head.weight.mul_(4.0).add_(0.5 * torch.randn_like(teacher.lm_head.weight))
+    models = cached_clones(
+        TINY,
+        task_tokenizer,
+        demos=6,
+        snapshots=[1, 6],
+        lr=1e-2,
+        difficulty="easy",
+        max_observation_chars=600,
+        tools=tool_schemas(),
+        cache_dir=cache_dir,
+    )
+    student, teacher = copy.deepcopy(models[1]), models[6]
     cfg = tiny_config(
         tmp_path,
         cache_dir,
         "opd",
         recipe_kwargs={"filter_unsubmitted": False},
-        iterations=3,
-        optim=OptimConfig(lr=1e-2, micro_batch_tokens=4096, epochs_per_batch=4),
+        iterations=4,
+        rollout=RolloutConfig(episodes_per_iteration=4, max_turns=3, context_budget=4096, max_new_tokens=24),
+        optim=OptimConfig(lr=1e-3, micro_batch_tokens=4096, epochs_per_batch=2),
     )
     trainer = Trainer(cfg, tokenizer=task_tokenizer, student=student, teacher_model=teacher)
 
@@ -126,7 +138,7 @@ def test_opd_makes_progress_on_reverse_kl(tmp_path, cache_dir, task_tokenizer):
     before = kl()
     trainer.fit()
     after = kl()
-    assert after < 0.7 * before, f"reverse KL {before:.3f} -> {after:.3f}"
+    assert after < 0.9 * before, f"reverse KL {before:.3f} -> {after:.3f}"
 
 
 class VowelEnv:

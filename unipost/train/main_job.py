@@ -33,20 +33,20 @@ def main_config(out_dir: str, *, quick: bool = False, seed: int = 0) -> TrainCon
     return TrainConfig(
         name="main",
         recipe="dagger",
-        iterations=2 if quick else 5,
+        iterations=1 if quick else 4,
         seed=seed,
         output_dir=out_dir,
         warm_start=WarmStartConfig(demos=4 if quick else 24, epochs=1 if quick else 2),
         teacher=TeacherConfig(distill_epochs=2 if quick else 6),
-        env=EnvConfig(difficulty="easy", train_tasks=64, heldout_tasks=3 if quick else 12),
+        env=EnvConfig(difficulty="easy", train_tasks=64, heldout_tasks=1 if quick else 8),
         rollout=RolloutConfig(
-            episodes_per_iteration=3 if quick else 8,
-            max_turns=8 if quick else 12,
+            episodes_per_iteration=2 if quick else 8,
+            max_turns=4 if quick else 10,
             context_budget=3072,
-            max_new_tokens=48 if quick else 128,
+            max_new_tokens=16 if quick else 96,
         ),
-        optim=OptimConfig(lr=1e-3, epochs_per_batch=1 if quick else 2),
-        eval=EvalConfig(kl_tasks=2 if quick else 6),
+        optim=OptimConfig(lr=1e-3, epochs_per_batch=1 if quick else 2, micro_batch_tokens=4096),
+        eval=EvalConfig(every=1 if quick else 2, kl_tasks=1 if quick else 4),
     )
 
 
@@ -54,7 +54,7 @@ def run_main_job(out_dir: str = "runs/main", *, quick: bool = False, seed: int =
     """Train with DAgger and with SFT, print the comparison, save the plot; returns the summary."""
     from unipost.train.plots import plot_learning_curves
 
-    console = Console()
+    console = Console(width=140)
     base = main_config(out_dir, quick=quick, seed=seed)
     histories: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
