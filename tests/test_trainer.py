@@ -5,7 +5,7 @@ Progress is measured on held-out data and must exceed a stated margin:
   (a random-init student starts near ln|V|);
 * OPD: reverse KL(student || teacher) on held-out student-visited states drops by > 10 % (student
   and teacher: the same network behaviour-cloned for 1 and 6 epochs);
-* GRPO: mean reward of sampled rollouts on held-out prompts rises by > 0.05 (a real environment in
+* GRPO: mean reward of sampled rollouts on held-out prompts rises by > 0.1 (a real environment in
   this file whose verifier scores the fraction of vowels in the answer, so rewards vary within a
   group even for a random-init student, which a pass/fail SWE task would not give it).
 """
@@ -83,7 +83,13 @@ def expert_nll(model, tokenizer, tools, trajectories) -> float:
 
 @pytest.mark.parametrize("recipe", ["sft", "dagger", "aggrevate"])
 def test_imitation_recipes_make_progress(recipe, tmp_path, cache_dir, task_tokenizer, heldout_expert):
-    kwargs = {"k": 2} if recipe == "aggrevate" else {}
+    kwargs = (
+        {"k": 2}
+        if recipe == "aggrevate"
+        else {"beta": 0.5, "filter_unsubmitted": False}
+        if recipe == "dagger"
+        else {}
+    )
     cfg = tiny_config(tmp_path, cache_dir, recipe, recipe_kwargs=kwargs)
     trainer = Trainer(cfg, tokenizer=task_tokenizer)
     before = expert_nll(trainer.student, task_tokenizer, trainer.tools, heldout_expert)
@@ -173,10 +179,10 @@ def test_grpo_makes_progress_on_reward(tmp_path, cache_dir, task_tokenizer):
         tmp_path,
         cache_dir,
         "grpo",
-        recipe_kwargs={"group_size": 6},
-        iterations=4,
-        rollout=RolloutConfig(episodes_per_iteration=4, max_turns=1, context_budget=4096, max_new_tokens=12),
-        optim=OptimConfig(lr=5e-3, micro_batch_tokens=4096, epochs_per_batch=2),
+        recipe_kwargs={"group_size": 8},
+        iterations=6,
+        rollout=RolloutConfig(episodes_per_iteration=6, max_turns=1, context_budget=4096, max_new_tokens=8),
+        optim=OptimConfig(lr=3e-2, micro_batch_tokens=4096, epochs_per_batch=4),
     )
     trainer = Trainer(
         cfg,
@@ -198,7 +204,7 @@ def test_grpo_makes_progress_on_reward(tmp_path, cache_dir, task_tokenizer):
     before = mean_reward()
     trainer.fit()
     after = mean_reward()
-    assert after > before + 0.05, f"mean reward {before:.3f} -> {after:.3f}"
+    assert after > before + 0.1, f"mean reward {before:.3f} -> {after:.3f}"
 
 
 def test_bad_configs_fail_fast_with_what_to_change(tmp_path, cache_dir, task_tokenizer):
