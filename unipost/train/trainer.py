@@ -137,6 +137,10 @@ class Trainer:
 
         from unipost.models.tiny import load_template
 
+        if self.config.model.kind == "pretrained":  # the model's own vocabulary, with a tool template
+            from unipost.models.pretrained import load_pretrained_tokenizer
+
+            return load_pretrained_tokenizer(self.config.model.path)
         path = self.run_dir / "tokenizer"
         if (path / "tokenizer.json").exists():  # a resumed run keeps its own tokenizer
             tok = PreTrainedTokenizerFast.from_pretrained(str(path))
@@ -187,7 +191,9 @@ class Trainer:
         if cfg.model.kind == "pretrained":
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(cfg.model.path, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.model.path, attn_implementation="sdpa", dtype=getattr(torch, cfg.model.dtype)
+            )
         else:
             model = self._clone("student")
         if cfg.model.lora_rank:
