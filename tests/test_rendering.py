@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from factories import TOOLS, make_trajectory
 
-from unipost.data import Trajectory, Turn
+from unipost.data import Trajectory
 from unipost.kernels.loss import weighted_nll
 from unipost.kernels.model import packed_logprobs
 from unipost.kernels.packing import pack
@@ -23,54 +23,11 @@ from unipost.rendering.chat import (
 
 IMPL = "fused"
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chat_templates"
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "terminal",
-            "description": "Run a shell command.",
-            "parameters": {
-                "type": "object",
-                "properties": {"command": {"type": "string"}},
-                "required": ["command"],
-            },
-        },
-    }
-]
-
-
-def action(text: str, command: str, call_id: str) -> dict:
-    return {
-        "role": "assistant",
-        "content": text,
-        "tool_calls": [
-            {
-                "id": call_id,
-                "type": "function",
-                "function": {"name": "terminal", "arguments": json.dumps({"command": command})},
-            }
-        ],
-    }
 
 
 def dagger_trajectory(n_turns: int = 6, reasoning: bool = False) -> Trajectory:
     """Alternating teacher/student turns; the teacher's label is recorded at every state."""
-    turns = []
-    for t in range(n_turns):
-        teacher = action(
-            ("<think>\nlocate the bug\n</think>\n\n" if reasoning else "") + f"Look at file {t}.",
-            f"cat pkg/mod{t}.py",
-            f"call_{t}",
-        )
-        executor = "teacher" if t % 2 == 0 else "student"
-        executed = teacher if executor == "teacher" else action(f"Try {t * 7}.", f"ls -la {t}", f"call_{t}")
-        obs = [{"role": "tool", "tool_call_id": f"call_{t}", "content": f"output {t}\nline two"}]
-        turns.append(Turn(index=t, executor=executor, action=executed, label=teacher, observation=obs))
-    prompt = [
-        {"role": "system", "content": "You are a careful software engineer."},
-        {"role": "user", "content": "The function add(2, 3) returns 6 instead of 5."},
-    ]
-    return Trajectory(task_id="t0", prompt=prompt, turns=turns)
+    return make_trajectory(("ts" * n_turns)[:n_turns], reasoning=reasoning)
 
 
 def teacher_labels(traj: Trajectory) -> list[LabelSpec]:
