@@ -207,8 +207,8 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     md += [
-        f"| {r['layout']} | {r['tokens']} | {r['seconds']:.2f} | {r['token_ratio']:.2f}x | {r['time_ratio']:.2f}x | "
-        f"{r['max_grad_diff']:.1e} |"
+        f"| {r['layout']} | {r['tokens']} | {r['seconds']:.2f} | {r['token_ratio']:.2f}x | "
+        f"{r['time_ratio']:.2f}x | {r['max_grad_diff']:.1e} |"
         for r in rows
     ]
     (RESULTS / f"packing{suffix}.md").write_text("\n".join(md) + "\n")
