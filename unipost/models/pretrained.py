@@ -166,3 +166,34 @@ def load_pretrained_tokenizer(path: str | Path) -> Any:
         except ValueError:
             pass
     return with_tool_template(tokenizer)
+
+
+def smollm2_local_dir(cache_dir: str | Path | None = None) -> Path:
+    """A plain HF copy of SmolLM2-135M-Instruct under the unipost cache, written on first use (~30 s).
+
+    This is the ``path`` to give ``ModelConfig(kind="pretrained", ...)``. The copy is written to a
+    temporary directory and renamed into place, so an interrupted first call never leaves a half-written
+    model that later runs would load.
+    """
+    import os
+    import shutil
+    import uuid
+
+    from unipost.train.setup import cache_root
+
+    gguf_file = smollm2_path()  # fails first, with the install command, when the package is missing
+    out = cache_root(str(cache_dir) if cache_dir is not None else None) / "smollm2-135m-instruct-fp32"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        save_local_copy(tmp)
+        (tmp / "SOURCE").write_text(f"dequantised from {gguf_file}\n")
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process won the race (its copy is identical)
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
