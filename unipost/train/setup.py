@@ -33,7 +33,7 @@ from unipost.objective import SFT, Recipe
 from unipost.rendering.chat import ChatRenderer
 from unipost.rollout.engine import RolloutEngine
 
-SETUP_VERSION = "1"  # bump when what is cached here changes meaning
+SETUP_VERSION = "2"  # bump when what is cached here changes meaning
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -112,7 +112,7 @@ def behaviour_clone(
     *,
     epochs: int,
     lr: float,
-    micro_batch_tokens: int = 8192,
+    micro_batch_tokens: int = 4096,
     seed: int = 0,
     progress: bool = False,
     recipe: Recipe | None = None,

@@ -287,10 +287,14 @@ class Trainer:
             return list(self._heldout_tasks)
         return [("heldout", i) for i in range(self.config.env.heldout_tasks)]
 
-    def fit(self) -> list[dict[str, float]]:
-        """Run the remaining iterations; returns the metrics history (one dict per logged step)."""
+    def fit(self, initial_eval: dict[str, float] | None = None) -> list[dict[str, float]]:
+        """Run the remaining iterations; returns the metrics history (one dict per logged step).
+
+        ``initial_eval``: step-0 metrics computed elsewhere for the SAME initial student and seed
+        (e.g. the other arm of a comparison), so the evaluation before training is not paid twice.
+        """
         if self.start_iteration == 0 and not self.history and self.config.eval.every:
-            self._log(0, self.evaluate(0))
+            self._log(0, dict(initial_eval) if initial_eval is not None else self.evaluate(0))
         for i in range(self.start_iteration, self.config.iterations):
             self.run_iteration(i)
         self.metrics.close()
