@@ -26,7 +26,9 @@ from unipost.envs.embedded import (
 from unipost.envs.embedded.tools import ToolError
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
-FIXTURE = Path("/work/shared/fixtures/openhands/tool_schemas-openhands-tools-1.58.0.json")
+FIXTURE = (
+    Path(__file__).resolve().parent / "fixtures" / "openhands" / "tool_schemas-openhands-tools-1.58.0.json"
+)
 
 
 def _workspace(files: dict[str, str]) -> Path:

@@ -14,7 +14,7 @@ from unipost.rollout.policy import AgentState, Policy, PolicyOutput
 from unipost.rollout.scripted import RandomToolPolicy, ScriptedPolicy
 from unipost.rollout.transformers_policy import TransformersPolicy
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE = FIXTURES / "openhands" / "tool_schemas-openhands-tools-1.58.0.json"
 OPENHANDS_TOOLS = list(json.loads(FIXTURE.read_text()).values())
 # the policy tests use the two short schemas: the full OpenHands system prompt is ~4k tokens, and the

@@ -22,7 +22,7 @@ from unipost.rendering.chat import (
 )
 
 IMPL = "fused"
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "chat_templates"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"  # copies of ../shared/fixtures
 
 
 def dagger_trajectory(n_turns: int = 6, reasoning: bool = False) -> Trajectory:

@@ -25,7 +25,7 @@ from unipost.rendering import (
     render_prompt,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TEMPLATES = {
     "chatml_tools": ("chatml_tools", "hermes"),
     "qwen3": (str(FIXTURES / "chat_templates" / "qwen3.jinja"), "hermes"),

@@ -1,8 +1,9 @@
 """Attention backends for packed batches: which mask to hand an unmodified transformers model.
 
 * ``sdpa`` / ``eager`` (CPU training path and reference): a dense additive [1, 1, T, T] mask built
-  from the packing rule (faster than the boolean form on CPU, see :func:`additive_mask`). Always explicit: SDPA with position ids alone cross-contaminates packed
-  documents (MACHINE-NOTES: the second sequence's logits were off by 0.62).
+  from the packing rule (faster than the boolean form on CPU, see :func:`additive_mask`). Always
+  explicit: SDPA with position ids alone cross-contaminates packed documents (MACHINE-NOTES: the
+  second sequence's logits were off by 0.62).
 * ``flash_attention_2`` / ``_3`` (GPU): varlen attention, which transformers derives from position
   ids that restart at 0 per document. It cannot express branches, so a tree pack is refused with a
   message pointing at FlexAttention.

@@ -26,8 +26,6 @@ SPECIAL_TOKENS = [
     "</think>",
 ]
 
-_FIXTURE_TEMPLATES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "chat_templates"
-
 
 def load_template(name: str = "chatml_tools") -> str:
     """A chat template by name: unipost's own (``chatml_tools``) or a file path."""
