@@ -159,6 +159,17 @@ class TrainConfig(_Strict):
         return key
 
     @model_validator(mode="after")
+    def _distilled_teacher_needs_tiny_student(self) -> TrainConfig:
+        if self.model.kind == "pretrained" and self.teacher.white_box == "distilled":
+            raise ValueError(
+                "teacher.white_box='distilled' builds a tiny teacher on the task tokenizer, which does not "
+                "match a pretrained student's vocabulary; set teacher.white_box='none' (DAgger/SFT/AggreVaTe "
+                "need only actions) and, for OPD or the KL diagnostic, pass a same-family teacher_model "
+                "to Trainer"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _teacher_trained_longer(self) -> TrainConfig:
         if self.teacher.white_box == "distilled" and self.teacher.distill_epochs < self.warm_start.epochs:
             raise ValueError(
