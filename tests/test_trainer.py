@@ -3,8 +3,8 @@
 Progress is measured on held-out data and must exceed a stated margin:
 * SFT / DAgger / AggreVaTe: NLL of the expert's actions on held-out expert states drops by > 1 nat
   (a random-init student starts near ln|V|);
-* OPD: reverse KL(student || teacher) on held-out student-visited states drops by > 10 % (student
-  and teacher: the same network behaviour-cloned for 1 and 6 epochs);
+* OPD: reverse KL(student || teacher) on held-out student-visited states drops by > 20 % (student
+  and teacher: the same network behaviour-cloned for 3 and 6 epochs; measured 1.51 -> 0.59);
 * GRPO: mean reward of sampled rollouts on held-out prompts rises by > 0.1 (a real environment in
   this file whose verifier scores the fraction of vowels in the answer, so rewards vary within a
   group even for a random-init student, which a pass/fail SWE task would not give it).
@@ -115,22 +115,22 @@ def test_opd_makes_progress_on_reverse_kl(tmp_path, cache_dir, task_tokenizer):
         TINY,
         task_tokenizer,
         demos=6,
-        snapshots=[1, 6],
+        snapshots=[3, 6],
         lr=1e-2,
         difficulty="easy",
         max_observation_chars=600,
         tools=tool_schemas(),
         cache_dir=cache_dir,
     )
-    student, teacher = copy.deepcopy(models[1]), models[6]
+    student, teacher = copy.deepcopy(models[3]), models[6]
     cfg = tiny_config(
         tmp_path,
         cache_dir,
         "opd",
         recipe_kwargs={"filter_unsubmitted": False},
-        iterations=4,
-        rollout=RolloutConfig(episodes_per_iteration=4, max_turns=3, context_budget=4096, max_new_tokens=24),
-        optim=OptimConfig(lr=1e-3, micro_batch_tokens=4096, epochs_per_batch=2),
+        iterations=6,
+        rollout=RolloutConfig(episodes_per_iteration=8, max_turns=3, context_budget=4096, max_new_tokens=32),
+        optim=OptimConfig(lr=2e-3, micro_batch_tokens=4096, epochs_per_batch=2),
     )
     trainer = Trainer(cfg, tokenizer=task_tokenizer, student=student, teacher_model=teacher)
 
@@ -144,7 +144,7 @@ def test_opd_makes_progress_on_reverse_kl(tmp_path, cache_dir, task_tokenizer):
     before = kl()
     trainer.fit()
     after = kl()
-    assert after < 0.9 * before, f"reverse KL {before:.3f} -> {after:.3f}"
+    assert after < 0.8 * before, f"reverse KL {before:.3f} -> {after:.3f}"
 
 
 class VowelEnv:
