@@ -130,7 +130,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--trajectories", type=int, default=2)
+    parser.add_argument("--trajectories", type=int, default=1)
     parser.add_argument("--turns", type=int, default=30)
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--max-tokens", type=int, default=8192)
@@ -139,8 +139,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
-    lengths = {"prompt": 400, "action": 60, "observation": 150}
-    vocab, hidden, layers = 32768, 256, 4
+    lengths = {"prompt": 300, "action": 50, "observation": 120}
+    vocab, hidden, layers = 32768, 128, 2
     if args.quick:
         args.turns, args.trajectories, lengths = 8, 1, {"prompt": 60, "action": 12, "observation": 30}
         vocab, hidden, layers = 4096, 64, 2
