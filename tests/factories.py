@@ -69,3 +69,38 @@ def make_trajectory(
         resolved=resolved, submitted=submitted, reward=float(resolved) if reward is None else reward
     )
     return Trajectory(task_id=task_id, prompt=prompt, turns=turns, outcome=outcome, meta=meta or {})
+
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
+
+
+def tiny_train_config(output_dir, cache_dir, recipe: str, **updates):
+    """A seconds-long TrainConfig: 1-layer Qwen3, random init, easy tasks, no evaluation."""
+    from unipost.train.config import (
+        EnvConfig,
+        EvalConfig,
+        ModelConfig,
+        OptimConfig,
+        RolloutConfig,
+        TeacherConfig,
+        TrainConfig,
+        WarmStartConfig,
+    )
+
+    base = TrainConfig(
+        name=recipe,
+        recipe=recipe,
+        iterations=2,
+        seed=0,
+        output_dir=str(output_dir),
+        progress=False,
+        cache_dir=str(cache_dir),
+        model=ModelConfig(**TINY, tokenizer_vocab=1024),
+        warm_start=WarmStartConfig(demos=0, epochs=1),
+        teacher=TeacherConfig(white_box="none", distill_epochs=1),
+        env=EnvConfig(difficulty="easy", train_tasks=8, heldout_tasks=2, max_observation_chars=600),
+        rollout=RolloutConfig(episodes_per_iteration=2, max_turns=8, context_budget=4096, max_new_tokens=16),
+        optim=OptimConfig(lr=1e-2, micro_batch_tokens=4096, epochs_per_batch=3),
+        eval=EvalConfig(every=0, kl_tasks=0),
+    )
+    return base.replace(**updates)

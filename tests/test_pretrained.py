@@ -15,44 +15,34 @@ import time
 
 import pytest
 import torch
+from factories import TINY, tiny_train_config
 
 from unipost.batch import build_batch
 from unipost.kernels import packed_logprobs
 from unipost.objective import SFT
 from unipost.train.config import (
     EnvConfig,
-    EvalConfig,
     ModelConfig,
     OptimConfig,
     RolloutConfig,
-    TeacherConfig,
     TrainConfig,
-    WarmStartConfig,
 )
 from unipost.train.setup import build_task_tokenizer
 from unipost.train.trainer import Trainer
-
-TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
 
 
 def lora_config(
     tmp_path, cache_dir: str, *, recipe: str = "sft", model: ModelConfig, **updates
 ) -> TrainConfig:
-    base = TrainConfig(
+    base = tiny_train_config(
+        tmp_path,
+        cache_dir,
+        recipe,
         name=f"lora-{recipe}",
-        recipe=recipe,
         iterations=1,
-        seed=0,
-        output_dir=str(tmp_path),
-        progress=False,
-        cache_dir=cache_dir,
         model=model,
-        warm_start=WarmStartConfig(demos=0, epochs=1),
-        teacher=TeacherConfig(white_box="none", distill_epochs=1),
         env=EnvConfig(difficulty="easy", train_tasks=4, heldout_tasks=1, max_observation_chars=600),
-        rollout=RolloutConfig(episodes_per_iteration=2, max_turns=8, context_budget=4096, max_new_tokens=16),
         optim=OptimConfig(lr=1e-2, micro_batch_tokens=4096, epochs_per_batch=2),
-        eval=EvalConfig(every=0, kl_tasks=0),
     )
     return base.replace(**updates)
 

@@ -18,17 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
+from factories import tiny_train_config
 
 from unipost.rollout.store import load
 from unipost.train.config import (
     EnvConfig,
     EvalConfig,
-    ModelConfig,
     OptimConfig,
     RolloutConfig,
-    TeacherConfig,
     TrainConfig,
-    WarmStartConfig,
 )
 from unipost.train.metrics import read_metrics
 
@@ -36,18 +34,14 @@ VOLATILE = ("time", "_s", "per_s", "wall")
 
 
 def config(out: Path, cache: Path, name: str) -> TrainConfig:
-    return TrainConfig(
+    return tiny_train_config(
+        out,
+        cache,
+        "dagger",
         name=name,
-        recipe="dagger",
         recipe_kwargs={"beta": 0.5},
         iterations=3,
         seed=3,
-        output_dir=str(out),
-        progress=False,
-        cache_dir=str(cache),
-        model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, tokenizer_vocab=1024),
-        warm_start=WarmStartConfig(demos=0, epochs=1),
-        teacher=TeacherConfig(white_box="none", distill_epochs=1),
         env=EnvConfig(difficulty="easy", train_tasks=8, heldout_tasks=1, max_observation_chars=600),
         rollout=RolloutConfig(episodes_per_iteration=2, max_turns=8, context_budget=4096, max_new_tokens=12),
         optim=OptimConfig(lr=1e-2, micro_batch_tokens=4096, epochs_per_batch=2),

@@ -16,25 +16,20 @@ import copy
 
 import pytest
 import torch
+from factories import TINY, tiny_train_config
 
 from unipost.batch import build_batch, objective_loss
 from unipost.data import Outcome
 from unipost.envs.base import StepResult
 from unipost.objective import SFT
 from unipost.train.config import (
-    EnvConfig,
-    EvalConfig,
-    ModelConfig,
     OptimConfig,
     RolloutConfig,
     TeacherConfig,
     TrainConfig,
-    WarmStartConfig,
 )
 from unipost.train.setup import build_task_tokenizer, expert_trajectories
 from unipost.train.trainer import ConfigError, Trainer
-
-TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +48,7 @@ def heldout_expert():
 
 
 def tiny_config(tmp_path, cache_dir, recipe: str, **updates) -> TrainConfig:
-    base = TrainConfig(
-        name=recipe,
-        recipe=recipe,
-        iterations=2,
-        seed=0,
-        output_dir=str(tmp_path),
-        progress=False,
-        cache_dir=cache_dir,
-        model=ModelConfig(**TINY, tokenizer_vocab=1024),
-        warm_start=WarmStartConfig(demos=0, epochs=1),
-        teacher=TeacherConfig(white_box="none", distill_epochs=1),
-        env=EnvConfig(difficulty="easy", train_tasks=8, heldout_tasks=2, max_observation_chars=600),
-        rollout=RolloutConfig(episodes_per_iteration=2, max_turns=8, context_budget=4096, max_new_tokens=16),
-        optim=OptimConfig(lr=1e-2, micro_batch_tokens=4096, epochs_per_batch=3),
-        eval=EvalConfig(every=0, kl_tasks=0),
-    )
-    return base.replace(**updates)
+    return tiny_train_config(tmp_path, cache_dir, recipe, **updates)
 
 
 def expert_nll(model, tokenizer, tools, trajectories) -> float:
