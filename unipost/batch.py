@@ -22,7 +22,7 @@ import torch
 from unipost.data import Trajectory
 from unipost.kernels.loss import weighted_nll
 from unipost.kernels.model import packed_logprobs
-from unipost.kernels.packing import PackedBatch, pack
+from unipost.kernels.packing import PackedBatch, PackSequence, pack, packed_size
 from unipost.objective import Need, Recipe, RegularizerInputs, ScoreInputs
 from unipost.rendering.chat import ChatRenderer, LabelSpec, RenderStats, trajectory_sequences
 
@@ -59,6 +59,74 @@ def _group_ids(trajectories: Sequence[Trajectory]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+@dataclass
+class RenderedTrajectory:
+    """One kept trajectory's token documents (rendered once, packed into any micro-batch later)."""
+
+    trajectory: Trajectory
+    group: int
+    documents: list[PackSequence]
+
+    @property
+    def packed_size(self) -> int:
+        return sum(packed_size(doc) for doc in self.documents)
+
+
+def render_trajectories(
+    trajectories: Sequence[Trajectory],
+    recipe: Recipe,
+    renderer: ChatRenderer,
+    *,
+    mode: str = "tree",
+    stats: RenderStats | None = None,
+) -> list[RenderedTrajectory]:
+    """The recipe's transitions of each kept trajectory as token documents.
+
+    Groups are computed over *all* trajectories before the submission filter (a GRPO group's
+    baseline includes its failed samples); filtered trajectories are then dropped.
+    """
+    stats = stats if stats is not None else RenderStats()
+    rendered = []
+    for traj, group in zip(trajectories, _group_ids(trajectories).tolist(), strict=True):
+        refs = recipe.select_labels(traj)
+        if not refs:
+            continue
+        specs = [LabelSpec(r.turn, r.message, token_ids=r.token_ids) for r in refs]
+        rendered.append(
+            RenderedTrajectory(
+                traj, group, trajectory_sequences(traj, specs, renderer, mode=mode, stats=stats)
+            )
+        )
+    return rendered
+
+
+def pack_rendered(
+    rendered: Sequence[RenderedTrajectory],
+    *,
+    vocab_size: int | None = None,
+    stats: RenderStats | None = None,
+    empty_message: str = "no trajectory has a label to train on",
+) -> TrainingBatch:
+    """Pack rendered trajectories into one :class:`TrainingBatch` (trajectory b = index in ``rendered``)."""
+    documents = [doc for r in rendered for doc in r.documents]
+    if not documents:
+        raise EmptyBatchError(empty_message)
+    packed = pack(documents, vocab_size=vocab_size)
+    outcomes = [r.trajectory.outcome for r in rendered]
+    return TrainingBatch(
+        packed=packed,
+        trajectories=[r.trajectory for r in rendered],
+        traj_of_seq_S=torch.tensor(
+            [b for b, r in enumerate(rendered) for doc in r.documents for _ in doc.labels], dtype=torch.long
+        ),
+        reward_B=torch.tensor([o.reward for o in outcomes], dtype=torch.float32),
+        resolved_B=torch.tensor([o.resolved for o in outcomes], dtype=torch.bool),
+        submitted_B=torch.tensor([o.submitted for o in outcomes], dtype=torch.bool),
+        group_of_traj_B=torch.tensor([r.group for r in rendered], dtype=torch.long),
+        render_stats=stats or RenderStats(),
+    )
+
+
 def build_batch(
     trajectories: Sequence[Trajectory],
     recipe: Recipe,
@@ -67,45 +135,14 @@ def build_batch(
     mode: str = "tree",
     vocab_size: int | None = None,
 ) -> TrainingBatch:
-    """Select, render and pack the recipe's transitions of ``trajectories``.
-
-    Groups are computed over *all* trajectories before the submission filter (a GRPO group's
-    baseline includes its failed samples); filtered trajectories are then dropped.
-    """
-    groups_all = _group_ids(trajectories)
+    """Select, render and pack the recipe's transitions of ``trajectories`` (one batch)."""
     stats = RenderStats()
-    documents = []
-    kept: list[Trajectory] = []
-    kept_groups: list[int] = []
-    seq_traj: list[int] = []
-    for traj, group in zip(trajectories, groups_all.tolist(), strict=True):
-        refs = recipe.select_labels(traj)
-        if not refs:
-            continue
-        b = len(kept)
-        specs = [LabelSpec(r.turn, r.message, meta={"traj": b}, token_ids=r.token_ids) for r in refs]
-        docs = trajectory_sequences(traj, specs, renderer, mode=mode, stats=stats)
-        documents.extend(docs)
-        seq_traj.extend(b for doc in docs for _ in doc.labels)
-        kept.append(traj)
-        kept_groups.append(group)
-    if not documents:
-        raise EmptyBatchError(
-            f"none of the {len(trajectories)} trajectories has a label to train on under "
-            f"{recipe.display_name} (all filtered out, e.g. no valid submission, or no turns)"
-        )
-    packed = pack(documents, vocab_size=vocab_size)
-    outcomes = [t.outcome for t in kept]
-    return TrainingBatch(
-        packed=packed,
-        trajectories=kept,
-        traj_of_seq_S=torch.tensor(seq_traj, dtype=torch.long),
-        reward_B=torch.tensor([o.reward for o in outcomes], dtype=torch.float32),
-        resolved_B=torch.tensor([o.resolved for o in outcomes], dtype=torch.bool),
-        submitted_B=torch.tensor([o.submitted for o in outcomes], dtype=torch.bool),
-        group_of_traj_B=torch.tensor(kept_groups, dtype=torch.long),
-        render_stats=stats,
+    rendered = render_trajectories(trajectories, recipe, renderer, mode=mode, stats=stats)
+    empty = (
+        f"none of the {len(trajectories)} trajectories has a label to train on under "
+        f"{recipe.display_name} (all filtered out, e.g. no valid submission, or no turns)"
     )
+    return pack_rendered(rendered, vocab_size=vocab_size, stats=stats, empty_message=empty)
 
 
 def objective_loss(

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 
 import torch
 
-from unipost.batch import EmptyBatchError, TrainingBatch, _group_ids, build_batch, objective_loss
+from unipost.batch import (
+    RenderedTrajectory,
+    TrainingBatch,
+    objective_loss,
+    pack_rendered,
+    render_trajectories,
+)
 from unipost.data import Trajectory
 from unipost.objective import Recipe
 from unipost.rendering.chat import ChatRenderer
@@ -26,20 +32,17 @@ def make_microbatches(
     max_tokens: int,
     vocab_size: int | None = None,
 ) -> list[TrainingBatch]:
-    """Greedy first-fit of whole groups into micro-batches of at most ``max_tokens`` packed tokens."""
-    groups: dict[int, list[Trajectory]] = {}
-    for traj, gid in zip(trajectories, _group_ids(trajectories).tolist(), strict=True):
-        groups.setdefault(gid, []).append(traj)
-    units: list[tuple[list[Trajectory], int]] = []
-    for members in groups.values():
-        try:
-            size = build_batch(members, recipe, renderer, vocab_size=vocab_size).packed.num_tokens
-        except EmptyBatchError:
-            continue  # nothing to learn from this group (filtered out)
-        units.append((members, size))
-    bins: list[list[Trajectory]] = []
+    """Greedy first-fit of whole groups into micro-batches of at most ``max_tokens`` packed tokens.
+
+    Every trajectory is rendered once; sizes come from the rendered documents.
+    """
+    groups: dict[int, list[RenderedTrajectory]] = {}
+    for rendered in render_trajectories(trajectories, recipe, renderer):
+        groups.setdefault(rendered.group, []).append(rendered)
+    bins: list[list[RenderedTrajectory]] = []
     used: list[int] = []
-    for members, size in units:
+    for members in groups.values():
+        size = sum(r.packed_size for r in members)
         for i in range(len(bins)):
             if used[i] + size <= max_tokens:
                 bins[i].extend(members)
@@ -48,7 +51,7 @@ def make_microbatches(
         else:
             bins.append(list(members))
             used.append(size)
-    return [build_batch(b, recipe, renderer, vocab_size=vocab_size) for b in bins]
+    return [pack_rendered(b, vocab_size=vocab_size) for b in bins]
 
 
 def _scale(batch: TrainingBatch, recipe: Recipe, totals: tuple[int, int]) -> float:
