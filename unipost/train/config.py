@@ -67,10 +67,18 @@ class TeacherConfig(_Strict):
     api_key_env: str = Field("UNIPOST_TEACHER_API_KEY", description="env var holding the key; never stored")
     max_retries: int = Field(4, ge=0, description="retries (with backoff) before the teacher counts as down")
     timeout_s: float = Field(60.0, gt=0)
-    white_box: Literal["none", "distilled"] = Field(
+    white_box: Literal["none", "distilled", "pretrained"] = Field(
         "distilled",
         description="white-box teacher LM for OPD and the reverse-KL diagnostic: 'distilled' = the "
-        "student's network behaviour-cloned on the warm-start demos for distill_epochs (cached)",
+        "student's network behaviour-cloned on the warm-start demos for distill_epochs (cached); "
+        "'pretrained' = a local model directory (white_box_path) sharing the student's vocabulary, "
+        "e.g. the weights behind the vLLM teacher endpoint",
+    )
+    white_box_path: str | None = Field(
+        None, description="local directory of the white-box teacher (white_box='pretrained'); never a hub id"
+    )
+    white_box_dtype: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="dtype the pretrained white-box teacher is loaded in (it is never trained)"
     )
     distill_epochs: int = Field(8, ge=1, description="epochs of the distilled teacher (>= warm_start.epochs)")
 
@@ -78,6 +86,8 @@ class TeacherConfig(_Strict):
     def _endpoint(self) -> TeacherConfig:
         if self.kind == "openai" and not (self.base_url and self.model):
             raise ValueError("teacher.kind='openai' needs teacher.base_url and teacher.model")
+        if self.white_box == "pretrained" and not self.white_box_path:
+            raise ValueError("teacher.white_box='pretrained' needs teacher.white_box_path (a local dir)")
         return self
 
 
@@ -164,8 +174,8 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "teacher.white_box='distilled' builds a tiny teacher on the task tokenizer, which does not "
                 "match a pretrained student's vocabulary; set teacher.white_box='none' (DAgger/SFT/AggreVaTe "
-                "need only actions) and, for OPD or the KL diagnostic, pass a same-family teacher_model "
-                "to Trainer"
+                "need only actions) or, for OPD and the KL diagnostic, teacher.white_box='pretrained' with "
+                "a same-family teacher.white_box_path (or pass teacher_model to Trainer)"
             )
         return self
 

@@ -237,8 +237,28 @@ class Trainer:
             )
         if not (needs_logprobs or cfg.eval.kl_tasks > 0) or cfg.teacher.white_box == "none":
             return None
-        model = self._clone("teacher")
+        if cfg.teacher.white_box == "pretrained":
+            model = self._pretrained_teacher()
+        else:
+            model = self._clone("teacher")
         model.eval().requires_grad_(False)
+        return model
+
+    def _pretrained_teacher(self) -> torch.nn.Module:
+        """A local teacher checkpoint scoring the student's tokens: it must share the vocabulary."""
+        from transformers import AutoModelForCausalLM
+
+        t = self.config.teacher
+        model = AutoModelForCausalLM.from_pretrained(
+            t.white_box_path, attn_implementation="sdpa", dtype=getattr(torch, t.white_box_dtype)
+        )
+        teacher_vocab = model.get_output_embeddings().weight.shape[0]
+        if teacher_vocab < len(self.tokenizer):
+            raise ConfigError(
+                f"teacher.white_box_path={t.white_box_path!r} has an output vocabulary of {teacher_vocab} "
+                f"tokens but the student's tokenizer has {len(self.tokenizer)}: token-level log-probs need "
+                "one vocabulary (same model family), or use a recipe that needs only teacher actions"
+            )
         return model
 
     def _tool_schemas(self) -> list[dict]:
