@@ -14,14 +14,14 @@ log-probs are computed here on the *same* packed batch with the white-box teache
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from unipost.data import Trajectory
 from unipost.kernels.loss import weighted_nll
-from unipost.kernels.model import packed_logprobs
+from unipost.kernels.model import LabelLogprobs, packed_logprobs
 from unipost.kernels.packing import PackedBatch, PackSequence, pack, packed_size
 from unipost.objective import Need, Recipe, RegularizerInputs, ScoreInputs
 from unipost.rendering.chat import ChatRenderer, LabelSpec, RenderStats, trajectory_sequences
@@ -153,15 +153,21 @@ def objective_loss(
     teacher: torch.nn.Module | None = None,
     reference: torch.nn.Module | None = None,
     normalization_constant: float | None = None,
+    student_forward: Callable[[PackedBatch, bool], LabelLogprobs] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The Eq. 14 surrogate for one batch: sum_t sg(w_t) (-log pi(y_t|x)) / Z + R.
 
     ``normalization_constant`` is used when ``recipe.normalization == "constant"`` (e.g. the global
-    label-token count when a batch is split into micro-batches).
+    label-token count when a batch is split into micro-batches). ``student_forward(packed,
+    return_entropy)`` replaces ``packed_logprobs(model, ...)`` for the student, so a data-parallel
+    wrapper's forward (and its gradient hooks) runs; see :mod:`unipost.train.distributed`.
     """
     needs = recipe.needs
     packed = batch.packed
-    out = packed_logprobs(model, packed, return_entropy=Need.ENTROPY in needs)
+    if student_forward is not None:
+        out = student_forward(packed, Need.ENTROPY in needs)
+    else:
+        out = packed_logprobs(model, packed, return_entropy=Need.ENTROPY in needs)
     teacher_logp = None
     if Need.TEACHER_LOGPROBS in needs:
         if teacher is None:

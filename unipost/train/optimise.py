@@ -9,6 +9,7 @@ gradient of the recipe's normalised loss over all accumulated micro-batches (exa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from unipost.batch import (
 from unipost.data import Trajectory
 from unipost.objective import Recipe
 from unipost.rendering.chat import ChatRenderer
+
+if TYPE_CHECKING:
+    from unipost.train.distributed import Distributed
 
 
 def make_microbatches(
@@ -75,8 +79,14 @@ def optimise_epoch(
     teacher: torch.nn.Module | None = None,
     reference: torch.nn.Module | None = None,
     on_step=None,
+    dist: Distributed | None = None,
 ) -> dict[str, float]:
-    """One pass over ``batches`` in a seeded random order; returns mean metrics over updates."""
+    """One pass over ``batches`` in a seeded random order; returns mean metrics over updates.
+
+    With ``dist`` (a prepared :class:`~unipost.train.distributed.Distributed`; ``optimizer`` is then
+    the prepared optimiser) each update's ``grad_accumulation`` micro-batches are split over the
+    processes, and the update equals the single-process one (see that module for why).
+    """
     if not batches:
         return {"loss": float("nan"), "updates": 0.0}
     model.train()
@@ -88,12 +98,24 @@ def optimise_epoch(
         totals = (sum(b.packed.num_label_tokens for b in group), sum(b.packed.num_labels for b in group))
         optimizer.zero_grad(set_to_none=True)
         step_metrics: dict[str, float] = {}
-        for batch in group:
-            loss, metrics = objective_loss(model, batch, recipe, teacher=teacher, reference=reference)
-            (loss * _scale(batch, recipe, totals)).backward()
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v / len(group)
-        if grad_clip is not None:
+        if dist is None:
+            for batch in group:
+                loss, metrics = objective_loss(model, batch, recipe, teacher=teacher, reference=reference)
+                (loss * _scale(batch, recipe, totals)).backward()
+                for k, v in metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v / len(group)
+        else:
+
+            def scaled_loss(batch: TrainingBatch, forward, totals=totals):
+                loss, metrics = objective_loss(
+                    model, batch, recipe, teacher=teacher, reference=reference, student_forward=forward
+                )
+                return loss * _scale(batch, recipe, totals), metrics
+
+            step_metrics = dist.accumulate(group, scaled_loss, size=lambda b: b.packed.num_tokens)
+        if grad_clip is not None and dist is not None:
+            step_metrics["grad_norm"] = dist.clip_grad_norm_(grad_clip)
+        elif grad_clip is not None:
             step_metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
         optimizer.step()
         updates += 1

@@ -1,0 +1,192 @@
+"""Two processes (``accelerate launch --cpu``, gloo) take exactly the optimiser steps of one process.
+
+The same global batch of trajectories, the same tiny Qwen3 and the same seeded micro-batch order go
+through :func:`~unipost.train.optimise.optimise_epoch` once in this process and once split over two
+processes by :class:`~unipost.train.distributed.Distributed` (DDP through accelerate). After two
+AdamW steps (three and two micro-batches: the first step is uneven, so one rank also runs a
+zero-weighted pad) the last step's gradients and the updated weights must agree within fp32
+rounding: ``atol = 1e-6`` on gradients (their scale here is ~1e-2..1) and on weights.
+
+Recipes: DAgger (``token_mean``: the normaliser is the step's label-token count over both ranks), GRPO
+(group statistics: groups stay whole inside one micro-batch) and GRPO with ``sequence_mean``.
+This file is also the worker script the launcher runs (``__main__`` below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `factories` when run as the worker script
+
+from factories import TOOLS, make_trajectory
+
+WORLD = 2
+ATOL = 1e-6
+MICRO_BATCHES_PER_STEP = 3  # 5 micro-batches -> steps of 3 and 2
+CASES = ("dagger", "grpo", "grpo_sequence_mean")
+TINY2 = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
+
+
+def global_batch(case: str):
+    """Five groups of unequal length, each its own micro-batch (micro_batch_tokens is tiny)."""
+    if case == "dagger":
+        executors = ["tst", "ssts", "ts", "sstss", "st"]
+        return [make_trajectory(e, task_id=f"t{i}", seed=i) for i, e in enumerate(executors)]
+    rewards = [1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.25, 0.75, 0.0]
+    return [
+        make_trajectory("sss"[: 1 + i % 3], task_id=f"g{i // 2}", seed=i, reward=r, meta={"group": i // 2})
+        for i, r in enumerate(rewards)
+    ]
+
+
+def recipe_for(case: str):
+    from unipost.objective import GRPO, DAgger
+
+    if case == "dagger":
+        return DAgger(beta=0.5)
+    recipe = GRPO(group_size=2)
+    if case == "grpo_sequence_mean":
+        recipe = dataclasses.replace(recipe, normalization="sequence_mean")
+    return recipe
+
+
+def train_two_steps(assets: Path, case: str, dist=None) -> dict[str, dict[str, torch.Tensor]]:
+    """Two optimiser steps on the case's global batch; returns last gradients and updated weights."""
+    from transformers import PreTrainedTokenizerFast
+
+    from unipost.models import build_tiny_qwen3
+    from unipost.models.tiny import load_template
+    from unipost.rendering.chat import ChatRenderer
+    from unipost.train.optimise import make_microbatches, optimise_epoch
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(assets / "tokenizer"))
+    tokenizer.chat_template = load_template()
+    model = build_tiny_qwen3(len(tokenizer), **TINY2)
+    model.load_state_dict(torch.load(assets / "model.pt"))
+    recipe = recipe_for(case)
+    batches = make_microbatches(
+        global_batch(case), recipe, ChatRenderer(tokenizer, TOOLS), max_tokens=64, vocab_size=len(tokenizer)
+    )
+    assert len(batches) == 5, len(batches)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if dist is not None:
+        _, optimizer = dist.prepare(model, optimizer)
+    stats = optimise_epoch(
+        model,
+        batches,
+        recipe,
+        optimizer,
+        generator=torch.Generator().manual_seed(3),
+        grad_accumulation=MICRO_BATCHES_PER_STEP,
+        grad_clip=1.0,
+        dist=dist,
+    )
+    assert stats["updates"] == 2.0
+    return {
+        "grad": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
+        "weight": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "metrics": {k: torch.tensor(v) for k, v in stats.items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from unipost.models import build_tiny_qwen3, build_tokenizer
+
+    path = tmp_path_factory.mktemp("dist")
+    tokenizer = build_tokenizer(vocab_size=512)
+    tokenizer.save_pretrained(str(path / "tokenizer"))
+    model = build_tiny_qwen3(len(tokenizer), **TINY2, seed=5)
+    torch.save(model.state_dict(), path / "model.pt")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(assets: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2`` on this file; the worker's ``Accelerator(cpu=True)`` uses gloo.
+
+    torchrun, not ``accelerate launch``: accelerate 1.x launches multi-CPU jobs only through mpirun
+    (``--cpu --num_processes 2`` silently starts ONE process); on GPUs ``accelerate launch
+    --config_file configs/accelerate/ddp.yaml`` starts the same workers (docs/scaling.md).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(WORLD), "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        __file__, str(assets), *extra,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def two_process_results(assets):
+    proc = launch(assets)
+    assert proc.returncode == 0, f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return {case: torch.load(assets / f"{case}.pt") for case in CASES}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_equal_one(assets, two_process_results, case):
+    torch.set_num_threads(1)
+    one = train_two_steps(assets, case)
+    two = two_process_results[case]
+    worst = {}
+    for what in ("grad", "weight"):
+        for name, ref in one[what].items():
+            diff = (two[what][name] - ref).abs().max().item()
+            worst[what] = max(worst.get(what, 0.0), diff)
+            assert diff <= ATOL, f"{case}: {what} of {name} differs by {diff:.3g} (tol {ATOL})"
+    # the test can fail: the step really moved the weights and the gradients are not ~0
+    initial = torch.load(assets / "model.pt")
+    moved = max((one["weight"][n] - initial[n]).abs().max().item() for n in initial)
+    assert moved > 100 * ATOL
+    assert max(g.abs().max().item() for g in one["grad"].values()) > 1e-3
+    for key in ("loss", "label_tokens", "labels"):
+        torch.testing.assert_close(two["metrics"][key], one["metrics"][key], atol=1e-5, rtol=1e-6)
+
+
+def test_naive_per_rank_normaliser_would_differ(assets, two_process_results):
+    """The check has teeth: averaging per-rank token means (a naive DDP loss) moves the gradients."""
+    from unipost.train import optimise
+
+    original = optimise._scale
+    try:  # each micro-batch normalised by its own tokens, as a naive per-rank token mean would be
+        optimise._scale = lambda batch, recipe, totals: 1.0 / MICRO_BATCHES_PER_STEP
+        naive = train_two_steps(assets, "dagger")
+    finally:
+        optimise._scale = original
+    two = two_process_results["dagger"]
+    diff = max((two["grad"][n] - g).abs().max().item() for n, g in naive["grad"].items())
+    assert diff > 100 * ATOL
+
+
+def _worker(assets: Path) -> None:
+    from unipost.train.distributed import Distributed
+
+    torch.set_num_threads(1)
+    dist = Distributed.from_environment(cpu=True)
+    assert dist is not None and dist.world_size == WORLD, dist
+    for case in CASES:
+        result = train_two_steps(assets, case, dist)
+        if dist.is_main:
+            torch.save(result, assets / f"{case}.pt")
+        dist.barrier()
+    dist.end()
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))

@@ -1,0 +1,237 @@
+"""Data-parallel training through accelerate: N processes take exactly the optimiser steps of one.
+
+Launch any training script with ``accelerate launch`` (``configs/accelerate/*.yaml``: DDP, FSDP2,
+DeepSpeed) and :meth:`Distributed.from_environment` returns the layer below; without a launcher it
+returns ``None`` and training is the plain single-process loop, untouched.
+
+Why N processes equal one process on the same global batch (``tests/test_distributed.py`` checks it
+to fp32 rounding):
+
+* One optimiser step consumes ``grad_accumulation`` micro-batches *in total*, whatever the number of
+  processes. Every rank holds the same micro-batches (the trajectories are collected on the main
+  process and broadcast, then packed identically everywhere), so every rank knows the step's global
+  normaliser (label tokens for ``token_mean``, labels for ``sequence_mean``) *before* the step is
+  sharded: each micro-batch loss is scaled by ``n_b / n_step`` exactly as in one process.
+* Rank r takes the step's micro-batches r, r + N, ... (largest first, for balance). A GRPO group never
+  straddles micro-batches (:func:`~unipost.train.optimise.make_microbatches`), so group statistics are
+  computed whole, on one rank, as in one process.
+* DDP, FSDP and DeepSpeed *average* gradients over ranks; the local loss is multiplied by N so the
+  average is the global sum, i.e. the single-process gradient.
+* A rank with fewer micro-batches in a step runs a zero-weighted copy of one, so every rank makes the
+  same forward/backward and collective calls (DDP and FSDP hang otherwise). Set ``grad_accumulation``
+  to a multiple of the number of processes and nothing is wasted.
+
+The fused log-likelihood head calls the decoder and the LM-head weight directly (it never builds
+``[tokens x vocab]`` logits), so the hooks DDP / FSDP put on a module's ``forward`` would never fire on
+the causal LM itself. :class:`PackedLogprobs` makes "packed batch -> label log-probs" the forward of
+one module, and that module is what gets prepared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from unipost.kernels.model import LabelLogprobs, packed_logprobs
+from unipost.kernels.packing import PackedBatch
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+StudentForward = Callable[[PackedBatch, bool], LabelLogprobs]
+# (batch, forward) -> (loss already scaled by the step's global normaliser, metrics)
+StepLoss = Callable[[Any, StudentForward], tuple[torch.Tensor, dict[str, float]]]
+
+
+class PackedLogprobs(torch.nn.Module):
+    """A causal LM's training forward as a module: ``packed batch -> label-token log-probs``.
+
+    Data-parallel wrappers synchronise through ``forward``; wrapping the LM in this module routes the
+    fused head through it. ``_no_split_modules`` is forwarded so FSDP's auto-wrap policy still finds
+    the decoder layers.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    def forward(self, packed: PackedBatch, return_entropy: bool = False) -> LabelLogprobs:
+        return packed_logprobs(self.model, packed, return_entropy=return_entropy)
+
+
+def launched_world_size() -> int:
+    """Processes of the launch this process belongs to (``WORLD_SIZE`` set by torchrun / accelerate)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+class Distributed:
+    """The thin layer the trainer talks to; everything distributed is accelerate's.
+
+    Build it with :meth:`from_environment` (inside ``accelerate launch``) or :meth:`create`.
+    """
+
+    def __init__(self, accelerator: Any) -> None:
+        self.accelerator = accelerator
+        self.model: torch.nn.Module | None = None  # the prepared PackedLogprobs wrapper
+
+    @classmethod
+    def create(cls, **accelerator_kwargs: Any) -> Distributed:
+        """An ``accelerate.Accelerator`` from the launch environment (``mixed_precision`` etc. pass on)."""
+        from accelerate import Accelerator
+
+        accelerator_kwargs.setdefault("step_scheduler_with_optimizer", False)
+        return cls(Accelerator(**accelerator_kwargs))
+
+    @classmethod
+    def from_environment(cls, **accelerator_kwargs: Any) -> Distributed | None:
+        """The layer when this process was started by a multi-process launcher, else ``None``."""
+        if launched_world_size() <= 1:
+            return None
+        return cls.create(**accelerator_kwargs)
+
+    # -- who am I -----------------------------------------------------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index)
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def __repr__(self) -> str:
+        kind = getattr(self.accelerator.state, "distributed_type", "?")
+        return f"Distributed(rank={self.rank}/{self.world_size}, type={kind}, device={self.device})"
+
+    # -- setup ----------------------------------------------------------------------------------------
+
+    def prepare(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Wrap ``model`` in :class:`PackedLogprobs` and prepare it and its optimiser (DDP / FSDP / DS).
+
+        Returns (prepared wrapper, prepared optimiser). ``model`` keeps sharing its parameters with
+        the wrapper (under DDP), so rollouts, evaluation and checkpoints keep using it unchanged.
+        The learning-rate scheduler is *not* prepared: accelerate would step it once per process.
+        """
+        wrapper, prepared_optimizer = self.accelerator.prepare(PackedLogprobs(model), optimizer)
+        self.model = wrapper
+        return wrapper, prepared_optimizer
+
+    def forward(self, packed: PackedBatch, return_entropy: bool = False) -> LabelLogprobs:
+        """The student's log-probs through the prepared wrapper (so gradient hooks fire)."""
+        if self.model is None:
+            raise RuntimeError("Distributed.forward before Distributed.prepare(model, optimizer)")
+        return self.model(packed, return_entropy)
+
+    # -- one optimiser step ---------------------------------------------------------------------------
+
+    def shard(self, items: Sequence[T], size: Callable[[T], int] | None = None) -> list[tuple[T, bool]]:
+        """This rank's share of one step: ``(item, real)`` pairs, padded to the largest share.
+
+        Items are ordered by ``size`` (largest first, stable) and dealt round-robin; a rank with
+        fewer items gets ``(smallest item, False)`` pads, to be run with zero weight.
+        """
+        if not items:
+            raise ValueError("cannot shard an empty optimiser step")
+        order = sorted(range(len(items)), key=lambda i: -size(items[i])) if size else range(len(items))
+        ordered = [items[i] for i in order]
+        mine = [(item, True) for item in ordered[self.rank :: self.world_size]]
+        longest = -(-len(ordered) // self.world_size)
+        mine += [(ordered[-1], False)] * (longest - len(mine))
+        return mine
+
+    def accumulate(
+        self, group: Sequence[Any], step_loss: StepLoss, size: Callable[[Any], int] | None = None
+    ) -> dict[str, float]:
+        """Forward/backward this rank's share of one optimiser step; gradients end summed over ranks.
+
+        ``step_loss(batch, forward)`` returns the micro-batch loss already scaled by the step's
+        global normaliser (as in one process) and its metrics. Returns the metrics averaged over the
+        step's real micro-batches on all ranks (the single-process ``step_metrics``).
+        """
+        share = self.shard(group, size)
+        if len(group) < self.world_size:
+            logger.warning(
+                "optimiser step of %d micro-batches on %d processes: %d run zero-weighted padding; set "
+                "optim.grad_accumulation to a multiple of the number of processes",
+                len(group),
+                self.world_size,
+                self.world_size - len(group),
+            )
+        sums: dict[str, float] = {}
+        for j, (batch, real) in enumerate(share):
+            sync = j == len(share) - 1  # gradients are reduced once, after the last local backward
+            with self._sync(sync):
+                loss, metrics = step_loss(batch, self.forward)
+                weight = float(self.world_size) if real else 0.0  # DDP averages; padding counts zero
+                self.accelerator.backward(loss * weight)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + (float(v) if real else 0.0)
+        totals = self.sum_over_ranks(sums)
+        return {k: v / len(group) for k, v in totals.items()}
+
+    def _sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        if sync or self.model is None:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip the (already reduced) gradients; FSDP-aware through accelerate."""
+        if self.model is None:
+            raise RuntimeError("clip_grad_norm_ before prepare")
+        return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    # -- collectives on plain Python values -----------------------------------------------------------
+
+    def sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum float metrics over ranks (every rank must pass the same keys)."""
+        keys = sorted(values)
+        local_K = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        total_K = self.accelerator.reduce(local_K, reduction="sum")
+        return {k: float(v) for k, v in zip(keys, total_K.tolist(), strict=True)}
+
+    def broadcast(self, obj: T) -> T:
+        """The main process's ``obj`` on every rank (pickled; e.g. a collected rollout batch)."""
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj if self.is_main else None]
+        broadcast_object_list(box, from_process=0)
+        return box[0]  # type: ignore[return-value]
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the block on the main process, then on the others (e.g. building a shared cache)."""
+        with self.accelerator.main_process_first():
+            yield
+
+    def unwrap(self) -> torch.nn.Module:
+        """The causal LM inside the prepared wrapper."""
+        if self.model is None:
+            raise RuntimeError("unwrap before prepare")
+        return self.accelerator.unwrap_model(self.model).model
+
+    def end(self) -> None:
+        """Leave the process group (after the last collective)."""
+        self.accelerator.end_training()
