@@ -20,6 +20,10 @@ for a fixed loss), this returns per-token log-probs and takes **arbitrary** upst
 weights ``w_t`` on ``logp`` (the advantage, the DAgger/AggreVaTe weight) and a separate gradient on the
 entropy. Both are applied in the backward pass; neither is dropped or assumed to be 1.
 
+Backends: this file is the plain-torch kernel and the dispatcher. ``backend="auto"`` (the default) runs the
+Triton kernel (:mod:`unipost.kernels.triton`, same contract) when the tensors are on CUDA, triton imports and
+the dtype is fp32/bf16/fp16, and this torch kernel otherwise; ``"torch"`` / ``"triton"`` force one.
+
 Notation: N tokens, H hidden size, V vocabulary; ``z = logits / temperature``; ``p = softmax(z)``.
 """
 
@@ -30,7 +34,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["token_logprobs"]
+__all__ = ["BACKENDS", "select_logprobs_backend", "token_logprobs"]
+
+BACKENDS = ("auto", "torch", "triton")
 
 # One fp32 [C, Cv] tile of logits is at most this many elements (8 MiB). The kernel keeps about two such
 # tiles alive (logits and probabilities) plus the low-precision matmul copies: ~20-30 MiB whatever N and
@@ -53,6 +59,7 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     vocab_chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token ``log_softmax((hidden @ weight.T + bias) / T)[target]``, never building ``[N, V]`` logits.
 
@@ -70,6 +77,15 @@ def token_logprobs(
         return_entropy: also return the entropy of ``softmax(z)`` per row, differentiable.
         vocab_chunk_size: vocabulary columns per tile. ``None`` picks it so one fp32 tile holds at
             most 2M elements (8 MiB); with ``chunk_size=1`` that is the whole vocabulary up to V = 2M.
+        backend: ``"auto"`` (Triton on CUDA when available, else torch; see
+            :func:`select_logprobs_backend`), ``"torch"`` or ``"triton"``. ``chunk_size`` and
+            ``vocab_chunk_size`` tile the torch kernel only; the Triton kernel has its own compile-time
+            blocks (``unipost.kernels.triton.DEFAULT_BLOCKS``). ``"triton"`` on CPU needs
+            ``TRITON_INTERPRET=1`` (Triton's interpreter, for testing) and says so otherwise.
+
+    Per-token weights (advantages, DAgger / AggreVaTe weights) are not an argument: they are the
+    upstream gradient of ``logp`` (``(w_N * logp_N).sum().backward()``), which both backends apply per
+    row, as they do a separate upstream gradient on the entropy.
 
     Returns:
         ``logp`` [N], or ``(logp, entropy)`` when ``return_entropy``.
@@ -88,12 +104,38 @@ def token_logprobs(
     The logits are assumed finite (a ``-inf`` bias entry would turn the streaming entropy into NaN).
     """
     _validate(hidden, weight, targets, bias, ignore_index, temperature, chunk_size, vocab_chunk_size)
+    if select_logprobs_backend(hidden.device, hidden.dtype, backend) == "triton":
+        from unipost.kernels.triton import token_logprobs_triton
+
+        return token_logprobs_triton(
+            hidden, weight, targets, bias=bias, ignore_index=ignore_index, temperature=temperature,
+            return_entropy=return_entropy,
+        )  # fmt: skip
     n, v = hidden.shape[0], weight.shape[0]
     rows, cols = _plan_tiles(n, v, chunk_size, vocab_chunk_size)
     logp_N, entropy_N = _TokenLogprobs.apply(
         hidden, weight, bias, targets, int(ignore_index), rows, cols, 1.0 / float(temperature), return_entropy
     )
     return (logp_N, entropy_N) if return_entropy else logp_N
+
+
+def select_logprobs_backend(device: torch.device, dtype: torch.dtype, backend: str = "auto") -> str:
+    """``"torch"`` or ``"triton"``: the kernel ``token_logprobs(..., backend=backend)`` runs for these inputs.
+
+    ``"auto"`` picks Triton only where it is the fast path: CUDA tensors, triton importable, and a dtype
+    the Triton kernel supports (fp64, e.g. for ``gradcheck``, stays on torch). It never picks Triton's CPU
+    interpreter, which is ~1000x slower and only for testing. An explicit choice is returned as given;
+    the Triton kernel itself refuses what it cannot run, naming the fix.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    from unipost._optional import available
+    from unipost.kernels.triton.function import SUPPORTED_DTYPES
+
+    on_cuda = torch.device(device).type == "cuda"
+    return "triton" if on_cuda and dtype in SUPPORTED_DTYPES and available("triton") else "torch"
 
 
 def _validate(
