@@ -110,6 +110,21 @@ class EnvConfig(_Strict):
         return v
 
 
+class VLLMEngineConfig(_Strict):
+    """The vLLM engine of the student (rollout.backend='vllm'); see unipost.rollout.vllm_policy."""
+
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="fraction of GPU memory vLLM may take (weights + KV cache)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the student's engine is sharded over")
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="KV-cache size in GiB; None = vLLM's own sizing on GPU, 1 GiB on a CPU-only machine",
+    )
+    enforce_eager: bool = Field(False, description="skip CUDA-graph capture (faster start, slower decode)")
+
+
 class RolloutConfig(_Strict):
     episodes_per_iteration: int = Field(8, ge=1, description="tasks per iteration (x recipe group size)")
     max_turns: int = Field(16, ge=1, description="turn budget per episode")
@@ -118,6 +133,13 @@ class RolloutConfig(_Strict):
     temperature: float = Field(1.0, gt=0, description="rollout sampling temperature (eval is greedy)")
     top_p: float = Field(1.0, gt=0, le=1)
     concurrency: int = Field(8, ge=1)
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="who generates the student's turns: 'transformers' (model.generate, the CPU path) or "
+        "'vllm' (an in-process vLLM engine, the trainer's weights pushed into it after every "
+        "optimisation step; needs vllm, see scripts/setup-vllm-venv.sh for CPU)",
+    )
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
 
 
 class OptimConfig(_Strict):

@@ -90,14 +90,7 @@ class Trainer:
         self.teacher_model = teacher_model if teacher_model is not None else self._white_box_teacher()
         if teacher_model is not None:
             teacher_model.eval().requires_grad_(False)
-        self.student_policy = TransformersPolicy(
-            self.student,
-            self.tokenizer,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            seed=cfg.seed,
-        )
+        self.student_policy = self._student_policy()
         self._check_context_budget()
         self.engine = RolloutEngine(
             self.make_env,
@@ -125,12 +118,45 @@ class Trainer:
         resume_step = None
         if resume:
             resume_step = self._resume()
+            self._sync_student_policy()
         self.metrics = MetricsLogger(
             self.run_dir, config=cfg.model_dump(mode="json"), resume_from_step=resume_step
         )
         (self.run_dir / "config.json").write_text(cfg.to_json())
 
     # -- construction -------------------------------------------------------------------------------
+
+    def _student_policy(self) -> Any:
+        """TransformersPolicy on the trained module, or a vLLM engine fed its weights after each step."""
+        cfg = self.config
+        sampling = dict(
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            seed=cfg.seed,
+        )
+        if cfg.rollout.backend == "transformers":
+            return TransformersPolicy(self.student, self.tokenizer, **sampling)
+        from unipost.rollout.vllm_policy import VLLMPolicy
+
+        engine = cfg.rollout.vllm
+        return VLLMPolicy(
+            self.student,
+            self.tokenizer,
+            **sampling,
+            dtype=str(next(self.student.parameters()).dtype).removeprefix("torch."),
+            max_model_len=cfg.rollout.context_budget + cfg.rollout.max_new_tokens,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            kv_cache_gib=engine.kv_cache_gib,
+            enforce_eager=engine.enforce_eager,
+        )
+
+    def _sync_student_policy(self) -> None:
+        """Push the student's current weights into a policy that holds its own copy (vLLM)."""
+        sync = getattr(self.student_policy, "sync_weights", None)
+        if sync is not None:
+            sync(self.student)
 
     def _tokenizer(self):
         from transformers import PreTrainedTokenizerFast
@@ -355,6 +381,7 @@ class Trainer:
             )
             metrics.update({f"train/{k}": v for k, v in stats.items()})
         self.scheduler.step()
+        self._sync_student_policy()
         self.effective_samples += labels
         metrics["train/effective_samples"] = float(self.effective_samples)
         metrics["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
