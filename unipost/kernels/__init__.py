@@ -7,9 +7,15 @@
     FusedLossMixin / fused_causal_lm_loss    drop-in loss for HF Trainer / TRL SFTTrainer
 """
 
-from unipost.kernels.attention import AttentionBackendError, attention_kwargs, flex_block_mask
+from unipost.kernels.attention import (
+    AttentionBackendError,
+    attention_kwargs,
+    flex_block_mask,
+    select_attention,
+    set_attention,
+)
 from unipost.kernels.hf import FusedLossMixin, causal_lm_token_logprobs, fused_causal_lm_loss
-from unipost.kernels.logprobs import token_logprobs
+from unipost.kernels.logprobs import select_logprobs_backend, token_logprobs
 from unipost.kernels.loss import weighted_nll
 from unipost.kernels.model import LabelLogprobs, hidden_states, packed_logprobs, split_causal_lm
 from unipost.kernels.packing import (
@@ -41,6 +47,9 @@ __all__ = [
     "packed_logprobs",
     "packed_size",
     "per_transition",
+    "select_attention",
+    "select_logprobs_backend",
+    "set_attention",
     "split_causal_lm",
     "split_sequences",
     "token_logprobs",

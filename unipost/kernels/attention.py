@@ -9,6 +9,13 @@
   message pointing at FlexAttention.
 * ``flex_attention`` (GPU; forward-only on CPU in torch 2.13): a BlockMask from the same rule as a
   ``mask_mod``, so tree packs stay sparse.
+
+Automatic selection (``hidden_states(..., attention="auto")``, the default): :func:`select_attention`
+picks the implementation per batch and :func:`set_attention` switches the loaded model to it at run time
+through transformers' ``PreTrainedModel.set_attn_implementation`` (no reload; the weights are shared by
+all implementations). On CUDA: flash-attn varlen for branch-free packs when ``flash_attn`` imports,
+FlexAttention for tree packs (and for branch-free packs without flash-attn). On CPU nothing is switched:
+the model keeps what it was loaded with (SDPA by default; eager works; FlexAttention forward only).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import torch
 from unipost.kernels.packing import PackedBatch
 
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+CPU_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+ATTENTION_MODES = ("auto", "model")
 
 
 class AttentionBackendError(ValueError):
@@ -29,6 +38,77 @@ class AttentionBackendError(ValueError):
 def attention_implementation(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def select_attention(
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    *,
+    device: torch.device | str | None = None,
+    flash_available: bool | None = None,
+) -> str:
+    """The attention implementation ``attention="auto"`` runs this batch with (pure: changes nothing).
+
+    Args:
+        model: the causal LM (its current ``config._attn_implementation`` and device are read).
+        batch: the pack; only ``has_branches`` matters.
+        device: where the forward runs; default: the model's parameters' device.
+        flash_available: whether ``flash_attn`` imports; default: checked without importing it.
+
+    CUDA: a tree pack needs a mask flash-attn cannot express, so FlexAttention; a branch-free pack
+    keeps a flash implementation already loaded, else takes ``flash_attention_2`` when flash-attn is
+    installed, else FlexAttention (sparse, unlike SDPA's dense [T, T] mask). CPU: the model's own
+    implementation if it can run here (sdpa, eager, flex_attention), else ``sdpa``.
+    """
+    current = attention_implementation(model)
+    device = torch.device(device) if device is not None else _model_device(model)
+    if device.type != "cuda":
+        return current if current in CPU_IMPLEMENTATIONS else "sdpa"
+    if batch.has_branches:
+        return "flex_attention"
+    if current in FLASH_IMPLEMENTATIONS:
+        return current
+    if flash_available is None:
+        from unipost._optional import available
+
+        flash_available = available("flash_attn")
+    return "flash_attention_2" if flash_available else "flex_attention"
+
+
+def set_attention(model: torch.nn.Module, implementation: str) -> None:
+    """Switch a loaded transformers model (PEFT-wrapped or not) to ``implementation`` in place.
+
+    Uses ``PreTrainedModel.set_attn_implementation`` (transformers 5.x), which validates the choice
+    (e.g. raises if flash-attn is not installed) and updates every sub-model's config. A no-op when the
+    model already uses it.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if attention_implementation(base) == implementation:
+        return
+    setter = getattr(base, "set_attn_implementation", None)
+    if setter is None:
+        raise AttentionBackendError(
+            f"{type(base).__name__} cannot switch attention at run time (no set_attn_implementation; "
+            f"transformers >= 5 has it); load it with attn_implementation={implementation!r} or pass "
+            "attention='model'"
+        )
+    try:
+        setter(implementation)
+    except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
+        raise AttentionBackendError(
+            f"cannot switch to attention {implementation!r}: {exc} Install it (flash-attn: pip install "
+            "flash-attn --no-build-isolation), or pass attention='model' to keep the loaded implementation"
+        ) from exc
+    if attention_implementation(base) != implementation:
+        raise AttentionBackendError(
+            f"{type(base).__name__} did not switch to attention {implementation!r} (it does not support "
+            f"switching at run time); load it with attn_implementation={implementation!r} or pass "
+            "attention='model'"
+        )
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def flex_block_mask(batch: PackedBatch, device: torch.device | str | None = None):

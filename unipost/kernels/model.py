@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unipost.kernels.attention import attention_kwargs
+from unipost.kernels.attention import ATTENTION_MODES, attention_kwargs, select_attention, set_attention
 from unipost.kernels.packing import PackedBatch
 
 
@@ -54,11 +54,20 @@ def _head_params(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     return head.weight, getattr(head, "bias", None)
 
 
-def hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Final hidden states [T, H] of the packed tokens (one row, explicit positions and mask)."""
+def hidden_states(model: torch.nn.Module, batch: PackedBatch, *, attention: str = "auto") -> torch.Tensor:
+    """Final hidden states [T, H] of the packed tokens (one row, explicit positions and mask).
+
+    ``attention="auto"`` first switches the model to the implementation
+    :func:`~unipost.kernels.attention.select_attention` picks for this batch (on CPU it keeps the loaded
+    one); ``"model"`` uses the loaded implementation as is.
+    """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     backbone, _ = split_causal_lm(model)
     device = next(model.parameters()).device
     batch = batch.to(device)
+    if attention == "auto":
+        set_attention(model, select_attention(model, batch, device=device))
     kwargs = attention_kwargs(model, batch)
     out = backbone(
         input_ids=batch.input_ids_T[None],
@@ -78,14 +87,18 @@ def packed_logprobs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     impl: str = "fused",
+    backend: str = "auto",
+    attention: str = "auto",
 ) -> LabelLogprobs:
     """log pi_theta(y_j | x, y_<j) for every label token of ``batch`` (and optionally the entropy).
 
-    ``impl="reference"`` uses the plain-PyTorch head (full logits) for checking.
+    ``impl="reference"`` uses the plain-PyTorch head (full logits) for checking. ``backend`` picks the
+    fused head's kernel (``"auto"``: Triton on CUDA, torch otherwise; see ``token_logprobs``) and
+    ``attention`` the attention implementation (see :func:`hidden_states`).
     """
     _, head = split_causal_lm(model)
     weight, bias = _head_params(head)
-    hidden_T = hidden_states(model, batch)
+    hidden_T = hidden_states(model, batch, attention=attention)
     hidden_L = hidden_T.index_select(0, batch.label_src_L.to(hidden_T.device))
     targets_L = batch.label_target_L.to(hidden_T.device)
     if impl == "fused":
@@ -95,8 +108,10 @@ def packed_logprobs(
     else:
         raise ValueError(f"unknown impl {impl!r}; use 'fused' or 'reference'")
     kwargs = {"bias": bias, "temperature": temperature, "return_entropy": return_entropy}
-    if impl == "fused" and chunk_size is not None:
-        kwargs["chunk_size"] = chunk_size
+    if impl == "fused":
+        kwargs["backend"] = backend
+        if chunk_size is not None:
+            kwargs["chunk_size"] = chunk_size
     out = fn(hidden_L, weight, targets_L, **kwargs)
     if return_entropy:
         logp_L, entropy_L = out
