@@ -8,7 +8,10 @@ zero-weighted pad) the last step's gradients and the updated weights must agree 
 rounding: ``atol = 1e-6`` on gradients (their scale here is ~1e-2..1) and on weights.
 
 Recipes: DAgger (``token_mean``: the normaliser is the step's label-token count over both ranks), GRPO
-(group statistics: groups stay whole inside one micro-batch) and GRPO with ``sequence_mean``.
+(group statistics: groups stay whole inside one micro-batch) and GRPO with ``sequence_mean``; all
+three under DDP (``accelerator.prepare``), DAgger also under FSDP2 (``torch.distributed.fsdp.
+fully_shard`` on gloo through :meth:`Distributed.prepare_fsdp2`: accelerate 1.x runs a CPU launch as
+DDP whatever its FSDP plugin says).
 This file is also the worker script the launcher runs (``__main__`` below).
 """
 
@@ -31,13 +34,13 @@ from factories import TOOLS, make_trajectory
 WORLD = 2
 ATOL = 1e-6
 MICRO_BATCHES_PER_STEP = 3  # 5 micro-batches -> steps of 3 and 2
-CASES = ("dagger", "grpo", "grpo_sequence_mean")
+CASES = ("dagger", "grpo", "grpo_sequence_mean", "dagger_fsdp2")
 TINY2 = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
 
 
 def global_batch(case: str):
     """Five groups of unequal length, each its own micro-batch (micro_batch_tokens is tiny)."""
-    if case == "dagger":
+    if case.startswith("dagger"):
         executors = ["tst", "ssts", "ts", "sstss", "st"]
         return [make_trajectory(e, task_id=f"t{i}", seed=i) for i, e in enumerate(executors)]
     rewards = [1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.25, 0.75, 0.0]
@@ -50,7 +53,7 @@ def global_batch(case: str):
 def recipe_for(case: str):
     from unipost.objective import GRPO, DAgger
 
-    if case == "dagger":
+    if case.startswith("dagger"):
         return DAgger(beta=0.5)
     recipe = GRPO(group_size=2)
     if case == "grpo_sequence_mean":
@@ -77,7 +80,9 @@ def train_two_steps(assets: Path, case: str, dist=None) -> dict[str, dict[str, t
     )
     assert len(batches) == 5, len(batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    if dist is not None:
+    if dist is not None and case.endswith("fsdp2"):
+        _, optimizer = dist.prepare_fsdp2(model, optimizer)
+    elif dist is not None:
         _, optimizer = dist.prepare(model, optimizer)
     stats = optimise_epoch(
         model,
@@ -90,9 +95,10 @@ def train_two_steps(assets: Path, case: str, dist=None) -> dict[str, dict[str, t
         dist=dist,
     )
     assert stats["updates"] == 2.0
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t.clone()  # FSDP2: gather shards
     return {
-        "grad": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
-        "weight": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grad": {n: full(p.grad.detach()) for n, p in model.named_parameters()},
+        "weight": {n: full(p.detach()) for n, p in model.named_parameters()},
         "metrics": {k: torch.tensor(v) for k, v in stats.items()},
     }
 
@@ -142,7 +148,7 @@ def two_process_results(assets):
 @pytest.mark.parametrize("case", CASES)
 def test_two_processes_equal_one(assets, two_process_results, case):
     torch.set_num_threads(1)
-    one = train_two_steps(assets, case)
+    one = train_two_steps(assets, case.removesuffix("_fsdp2"))
     two = two_process_results[case]
     worst = {}
     for what in ("grad", "weight"):
@@ -150,6 +156,7 @@ def test_two_processes_equal_one(assets, two_process_results, case):
             diff = (two[what][name] - ref).abs().max().item()
             worst[what] = max(worst.get(what, 0.0), diff)
             assert diff <= ATOL, f"{case}: {what} of {name} differs by {diff:.3g} (tol {ATOL})"
+    print(f"{case}: max |grad diff| {worst['grad']:.2g}, max |weight diff| {worst['weight']:.2g}")
     # the test can fail: the step really moved the weights and the gradients are not ~0
     initial = torch.load(assets / "model.pt")
     moved = max((one["weight"][n] - initial[n]).abs().max().item() for n in initial)

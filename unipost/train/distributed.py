@@ -136,6 +136,40 @@ class Distributed:
         self.model = wrapper
         return wrapper, prepared_optimizer
 
+    def prepare_fsdp2(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """FSDP2 (``torch.distributed.fsdp.fully_shard``) applied here, not by accelerate's plugin.
+
+        accelerate 1.x treats a CPU launch as DDP whatever its FSDP plugin says; this shards each
+        decoder layer (the classes in ``model._no_split_modules``) and the :class:`PackedLogprobs`
+        root, then points ``optimizer`` at the sharded parameters. It runs on CPU (gloo) and is
+        checked against one process by the test. On GPUs prefer ``configs/accelerate/fsdp2.yaml``
+        (mixed precision, CPU offload and state-dict handling come with it).
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        if any(optimizer.state.values()):
+            raise RuntimeError("prepare_fsdp2 needs a fresh optimiser (its state holds unsharded tensors)")
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+        layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise ValueError(
+                f"{type(base).__name__} names no decoder-layer class in _no_split_modules; FSDP2 would "
+                "shard the whole model as one unit"
+            )
+        names = {id(p): n for n, p in model.named_parameters()}
+        wrapper = PackedLogprobs(model)
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(wrapper)
+        sharded = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        self.model = wrapper
+        return wrapper, optimizer
+
     def forward(self, packed: PackedBatch, return_entropy: bool = False) -> LabelLogprobs:
         """The student's log-probs through the prepared wrapper (so gradient hooks fire)."""
         if self.model is None:
