@@ -1,0 +1,253 @@
+"""``OpenHandsEnv``: an embedded task executed through the real OpenHands agent SDK tools.
+
+Same Environment protocol, same tasks, same workspace files and the same verifier (hidden tests) as
+:class:`~unipost.envs.embedded.env.EmbeddedEnv`; only the tools differ: every tool call goes to the
+real ``terminal`` / ``file_editor`` / ``finish`` / ``think`` of openhands-tools, run by
+:mod:`unipost.envs.openhands.worker` in ``.venv-openhands`` (Python >= 3.12) inside the bubblewrap
+sandbox, with the workspace at ``/testbed``. Observations are OpenHands' own tool messages, verbatim
+(capped at ``max_observation_chars``); :func:`unipost.envs.openhands.normalize.normalize_observation`
+maps them onto the embedded wording, and docs/openhands.md lists every difference.
+
+``step`` never raises for the agent's mistakes or the worker's faults: a malformed call is OpenHands'
+own validation error; a worker that dies or exceeds ``call_timeout_s`` becomes an ``ERROR: ...``
+observation with ``tool_error=True`` and a fresh worker (terminal state such as ``cd`` is lost; the
+workspace files are not).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from unipost.data import Message, Outcome
+from unipost.envs.base import StepResult
+from unipost.envs.embedded.env import NO_TOOL_CALL, SYSTEM_PROMPT, _canonical, _raw_name
+from unipost.envs.embedded.sandbox import WORKSPACE, Limits, Sandbox
+from unipost.envs.embedded.tasks import Difficulty, Task, generate_task
+from unipost.envs.embedded.tools import tool_schemas, truncate_middle
+from unipost.envs.embedded.verifier import EndedBy, classify, run_hidden_tests
+from unipost.envs.openhands.client import WorkerError, WorkerProcess
+
+OPENHANDS_TOOL_NAMES = ("terminal", "file_editor", "finish", "think")
+
+
+class OpenHandsEnv:
+    """One episode of an embedded task, acted on through the real OpenHands tools.
+
+    Args:
+        task: an embedded task (``generate_task(split, index, difficulty)``).
+        venv: the Python >= 3.12 venv with openhands-sdk/tools (default ``.venv-openhands`` or
+            ``$UNIPOST_OPENHANDS_VENV``; built by scripts/setup-openhands-venv.sh).
+        max_observation_chars: cap on each observation, cut in the middle as in the embedded env.
+        call_timeout_s: wall clock for one tool call, after which the worker is killed and restarted.
+        terminal_type: OpenHands' terminal backend, ``"tmux"`` (its default on Linux) or ``"subprocess"``.
+        no_change_timeout_s: OpenHands' soft timeout: a command that prints nothing new for this long
+            returns with exit code -1 and keeps running (the agent may send ``C-c``).
+        full_tool_descriptions: advertise OpenHands' own ~4k-character descriptions (the paper's action
+            space, default) or the embedded env's compact ones (for tiny models' contexts).
+        limits: resource limits of the verifier's hidden-test run (as in the embedded env).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        venv: str | Path | None = None,
+        max_observation_chars: int = 4000,
+        call_timeout_s: float = 180.0,
+        start_timeout_s: float = 240.0,
+        terminal_type: str = "tmux",
+        no_change_timeout_s: int = 30,
+        full_tool_descriptions: bool = True,
+        limits: Limits | None = None,
+        unsafe_local: bool = False,
+    ) -> None:
+        if terminal_type not in ("tmux", "subprocess"):
+            raise ValueError(f"terminal_type must be 'tmux' or 'subprocess', got {terminal_type!r}")
+        self.task = task
+        self.venv = venv
+        self.max_observation_chars = max_observation_chars
+        self.call_timeout_s = call_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.terminal_type = terminal_type
+        self.no_change_timeout_s = no_change_timeout_s
+        self.limits = limits or Limits()
+        self.unsafe_local = unsafe_local
+        self.tools: list[dict[str, Any]] = advertised_schemas(full_tool_descriptions)
+        self.live_tools: list[dict[str, Any]] | None = None  # what the SDK itself produced (after reset)
+        self.versions: dict[str, str] = {}
+        self.workspace: Path | None = None
+        self.sandbox: Sandbox | None = None
+        self.worker: WorkerProcess | None = None
+        self._reset_state()
+
+    @classmethod
+    def from_split(
+        cls, split: str, index: int, difficulty: str | Difficulty = "medium", **kwargs: Any
+    ) -> OpenHandsEnv:
+        return cls(generate_task(split, index, difficulty), **kwargs)
+
+    def _reset_state(self) -> None:
+        self.done = False
+        self.submitted = False
+        self.turn_tool_errors: list[bool] = []
+        self.actions: list[str] = []
+        self.worker_restarts = 0
+
+    # -- Environment protocol -------------------------------------------------------------------------
+    def reset(self) -> list[Message]:
+        self.close()
+        self._reset_state()
+        self.workspace = Path(tempfile.mkdtemp(prefix="unipost-oh-ws-"))
+        for rel, text in self.task.files.items():
+            path = self.workspace / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        # The verifier's sandbox first: the worker's sandbox reuses its uid, so both can write the files.
+        self.sandbox = Sandbox(self.workspace, self.limits, unsafe_local=self.unsafe_local)
+        self._start_worker()
+        return [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": self.task.issue},
+        ]
+
+    def step(self, action: Message) -> StepResult:
+        if self.workspace is None:
+            raise RuntimeError("OpenHandsEnv.step() called before reset().")
+        if self.done:
+            return StepResult([_user("The episode has ended; no more actions are executed.")], True, True)
+        calls = (action.get("tool_calls") or []) if isinstance(action, dict) else []
+        if not isinstance(calls, list) or not calls:
+            self.turn_tool_errors.append(True)
+            content = action.get("content", "") if isinstance(action, dict) else repr(action)
+            self.actions.append(json.dumps(["<no tool call>", str(content)]))
+            return StepResult([_user(NO_TOOL_CALL)], done=False, tool_error=True, info={"tools": []})
+        observation: list[Message] = []
+        any_error, names = False, []
+        for i, call in enumerate(calls):
+            text, name, error, call_id = self._execute(call, i)
+            any_error |= error
+            names.append(name)
+            observation.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": text})
+            if self.done:
+                break
+        self.turn_tool_errors.append(any_error)
+        self.actions.append(json.dumps([_canonical(c) for c in calls]))
+        info = {"tools": names, "worker_restarts": self.worker_restarts}
+        return StepResult(observation, done=self.done, tool_error=any_error, info=info)
+
+    def verify(self, ended_by: EndedBy = None) -> Outcome:
+        """The embedded verifier: hidden tests in the sandbox (when submitted), Table-4 classification."""
+        if self.workspace is None or self.sandbox is None:
+            raise RuntimeError("OpenHandsEnv.verify() called before reset().")
+        report = run_hidden_tests(self.task, self.sandbox) if self.submitted else None
+        return classify(
+            self.task,
+            self.workspace,
+            report,
+            submitted=self.submitted,
+            turn_tool_errors=self.turn_tool_errors,
+            actions=self.actions,
+            ended_by=ended_by,
+        )
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        if self.workspace is not None:
+            shutil.rmtree(self.workspace, ignore_errors=True)
+            self.workspace = None
+
+    def __enter__(self) -> OpenHandsEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def host_path(self, path: str) -> Path:
+        """The host file behind an agent-visible /testbed path (privileged; used by the scripted expert)."""
+        assert self.workspace is not None
+        return self.workspace / path[len(WORKSPACE) :].lstrip("/")
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        assert self.workspace is not None and self.sandbox is not None
+        worker = WorkerProcess(
+            self.workspace,
+            venv=self.venv,
+            sandbox_uid=self.sandbox._drop_to,
+            unsafe_local=self.unsafe_local,
+            start_timeout_s=self.start_timeout_s,
+        )
+        try:
+            reply = worker.request(
+                self.start_timeout_s,
+                op="init",
+                workdir=worker.workdir,
+                terminal_type=self.terminal_type,
+                no_change_timeout_s=self.no_change_timeout_s,
+            )
+        except BaseException:
+            worker.kill()
+            raise
+        self.worker = worker
+        self.live_tools = reply["tools"]
+        self.versions = reply["versions"]
+
+    def _execute(self, call: Any, i: int) -> tuple[str, str, bool, str]:
+        call_id = str(call.get("id") or f"call_{i}") if isinstance(call, dict) else f"call_{i}"
+        raw_name = _raw_name(call)
+        if not isinstance(call, dict):
+            return f"ERROR:\nTool call must be an object, got {type(call).__name__}.", raw_name, True, call_id
+        fn = call.get("function") if isinstance(call.get("function"), dict) else call
+        arguments = fn.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, default=str)
+        if self.worker is None:
+            try:
+                self._start_worker()
+                self.worker_restarts += 1
+            except Exception as exc:
+                return f"ERROR:\nThe tool runtime could not be restarted: {exc}", raw_name, True, call_id
+        assert self.worker is not None
+        try:
+            reply = self.worker.request(
+                self.call_timeout_s, op="call", name=raw_name, arguments=arguments, call_id=call_id
+            )
+        except WorkerError as exc:  # the runtime's fault (timeout, crash): report it, restart next call
+            self.worker.kill()
+            self.worker = None
+            return f"ERROR:\nThe tool runtime failed: {exc}", raw_name, True, call_id
+        tool = reply.get("tool", raw_name)
+        error = bool(reply.get("is_error"))
+        text = truncate_middle(reply.get("content", ""), self.max_observation_chars)
+        if tool == "finish" and not error:
+            self.done = self.submitted = True
+        return text, raw_name, error, call_id
+
+
+def advertised_schemas(full: bool = True) -> list[dict[str, Any]]:
+    """The tools offered to the model: OpenHands 1.58.0's schemas (the fixture), as its agent sends them.
+
+    The SDK writes the workspace into ``file_editor``'s description ("Your current working directory
+    is: ..."); the fixture was captured on ``/workspace``, our tasks live in ``/testbed``, so that one
+    sentence is rewritten (the live schemas from the worker then match exactly; tested).
+    ``full=False`` gives the embedded env's compact descriptions for small contexts.
+    """
+    schemas = tool_schemas(full=full)
+    if full:
+        for schema in schemas:
+            fn = schema["function"]
+            fn["description"] = fn["description"].replace(
+                "Your current working directory is: /workspace\n",
+                f"Your current working directory is: {WORKSPACE}\n",
+            )
+    return schemas
+
+
+def _user(text: str) -> Message:
+    return {"role": "user", "content": text}
