@@ -92,13 +92,44 @@ class TeacherConfig(_Strict):
 
 
 class EnvConfig(_Strict):
-    """The embedded mini-SWE environment."""
+    """The environment: built by ``unipost.envs.registry.make_env_factory``; tasks are (split, index)."""
 
-    name: Literal["embedded"] = "embedded"
+    name: Literal["embedded", "openhands", "swe"] = Field(
+        "embedded",
+        description="embedded: the mini-SWE world (bubblewrap); openhands: the same embedded tasks acted on "
+        "through the real OpenHands SDK tools (needs .venv-openhands, scripts/setup-openhands-venv.sh); "
+        "swe: SWE-Gym / SWE-bench instances from tasks_path, one Docker container each (needs Docker)",
+    )
     difficulty: str = Field("easy", description="easy | medium | hard | expert | marathon")
     train_tasks: int = Field(64, ge=1, description="size of the training task pool (train split)")
     heldout_tasks: int = Field(16, ge=1, description="held-out tasks for evaluation")
     max_observation_chars: int = Field(1200, ge=100)
+    full_tool_descriptions: bool = Field(
+        False,
+        description="openhands/swe: offer OpenHands' own ~4k-character tool descriptions (the paper's action "
+        "space) instead of the compact ones small models' contexts can hold",
+    )
+    openhands_venv: str | None = Field(
+        None, description="openhands: the Python >= 3.12 venv with openhands-sdk (default .venv-openhands)"
+    )
+    tasks_path: str | None = Field(
+        None, description="swe: JSONL of instances in the public SWE-bench / SWE-Gym format"
+    )
+    split_file: str | None = Field(
+        None, description='swe: JSON {"train": [ids], "heldout": [ids]}; default: split by instance-id hash'
+    )
+    heldout_fraction: float = Field(
+        0.1, ge=0, le=1, description="swe: share of instances held out by the instance-id hash split"
+    )
+    image_scheme: Literal["swebench", "swegym"] = Field(
+        "swebench", description="swe: per-instance image names of SWE-bench's harness or of SWE-Gym"
+    )
+
+    @model_validator(mode="after")
+    def _swe_needs_tasks(self) -> EnvConfig:
+        if self.name == "swe" and not self.tasks_path:
+            raise ValueError("env.name='swe' needs env.tasks_path (a JSONL of SWE-bench-format instances)")
+        return self
 
     @field_validator("difficulty")
     @classmethod

@@ -29,6 +29,7 @@ import torch
 
 from unipost.data import Trajectory
 from unipost.envs.embedded.expert import ScriptedExpert
+from unipost.envs.registry import make_env_factory
 from unipost.objective import Need, Recipe
 from unipost.rendering.chat import ChatRenderer
 from unipost.rollout.engine import RolloutEngine
@@ -37,7 +38,6 @@ from unipost.rollout.transformers_policy import TransformersPolicy
 from unipost.train.config import TrainConfig
 from unipost.train.optimise import make_microbatches, optimise_epoch
 from unipost.train.setup import build_task_tokenizer, cached_clones
-from unipost.train.setup import env_factory as embedded_env_factory
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
-        self.make_env = env_factory or embedded_env_factory(cfg.env.difficulty, cfg.env.max_observation_chars)
+        self.make_env = env_factory or make_env_factory(cfg.env)  # embedded | openhands | swe
         self._train_tasks = list(train_tasks) if train_tasks is not None else None
         self._heldout_tasks = list(heldout_tasks) if heldout_tasks is not None else None
         self.tools = self._tool_schemas()

@@ -1,0 +1,196 @@
+"""``DockerSWEEnv``: one SWE-Gym / SWE-bench instance in its own Docker container (the paper's setup).
+
+Per episode: the instance's evaluation image (SWE-bench or SWE-Gym naming scheme) is pulled if
+absent; its ``/testbed`` repository is copied to a host folder, which a fresh container (no network,
+memory and process limits) mounts back at ``/testbed``. Then the OpenHands-style tools of the embedded
+env act on it unchanged: ``terminal`` commands run in the container (``docker exec`` with a kill
+timeout; the working directory persists), ``file_editor`` edits the mounted folder. ``verify`` extracts
+the agent's patch with ``git diff`` against the base commit inside the container; whether it resolves
+the issue is decided by the official harness (:func:`unipost.envs.swe.harness.evaluate_predictions`)
+on the collected patches, not here, so ``Outcome.resolved`` stays False and the patch is in
+``Outcome.detail``.
+
+The ``docker`` package and a reachable engine are required at ``reset``; without them a
+``DockerUnavailableError`` / ``OptionalDependencyError`` says which is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unipost.data import Message, Outcome
+from unipost.envs.embedded.env import EmbeddedEnv
+from unipost.envs.embedded.sandbox import WORKSPACE, CommandResult, Limits
+from unipost.envs.embedded.tools import FileEditor, Terminal
+from unipost.envs.embedded.verifier import EndedBy
+from unipost.envs.swe.instances import ImageScheme, SWEInstance
+
+SWE_SYSTEM_PROMPT = (
+    "You are a software engineering agent. The repository is at /testbed. Use the tools to inspect the "
+    "code, find the cause of the issue, edit the source to fix it, check your fix, and then call `finish`."
+)
+
+
+class DockerUnavailableError(RuntimeError):
+    """The docker SDK is installed but no Docker engine answers."""
+
+
+def docker_client() -> Any:
+    """``docker.from_env()`` after checking that the package and an engine are there."""
+    from unipost._optional import require
+
+    docker = require("docker")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        raise DockerUnavailableError(
+            f"No Docker engine is reachable at {host} ({type(exc).__name__}: {exc}). DockerSWEEnv and the "
+            "SWE-bench harness run each instance in its own container: start Docker (or set DOCKER_HOST), "
+            "or use env.name='openhands' / 'embedded', which need no Docker."
+        ) from exc
+    return client
+
+
+@dataclass
+class DockerExecutor:
+    """The embedded ``Terminal``'s sandbox interface (``run``, ``limits``) on a running container."""
+
+    container: Any
+    limits: Limits
+
+    def run(self, command: str, *, cwd: str = WORKSPACE, timeout_s: float | None = None, **_: Any):
+        timeout = int(max(1, min(timeout_s or self.limits.timeout_s, self.limits.timeout_s * 6)))
+        code, output = self.container.exec_run(
+            ["timeout", "-s", "KILL", str(timeout), "bash", "-c", command], workdir=cwd, demux=False
+        )
+        text = (output or b"").decode("utf-8", errors="replace")[-self.limits.max_output_chars :]
+        timed_out = code in (124, 137)
+        return CommandResult(output=text, exit_code=-1 if timed_out else int(code), timed_out=timed_out)
+
+
+class DockerSWEEnv(EmbeddedEnv):
+    """One SWE instance in its own container, with the embedded env's tools and error handling."""
+
+    def __init__(
+        self,
+        instance: SWEInstance,
+        *,
+        image_scheme: ImageScheme = "swebench",
+        image: str | None = None,
+        max_observation_chars: int = 4000,
+        limits: Limits | None = None,
+        memory: str = "4g",
+        pids_limit: int = 512,
+        full_tool_descriptions: bool = True,
+        pull: bool = True,
+    ) -> None:
+        if not isinstance(instance, SWEInstance):
+            raise TypeError(f"DockerSWEEnv needs an SWEInstance, got {type(instance).__name__}")
+        super().__init__(
+            instance,  # type: ignore[arg-type]  # EmbeddedEnv stores it as .task; tools never read it
+            max_observation_chars=max_observation_chars,
+            limits=limits or Limits(timeout_s=120.0, cpu_s=600, memory_bytes=4 << 30),
+            full_tool_descriptions=full_tool_descriptions,
+        )
+        self.instance = instance
+        self.image = image or instance.image_name(image_scheme)
+        self.memory = memory
+        self.pids_limit = pids_limit
+        self.pull = pull
+        self.container: Any = None
+        self.patch: str | None = None
+
+    def reset(self) -> list[Message]:
+        self.close()
+        self._reset_state()
+        client = docker_client()
+        self._ensure_image(client)
+        self.workspace = Path(tempfile.mkdtemp(prefix="unipost-swe-"))
+        self._copy_testbed_out(client)
+        self.container = client.containers.run(
+            self.image,
+            command=["sleep", "infinity"],
+            detach=True,
+            network_mode="none",
+            mem_limit=self.memory,
+            pids_limit=self.pids_limit,
+            working_dir=WORKSPACE,
+            volumes={str(self.workspace): {"bind": WORKSPACE, "mode": "rw"}},
+        )
+        executor = DockerExecutor(self.container, self.limits)
+        self.sandbox = None
+        self.editor = FileEditor(self.workspace, self.max_observation_chars)
+        self.terminal = Terminal(executor, self.max_observation_chars)  # type: ignore[arg-type]
+        return [
+            {"role": "system", "content": SWE_SYSTEM_PROMPT},
+            {"role": "user", "content": self.instance.problem_statement},
+        ]
+
+    def verify(self, ended_by: EndedBy = None) -> Outcome:
+        """The agent's patch (``git diff`` vs the base commit); resolution is the harness's job."""
+        if self.container is None:
+            raise RuntimeError("DockerSWEEnv.verify() called before reset().")
+        self.patch = self.extract_patch()
+        mode = None
+        if not self.submitted:
+            mode = "context_overflow" if ended_by == "context_budget" else "budget_exhaustion"
+            if not self.patch.strip():
+                mode = "no_edit"
+        return Outcome(resolved=False, submitted=self.submitted, failure_mode=mode, detail=self.patch)
+
+    def extract_patch(self) -> str:
+        cmd = f"cd {WORKSPACE} && git add -A && git diff --cached --no-color {self.instance.base_commit}"
+        code, out = self.container.exec_run(["bash", "-c", cmd], demux=False)
+        text = (out or b"").decode("utf-8", errors="replace")
+        if code != 0:
+            raise RuntimeError(f"git diff failed in the container (exit {code}): {text[-500:]}")
+        return text
+
+    def close(self) -> None:
+        if self.container is not None:
+            with contextlib.suppress(Exception):  # already gone: nothing to clean
+                self.container.remove(force=True)
+            self.container = None
+        super().close()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _ensure_image(self, client: Any) -> None:
+        import docker
+
+        try:
+            client.images.get(self.image)
+        except docker.errors.ImageNotFound:
+            if not self.pull:
+                raise
+            client.images.pull(self.image)
+
+    def _copy_testbed_out(self, client: Any) -> None:
+        """Copy the image's /testbed (repository + .git) to the host folder the container will mount."""
+        assert self.workspace is not None
+        tmp = client.containers.create(self.image, command=["true"])
+        try:
+            stream, _ = tmp.get_archive(WORKSPACE)
+            buf = io.BytesIO(b"".join(stream))
+        finally:
+            tmp.remove(force=True)
+        with tarfile.open(fileobj=buf) as tar:
+            members = []
+            for m in tar.getmembers():
+                name = m.name.split("/", 1)[1] if "/" in m.name else ""
+                if not name or name.startswith("/") or ".." in Path(name).parts:
+                    continue
+                m.name = name
+                members.append(m)
+            if hasattr(tarfile, "tar_filter"):  # Python >= 3.10.12 / 3.11.4: refuse unsafe members
+                tar.extractall(self.workspace, members=members, filter="tar")
+            else:  # pragma: no cover - older interpreters; members were sanitised above
+                tar.extractall(self.workspace, members=members)
