@@ -21,6 +21,14 @@ Why two backward kernels instead of one with atomics: each program owns the outp
 deterministic run to run and needs no fp32 atomics on ``[V, H]`` (which contend whenever many row blocks
 hit the same vocabulary tile). The price is one extra recomputation of the logits (four GEMM-sized
 passes in the backward instead of three).
+
+The owned fp32 gradient rows are accumulated by read-modify-write through global memory (an [N, H] or
+[V, H] accumulator does not fit in registers), and the same program reads them back on its next tile.
+Triton orders neither a ``tl.store`` and a later ``tl.load`` of the same address made by *different*
+threads of the program (their layouts may differ: triton-lang/triton#10924, #1615), so a
+``tl.debug_barrier()`` (``__syncthreads``, which makes the CTA's global writes visible to the whole
+CTA) ends every tile's accumulation. The interpreter runs a program as one thread and cannot show
+this race; ``docs/kernels.md`` lists what only a GPU can verify.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import triton.language as tl
 
 # A finite stand-in for -inf as the initial running max: exp(_NEG_BIG - m) is exactly 0 and
 # (_NEG_BIG - m) * 0 stays 0, where -inf would give inf * 0 = NaN in the entropy rescaling.
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -240,6 +248,7 @@ def _grad_hidden(
             out_ok = row_ok[:, None] & k_ok[None, :]
             acc = tl.load(out, mask=out_ok, other=0.0)
             tl.store(out, _dot(g, w, acc, DOT_PRECISION, UPCAST), mask=out_ok)
+        tl.debug_barrier()  # the next vocabulary tile reads these rows back (see the module docstring)
 
 
 @triton.jit
@@ -308,5 +317,6 @@ def _grad_weight(
                 out_ok = col_ok[:, None] & k_ok[None, :]
                 acc = tl.load(out, mask=out_ok, other=0.0)
                 tl.store(out, _dot(g_t, h, acc, DOT_PRECISION, UPCAST), mask=out_ok)
+            tl.debug_barrier()  # the next row tile reads these rows back (see the module docstring)
     if NEED_BIAS:
         tl.store(grad_bias_ptr + cols, gb, mask=col_ok)

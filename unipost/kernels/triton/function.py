@@ -38,6 +38,9 @@ __all__ = [
 # (rows, vocab columns, hidden columns) per tile. GPU defaults follow common fused-CE kernels (64 x 128
 # logits tile, 64-wide K steps); they are NOT tuned on a GPU here (none was available, docs/kernels.md).
 DEFAULT_BLOCKS = (64, 128, 64)
+# 8 warps: compiled ahead of time for sm_90 (bf16, no GPU needed, docs/kernels.md), 4 warps spill the
+# 64 x 128 fp32 logits tile to the stack in all three kernels; 8 warps leave the forward spill-free.
+NUM_WARPS = 8
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -160,6 +163,7 @@ class _TritonTokenLogprobs(torch.autograd.Function):
                 n, v, h, *_strides(hidden, weight), inv_temp, ignore_index,
                 HAS_BIAS=bias is not None, WANT_ENTROPY=want_entropy, BLOCK_N=block_n, BLOCK_V=block_v,
                 BLOCK_K=block_k, DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast_dot(hidden),
+                num_warps=NUM_WARPS,
             )  # fmt: skip
         valid_N = targets != ignore_index
         if want_entropy:
@@ -209,6 +213,7 @@ class _TritonTokenLogprobs(torch.autograd.Function):
             BLOCK_K=block_k,
             DOT_PRECISION=_dot_precision(hidden.dtype),
             UPCAST=_upcast_dot(hidden),
+            num_warps=NUM_WARPS,
         )
         args = (hidden, weight, _or_dummy(bias, hidden), targets, lse_N, gl_N, ge_N, c_N)
         dims = (n, v, h, *_strides(hidden, weight), inv_temp)
