@@ -180,6 +180,13 @@ class OptimConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     epochs_per_batch: int = Field(1, ge=1, description="passes over each collected batch")
     micro_batch_tokens: int = Field(8192, ge=64, description="packed tokens per forward/backward")
+    grad_accumulation: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per optimiser step, counted over ALL processes: the same value gives "
+        "the same updates on 1 or N processes (unipost.train.distributed); with N processes use a "
+        "multiple of N so none runs zero-weighted padding",
+    )
     grad_clip: float | None = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
 

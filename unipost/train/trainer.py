@@ -16,6 +16,7 @@ only in the recipe object handed in.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -36,6 +37,7 @@ from unipost.rollout.engine import RolloutEngine
 from unipost.rollout.store import TrajectoryStore
 from unipost.rollout.transformers_policy import TransformersPolicy
 from unipost.train.config import TrainConfig
+from unipost.train.distributed import Distributed
 from unipost.train.optimise import make_microbatches, optimise_epoch
 from unipost.train.setup import build_task_tokenizer, cached_clones
 
@@ -79,15 +81,18 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
+        # started by `accelerate launch` / torchrun: the main process collects, every process trains
+        self.dist = Distributed.from_environment()
         self.make_env = env_factory or make_env_factory(cfg.env)  # embedded | openhands | swe
         self._train_tasks = list(train_tasks) if train_tasks is not None else None
         self._heldout_tasks = list(heldout_tasks) if heldout_tasks is not None else None
         self.tools = self._tool_schemas()
-        self.tokenizer = tokenizer if tokenizer is not None else self._tokenizer()
-        self.renderer = ChatRenderer(self.tokenizer, self.tools)
-        self.teacher_policy = teacher_policy if teacher_policy is not None else self._teacher_policy()
-        self.student = student if student is not None else self._student()
-        self.teacher_model = teacher_model if teacher_model is not None else self._white_box_teacher()
+        with self.dist.main_first() if self.dist else contextlib.nullcontext():  # caches built once
+            self.tokenizer = tokenizer if tokenizer is not None else self._tokenizer()
+            self.renderer = ChatRenderer(self.tokenizer, self.tools)
+            self.teacher_policy = teacher_policy if teacher_policy is not None else self._teacher_policy()
+            self.student = student if student is not None else self._student()
+            self.teacher_model = teacher_model if teacher_model is not None else self._white_box_teacher()
         if teacher_model is not None:
             teacher_model.eval().requires_grad_(False)
         self.student_policy = self._student_policy()
@@ -107,6 +112,9 @@ class Trainer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.train_optimizer = self.optimizer  # what optimise_epoch steps: prepared under accelerate
+        if self.dist is not None:
+            _, self.train_optimizer = self.dist.prepare(self.student, self.optimizer)
         self.store = TrajectoryStore(self.run_dir / "trajectories.jsonl")
         from unipost.train.checkpoint import CheckpointManager
         from unipost.train.metrics import MetricsLogger
@@ -119,10 +127,17 @@ class Trainer:
         if resume:
             resume_step = self._resume()
             self._sync_student_policy()
-        self.metrics = MetricsLogger(
-            self.run_dir, config=cfg.model_dump(mode="json"), resume_from_step=resume_step
+        self.metrics = (
+            MetricsLogger(self.run_dir, config=cfg.model_dump(mode="json"), resume_from_step=resume_step)
+            if self.is_main
+            else _NoMetrics()
         )
         (self.run_dir / "config.json").write_text(cfg.to_json())
+
+    @property
+    def is_main(self) -> bool:
+        """This process collects rollouts, evaluates, logs and writes the store and checkpoints."""
+        return self.dist is None or self.dist.is_main
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -135,7 +150,7 @@ class Trainer:
             top_p=cfg.rollout.top_p,
             seed=cfg.seed,
         )
-        if cfg.rollout.backend == "transformers":
+        if cfg.rollout.backend == "transformers" or not self.is_main:  # only the main process rolls out
             return TransformersPolicy(self.student, self.tokenizer, **sampling)
         from unipost.rollout.vllm_policy import VLLMPolicy
 
@@ -351,11 +366,8 @@ class Trainer:
         started = time.perf_counter()
         self.student_policy.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
         self.student.eval()
-        batch = self.engine.collect(self.tasks_for(i), i, store=self.store)
+        batch, data = self._collect(i)
         metrics: dict[str, float] = {f"rollout/{k}": v for k, v in _floats(batch.stats.to_dict()).items()}
-        data: list[Trajectory] = batch.trajectories
-        if cfg.aggregate:
-            data = self.store_trajectories(upto_iteration=i)
         microbatches = make_microbatches(
             data,
             self.recipe,
@@ -374,10 +386,12 @@ class Trainer:
                 self.student,
                 microbatches,
                 self.recipe,
-                self.optimizer,
+                self.train_optimizer,
                 generator=generator,
+                grad_accumulation=cfg.optim.grad_accumulation,
                 grad_clip=cfg.optim.grad_clip,
                 teacher=self.teacher_model,
+                dist=self.dist,
             )
             metrics.update({f"train/{k}": v for k, v in stats.items()})
         self.scheduler.step()
@@ -389,20 +403,36 @@ class Trainer:
         if cfg.eval.every and ((i + 1) % cfg.eval.every == 0 or i + 1 == cfg.iterations):
             metrics.update(self.evaluate(i + 1))
         self._log(i + 1, metrics)
-        self.checkpoints.save(
-            i,
-            model=self.student,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            state={
-                "iteration": i,
-                "store_position": list(self.store.position()),
-                "history": self.history,
-                "effective_samples": self.effective_samples,
-                "config": cfg.model_dump(mode="json"),
-            },
-        )
+        if self.is_main:  # under DDP every rank holds the same weights; FSDP: see docs/scaling.md
+            self.checkpoints.save(
+                i,
+                model=self.student,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                state={
+                    "iteration": i,
+                    "store_position": list(self.store.position()),
+                    "history": self.history,
+                    "effective_samples": self.effective_samples,
+                    "config": cfg.model_dump(mode="json"),
+                },
+            )
         return metrics
+
+    def _collect(self, i: int) -> tuple[Any, list[Trajectory]]:
+        """This iteration's rollouts and training data (the store's D_1 u ... u D_i when aggregating).
+
+        With several processes the main one collects and alone appends to the store; the others
+        receive the same trajectories, so every process packs identical micro-batches and knows
+        each optimiser step's global normaliser (unipost.train.distributed).
+        """
+        batch, data = None, None
+        if self.is_main:
+            batch = self.engine.collect(self.tasks_for(i), i, store=self.store)
+            data = self.store_trajectories(upto_iteration=i) if self.config.aggregate else batch.trajectories
+        if self.dist is not None:
+            batch, data = self.dist.broadcast((batch, data))
+        return batch, data
 
     def store_trajectories(self, upto_iteration: int) -> list[Trajectory]:
         """D_1 u ... u D_i: every stored trajectory of this run up to ``upto_iteration``."""
@@ -410,6 +440,8 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Greedy held-out evaluation and the reverse-KL diagnostic on student-visited states."""
+        if not self.is_main:  # the main process evaluates and logs; the others only train
+            return {}
         from unipost.eval import collect_student_states, evaluate_policy, reverse_kl_on_student_states
 
         cfg = self.config
@@ -454,16 +486,28 @@ class Trainer:
         ckpt = self.checkpoints.latest()
         if ckpt is None:
             logger.warning("resume requested but %s holds no valid checkpoint: starting fresh", self.run_dir)
-            self.store.truncate_to((0, 0))
+            if self.is_main:
+                self.store.truncate_to((0, 0))
             return 0
         state = self.checkpoints.load(
             ckpt, model=self.student, optimizer=self.optimizer, scheduler=self.scheduler
         )
-        self.store.truncate_to(tuple(state["store_position"]))
+        if self.is_main:  # the main process alone writes the shared store
+            self.store.truncate_to(tuple(state["store_position"]))
         self.history = list(state["history"])
         self.effective_samples = int(state["effective_samples"])
         self.start_iteration = int(state["iteration"]) + 1
         return self.start_iteration  # metrics logged at steps > this belong to the lost iteration
+
+
+class _NoMetrics:
+    """The metrics sink of a non-main process: the main process alone writes the run's metrics."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _floats(d: dict[str, Any]) -> dict[str, float]:
