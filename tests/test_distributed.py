@@ -181,6 +181,59 @@ def test_naive_per_rank_normaliser_would_differ(assets, two_process_results):
     assert diff > 100 * ATOL
 
 
+def trainer_config(output_dir: Path, cache_dir: Path, name: str):
+    """One DAgger iteration (student and teacher both act), 3 episodes -> 3 micro-batches, steps of 2."""
+    from factories import tiny_train_config
+
+    from unipost.train.config import OptimConfig, RolloutConfig
+
+    config = tiny_train_config(output_dir, cache_dir, "dagger", recipe_kwargs={"beta": 0.5}, iterations=1)
+    return config.replace(
+        name=name,
+        rollout=RolloutConfig(episodes_per_iteration=3, max_turns=6, max_new_tokens=16),
+        optim=OptimConfig(lr=1e-2, micro_batch_tokens=64, grad_accumulation=2, epochs_per_batch=2),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.sandbox
+def test_trainer_two_processes_equal_one(tmp_path):
+    """The whole Trainer under torchrun: main-process rollouts broadcast, data-parallel steps, rank-0
+    checkpoint. Final weights equal a one-process Trainer run of the same config (atol 1e-6)."""
+    from unipost.train.checkpoint import CheckpointManager
+    from unipost.train.trainer import Trainer
+
+    cache = tmp_path / "cache"
+    one = Trainer(trainer_config(tmp_path, cache, "one"))
+    one.fit()
+    config_file = tmp_path / "two.json"
+    config_file.write_text(trainer_config(tmp_path, cache, "two").to_json())
+    proc = launch(config_file, "trainer")
+    assert proc.returncode == 0, f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    two = Trainer(trainer_config(tmp_path, cache, "two"), resume=True)  # loads rank 0's checkpoint
+    assert two.start_iteration == 1
+    assert CheckpointManager(tmp_path / "two" / "checkpoints").latest() is not None
+    pairs = zip(one.student.parameters(), two.student.parameters(), strict=True)
+    worst = max((p2 - p1).abs().max().item() for p1, p2 in pairs)
+    print(f"trainer: max |weight diff| 1 vs 2 processes {worst:.2g}")
+    assert worst <= ATOL
+    ones = (tmp_path / "one" / "trajectories.jsonl").read_text().splitlines()
+    twos = (tmp_path / "two" / "trajectories.jsonl").read_text().splitlines()
+    assert len(ones) == len(twos) == 3  # one store, written by the main process only
+
+
+def _trainer_worker(config_file: Path) -> None:
+    from unipost.train.config import TrainConfig
+    from unipost.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    trainer = Trainer(TrainConfig.from_file(config_file))
+    assert trainer.dist is not None and trainer.dist.world_size == WORLD
+    trainer.fit()
+    trainer.dist.barrier()
+    trainer.dist.end()
+
+
 def _worker(assets: Path) -> None:
     from unipost.train.distributed import Distributed
 
@@ -196,4 +249,7 @@ def _worker(assets: Path) -> None:
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    if sys.argv[2:] == ["trainer"]:
+        _trainer_worker(Path(sys.argv[1]))
+    else:
+        _worker(Path(sys.argv[1]))

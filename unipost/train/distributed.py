@@ -223,15 +223,44 @@ class Distributed:
         totals = self.sum_over_ranks(sums)
         return {k: v / len(group) for k, v in totals.items()}
 
-    def _sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        if sync or self.model is None:
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(self.model)
+    @property
+    def uses_deepspeed(self) -> bool:
+        return str(getattr(self.accelerator, "distributed_type", "")).endswith("DEEPSPEED")
+
+    @contextlib.contextmanager
+    def _sync(self, sync: bool) -> Iterator[None]:
+        """Reduce gradients on this backward only if ``sync`` (the step's last local micro-batch).
+
+        DDP / FSDP: ``accelerator.no_sync`` on the others. DeepSpeed (not verified here: no GPU)
+        reduces, clips (its ``gradient_clipping``) and steps *inside* ``accelerator.backward`` at its
+        accumulation boundary, which follows accelerate's ``sync_gradients`` flag: set per backward.
+        """
+        if self.model is None:
+            yield
+        elif self.uses_deepspeed:
+            self.accelerator.gradient_state._set_sync_gradients(sync)
+            try:
+                yield
+            finally:
+                self.accelerator.gradient_state._set_sync_gradients(True)
+        elif sync:
+            yield
+        else:
+            with self.accelerator.no_sync(self.model):
+                yield
 
     def clip_grad_norm_(self, max_norm: float) -> float:
-        """Clip the (already reduced) gradients; FSDP-aware through accelerate."""
+        """Clip the (already reduced) gradients; FSDP-aware through accelerate.
+
+        Under DeepSpeed the engine has already clipped (config ``gradient_clipping``) and stepped;
+        the norm it reports is returned (NaN when it reports none).
+        """
         if self.model is None:
             raise RuntimeError("clip_grad_norm_ before prepare")
+        if self.uses_deepspeed:
+            engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+            norm = engine.engine.get_global_grad_norm() if engine is not None else None
+            return float("nan") if norm is None else float(norm)
         return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
 
     # -- collectives on plain Python values -----------------------------------------------------------
