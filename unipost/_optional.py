@@ -30,6 +30,7 @@ EXTRAS: dict[str, Extra] = {
     ),
     "docker": Extra("docker", "pip install 'unipost[swe]'", "Docker-image-per-instance SWE-Gym execution"),
     "swebench": Extra("swebench", "pip install 'unipost[swe]'", "SWE-bench evaluation harness"),
+    "ray": Extra("ray", "pip install 'unipost[ray]'", "environment workers on a Ray cluster (RayEnvPool)"),
 }
 
 
