@@ -251,10 +251,14 @@ class Trainer:
 
     def _teacher_policy(self):
         cfg = self.config
+        needs_teacher = self.recipe.rollout.uses_teacher or Need.TEACHER_ACTIONS in self.recipe.needs
         if cfg.teacher.kind == "openai":
             from unipost.rollout.openai_policy import OpenAIChatPolicy
 
-            self.recipe.check_teacher(white_box=False)  # OPD with an API teacher is refused here
+            # OPD with an API teacher and no local white-box weights is refused here
+            self.recipe.check_teacher(white_box=cfg.teacher.white_box != "none")
+            if not needs_teacher:  # e.g. GRPO, or OPD scoring with the local white-box weights
+                return None
             policy = OpenAIChatPolicy(
                 cfg.teacher.base_url,
                 cfg.teacher.model,
@@ -265,7 +269,6 @@ class Trainer:
             )
             policy.check()  # fail fast when the endpoint does not answer
             return policy
-        needs_teacher = self.recipe.rollout.uses_teacher or Need.TEACHER_ACTIONS in self.recipe.needs
         return ScriptedExpert() if needs_teacher else None
 
     def _white_box_teacher(self) -> torch.nn.Module | None:
@@ -274,7 +277,8 @@ class Trainer:
         if needs_logprobs and cfg.teacher.white_box == "none":
             raise ConfigError(
                 f"{self.recipe.display_name} needs teacher log-probs but teacher.white_box='none'; set "
-                "teacher.white_box='distilled' or choose a recipe that needs only teacher actions"
+                "teacher.white_box='distilled' (tiny) or 'pretrained' (a local checkpoint), or choose a "
+                "recipe that needs only teacher actions"
             )
         if not (needs_logprobs or cfg.eval.kl_tasks > 0) or cfg.teacher.white_box == "none":
             return None

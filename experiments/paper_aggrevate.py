@@ -1,0 +1,20 @@
+"""AggreVaTe-style training (paper §3.2, Table 3): the student executes the first k turns, the teacher
+completes; k ~ rho_i shifts towards longer student prefixes; teacher labels at every visited state.
+
+Paper setup (§4.1, App. F): the student ($UNIPOST_STUDENT: qwen3-4b = Qwen3-4B-Instruct-2507, default;
+qwen3-8b = Qwen3-8B), Qwen3-Coder-30B-A3B-Instruct teacher behind a vLLM OpenAI-compatible server,
+OpenHands tools on SWE-Gym in one Docker container per instance, greedy evaluation on SWE-Gym Holdout.
+Every value and its source: unipost/train/paper.py. Hardware and launch: experiments/README.md.
+
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml \
+        -m unipost.cli train experiments/paper_aggrevate.py
+"""
+
+import os
+
+from unipost.train.config import TrainConfig
+from unipost.train.paper import paper_swe_config
+
+
+def config() -> TrainConfig:
+    return paper_swe_config("aggrevate", os.environ.get("UNIPOST_STUDENT", "qwen3-4b"))
