@@ -58,7 +58,7 @@ fi
 PY=$(find_python) || { echo "setup-openhands-venv: no Python >= 3.12 found (set PYTHON312=/path/to/python3.12)" >&2; exit 3; }
 # pyenv shims resolve to the real interpreter; the venv must point at the real one.
 PY=$("$PY" -c 'import sys; print(sys.executable)')
-"$PY" -m venv "$VENV"
+"$PY" -m venv "$VENV" || exit 3
 "$VENV/bin/python" -m pip install -q --upgrade pip || exit 3
 "$VENV/bin/python" -m pip install -q "openhands-sdk==$VERSION" "openhands-tools==$VERSION" || exit 3
 base_python_copy

