@@ -71,6 +71,10 @@ _EXPORTS: dict[str, str] = {
     # trajectories -> packed batch -> Eq. 14 loss
     **dict.fromkeys(["build_batch", "objective_loss", "TrainingBatch"], "unipost.batch"),
     **dict.fromkeys(["ChatRenderer", "trajectory_sequences"], "unipost.rendering.chat"),
+    # environments beyond the embedded one (docs/openhands.md)
+    "make_env_factory": "unipost.envs.registry",
+    "OpenHandsEnv": "unipost.envs.openhands",
+    **dict.fromkeys(["DockerSWEEnv", "load_instances", "evaluate_predictions"], "unipost.envs.swe"),
 }
 __all__ = sorted(_EXPORTS)
 
