@@ -9,7 +9,8 @@ weights) are not an argument, exactly as in the torch kernel: they arrive as the
 
 Dtypes: fp32, bf16 and fp16 inputs. The logits GEMM accumulates in fp32 and stays fp32 (the torch kernel
 rounds each logits tile to the input dtype first, so for bf16 this one is slightly *more* accurate);
-fp32 inputs use IEEE fp32 dot products (no TF32), as torch's fp32 matmul does by default. The backward
+fp32 inputs use IEEE fp32 dot products unless torch's fp32 matmul precision allows TF32 (the same rule as
+torch's own GEMMs). The backward
 pass casts ``dL/dlogits`` to the input dtype for its two GEMMs (as the torch kernel does) and
 accumulates the hidden, weight and bias gradients in fp32 buffers, cast to the input dtype once at the
 end. fp64 is refused (use ``backend="torch"``, e.g. for ``gradcheck``).
@@ -124,6 +125,8 @@ def token_logprobs_triton(
     given = (block_rows, block_vocab, block_hidden)
     blocks = tuple(d if b is None else b for b, d in zip(given, DEFAULT_BLOCKS, strict=True))
     _check_launchable(hidden, blocks)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels index it with stride 1 (hidden and weight take any strides)
     logp_N, entropy_N = _TritonTokenLogprobs.apply(
         hidden, weight, bias, targets, int(ignore_index), 1.0 / float(temperature), return_entropy, blocks
     )
@@ -131,8 +134,11 @@ def token_logprobs_triton(
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """IEEE fp32 products for fp32 inputs (torch's default matmul precision); TF32 is never used silently."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs follow torch's fp32 matmul setting: IEEE products by default ("highest"), TF32 only
+    where the user allowed it (``torch.set_float32_matmul_precision("high")``), as torch's own GEMMs do."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # Triton's default; it only changes fp32 operands
 
 
 def _upcast_dot(hidden: Tensor) -> bool:
