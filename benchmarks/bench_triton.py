@@ -121,10 +121,9 @@ def run(shapes, dtype_name: str, device: str, repeats: int, methods) -> list[dic
             del out
             rows.append(row)
             print(_fmt_row(row), flush=True)
-        torch_s = next(r["seconds"] for r in rows if r["method"] == methods[0] and (r["N"], r["V"]) == (n, v))
-        for r in rows:
-            if (r["N"], r["H"], r["V"]) == (n, h, v):
-                r[f"x_vs_{methods[0]}"] = round(r["seconds"] / torch_s, 2)
+        shape_rows = [r for r in rows if (r["N"], r["H"], r["V"]) == (n, h, v)]
+        for r in shape_rows:
+            r[f"x_vs_{methods[0]}"] = round(r["seconds"] / shape_rows[0]["seconds"], 2)
         del args
     return rows
 
