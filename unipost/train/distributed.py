@@ -95,9 +95,18 @@ class Distributed:
     @classmethod
     def from_environment(cls, **accelerator_kwargs: Any) -> Distributed | None:
         """The layer when this process was started by a multi-process launcher, else ``None``."""
-        if launched_world_size() <= 1:
+        world = launched_world_size()
+        if world <= 1:
             return None
-        return cls.create(**accelerator_kwargs)
+        if not torch.cuda.is_available():  # accelerate would otherwise run each CPU process alone
+            accelerator_kwargs.setdefault("cpu", True)
+        dist = cls.create(**accelerator_kwargs)
+        if dist.world_size != world:
+            raise RuntimeError(
+                f"launched with WORLD_SIZE={world} but accelerate set up {dist.world_size} process(es) "
+                f"({dist!r}): each process would train alone; check the launcher and accelerate config"
+            )
+        return dist
 
     # -- who am I -----------------------------------------------------------------------------------
 
