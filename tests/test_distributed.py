@@ -89,6 +89,11 @@ def train_two_steps(assets: Path, case: str, dist=None) -> dict[str, dict[str, t
         _, optimizer = dist.prepare_fsdp2(model, optimizer)
     elif dist is not None:
         _, optimizer = dist.prepare(model, optimizer)
+    if dist is not None:  # the Trainer refuses sharded parameters (its rollouts run on one process)
+        assert dist.shards_parameters == case.endswith("fsdp2")
+        if dist.shards_parameters:
+            with pytest.raises(NotImplementedError, match="shards its parameters"):
+                dist.require_replicated("the Trainer's rollouts")
     stats = optimise_epoch(
         model,
         batches,

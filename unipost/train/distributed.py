@@ -233,6 +233,27 @@ class Distributed:
         return {k: v / len(group) for k, v in totals.items()}
 
     @property
+    def shards_parameters(self) -> bool:
+        """FSDP or DeepSpeed ZeRO-3: no process holds the whole model between steps."""
+        if self.model is not None and any(hasattr(p, "full_tensor") for p in self.model.parameters()):
+            return True  # DTensor parameters: FSDP2, whoever applied it
+        kind = str(getattr(self.accelerator, "distributed_type", ""))
+        if kind.endswith("FSDP"):
+            return True
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return self.uses_deepspeed and getattr(plugin, "zero_stage", 0) == 3
+
+    def require_replicated(self, purpose: str) -> None:
+        """Refuse sharded parameters where one process must run the whole model alone."""
+        if self.shards_parameters:
+            raise NotImplementedError(
+                f"{purpose} run the student on the main process alone, but {self!r} shards its "
+                "parameters (FSDP / ZeRO-3), so that process would wait forever for the others. Use "
+                "configs/accelerate/ddp.yaml or deepspeed-zero2.yaml, or drive optimise_epoch(dist=...) "
+                "from your own loop (docs/scaling.md)"
+            )
+
+    @property
     def uses_deepspeed(self) -> bool:
         return str(getattr(self.accelerator, "distributed_type", "")).endswith("DEEPSPEED")
 
