@@ -115,6 +115,7 @@ class Trainer:
         self.train_optimizer = self.optimizer  # what optimise_epoch steps: prepared under accelerate
         if self.dist is not None:
             _, self.train_optimizer = self.dist.prepare(self.student, self.optimizer)
+            self.dist.require_replicated("the Trainer's rollouts, evaluation and checkpoints")
         self.store = TrajectoryStore(self.run_dir / "trajectories.jsonl")
         from unipost.train.checkpoint import CheckpointManager
         from unipost.train.metrics import MetricsLogger
