@@ -75,6 +75,9 @@ _EXPORTS: dict[str, str] = {
     "make_env_factory": "unipost.envs.registry",
     "OpenHandsEnv": "unipost.envs.openhands",
     **dict.fromkeys(["DockerSWEEnv", "load_instances", "evaluate_predictions"], "unipost.envs.swe"),
+    # scale: data-parallel training and environment workers on Ray (docs/scaling.md)
+    "Distributed": "unipost.train.distributed",
+    **dict.fromkeys(["RayEnvPool", "RemoteExpert"], "unipost.rollout.ray_envs"),
 }
 __all__ = sorted(_EXPORTS)
 
