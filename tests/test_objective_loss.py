@@ -20,8 +20,10 @@ from unipost.objective import (
     SFT,
     AggreVaTe,
     DAgger,
+    GroupAdvantage,
     OwnSamples,
     Recipe,
+    StudentRollout,
     TeacherLogRatio,
     TurnMixture,
 )
@@ -143,6 +145,34 @@ def test_grpo_group_advantage(tiny_model, renderer):
         for t in tr.turns
     ]
     batch = build_batch(trajs, recipe, renderer)
+    compare(
+        tiny_model,
+        lambda: objective_loss(tiny_model, batch, recipe),
+        lambda: hand_loss(tiny_model, renderer, selected),
+    )
+
+
+def test_group_baseline_counts_samples_without_labels(tiny_model, renderer):
+    """A group member with nothing to train on (here: filtered as unsubmitted) still sets the baseline.
+
+    Group a: rewards [1 (filtered: not submitted), 0, 0]; only the two zeros carry labels, and their
+    advantage is computed against the whole group (-0.577 each), not against themselves (0). Group b
+    has no labelled member at all and is dropped.
+    """
+    spec = [("a", 1.0, False), ("a", 0.0, True), ("a", 0.0, True), ("b", 1.0, False)]
+    trajs = [
+        make_trajectory("ss", task_id=g, seed=i, reward=r, resolved=False, submitted=sub, meta={"group": g})
+        for i, (g, r, sub) in enumerate(spec)
+    ]
+    recipe = Recipe(StudentRollout(group_size=3), OwnSamples(), GroupAdvantage(), filter_unsubmitted=True)
+    batch = build_batch(trajs, recipe, renderer)
+    assert len(batch.trajectories) == 3 and batch.reward_B.tolist() == [1.0, 0.0, 0.0]
+    advantage = (0.0 - 1 / 3) / (torch.tensor([1.0, 0.0, 0.0]).std().item() + 1e-6)
+    selected = [
+        (tr, t.index, t.action, lambda lp: torch.full_like(lp, advantage))
+        for tr in trajs[1:3]
+        for t in tr.turns
+    ]
     compare(
         tiny_model,
         lambda: objective_loss(tiny_model, batch, recipe),

@@ -83,13 +83,19 @@ def render_trajectories(
     """The recipe's transitions of each kept trajectory as token documents.
 
     Groups are computed over *all* trajectories before the submission filter (a GRPO group's
-    baseline includes its failed samples); filtered trajectories are then dropped.
+    baseline includes its failed samples); filtered trajectories are then dropped. When the score
+    needs groups, a trajectory without labels (filtered, or with no student turn under a mixture)
+    is kept with no documents, so its reward still counts in its group's baseline; groups with no
+    label at all are dropped.
     """
     stats = stats if stats is not None else RenderStats()
+    keep_unlabelled = Need.GROUPS in recipe.needs
     rendered = []
     for traj, group in zip(trajectories, _group_ids(trajectories).tolist(), strict=True):
         refs = recipe.select_labels(traj)
         if not refs:
+            if keep_unlabelled:
+                rendered.append(RenderedTrajectory(traj, group, []))
             continue
         specs = [LabelSpec(r.turn, r.message, token_ids=r.token_ids) for r in refs]
         rendered.append(
@@ -97,6 +103,9 @@ def render_trajectories(
                 traj, group, trajectory_sequences(traj, specs, renderer, mode=mode, stats=stats)
             )
         )
+    if keep_unlabelled:
+        labelled = {r.group for r in rendered if r.documents}
+        rendered = [r for r in rendered if r.group in labelled]
     return rendered
 
 
