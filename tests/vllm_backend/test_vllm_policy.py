@@ -15,7 +15,7 @@ from unipost.rollout.policy import Policy
 from unipost.rollout.transformers_policy import CONTEXT_OVERFLOW, TransformersPolicy
 from unipost.rollout.vllm_policy import VLLMPolicy
 
-MAX_NEW = 24
+MAX_NEW = 40  # the target action is 29 tokens
 # float32 on both sides; the engines differ in kernels (oneDNN / vLLM CPU attention vs torch SDPA) and
 # in summation order, so log-probs agree to rounding, not bit for bit
 LOGP_ATOL = 1e-4

