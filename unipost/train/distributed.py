@@ -141,6 +141,10 @@ class Distributed:
         the wrapper (under DDP), so rollouts, evaluation and checkpoints keep using it unchanged.
         The learning-rate scheduler is *not* prepared: accelerate would step it once per process.
         """
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.uses_deepspeed and plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+            # no DataLoader to infer it from: one packed micro-batch per forward (DeepSpeed only logs it)
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         wrapper, prepared_optimizer = self.accelerator.prepare(PackedLogprobs(model), optimizer)
         self.model = wrapper
         return wrapper, prepared_optimizer
