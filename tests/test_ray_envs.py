@@ -93,3 +93,25 @@ def test_bad_arguments_say_what_is_wrong(local_ray):
 
     with pytest.raises(TypeError, match="RemoteEnv from a RayEnvPool"):
         RemoteExpert().act([AgentState([], [], env=object())])
+
+
+def test_trainer_with_ray_env_workers_equals_in_process(local_ray, tmp_path):
+    """The docs/scaling.md recipe: Trainer(env_factory=pool.factory, teacher_policy=RemoteExpert())
+    trains on the same trajectories, to the same weights (atol 1e-6), as the in-process Trainer."""
+    from factories import tiny_train_config
+
+    from unipost.train.trainer import Trainer
+
+    def config(name):
+        base = tiny_train_config(tmp_path, tmp_path / "cache", "sft", iterations=1)
+        return base.replace(name=name, recipe_kwargs={"rejection_sampling": False})
+
+    local = Trainer(config("local"))
+    local.fit()
+    with RayEnvPool(env_factory("easy", 600), num_workers=2, max_concurrency=4, num_cpus=0.5) as pool:
+        remote = Trainer(config("remote"), env_factory=pool.factory, teacher_policy=RemoteExpert())
+        remote.fit()
+    pairs = zip(local.student.parameters(), remote.student.parameters(), strict=True)
+    assert max((a - b).abs().max().item() for a, b in pairs) <= 1e-6
+    turns = [t.turns for t in local.store.load().trajectories]
+    assert turns and [t.turns for t in remote.store.load().trajectories] == turns
