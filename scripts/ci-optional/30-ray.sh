@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ci-minutes: 6
+# ci-minutes: 8
 # Ray environment workers: tests/test_ray_envs.py with a real local Ray (num_cpus=2).
 # Ray is an optional extra ('unipost[ray]', ~240 MB installed, ~1.5 min to install here), too heavy for
 # the dev extra, so the default suite skips those tests. This job installs ray into its own target
