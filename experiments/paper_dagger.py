@@ -6,7 +6,7 @@ qwen3-8b = Qwen3-8B), Qwen3-Coder-30B-A3B-Instruct teacher behind a vLLM OpenAI-
 OpenHands tools on SWE-Gym in one Docker container per instance, greedy evaluation on SWE-Gym Holdout.
 Every value and its source: unipost/train/paper.py. Hardware and launch: experiments/README.md.
 
-    accelerate launch --config_file configs/accelerate/fsdp2.yaml \
+    accelerate launch --config_file configs/accelerate/ddp.yaml \
         -m unipost.cli train experiments/paper_dagger.py
 """
 
