@@ -12,40 +12,22 @@ inline and must be present in the outputs.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
+NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.py") if "format_name: percent" in p.read_text())
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.py"))
 
 
-def execute_notebook(path: Path, cwd: Path, budget: str, timeout_s: int):
-    """The executed notebook (nbformat node); raises nbclient's CellExecutionError on a failing cell."""
-    import jupytext
-    from nbclient import NotebookClient
-
-    nb = jupytext.read(path)
-    env = {
-        **os.environ,
-        "UNIPOST_NB_BUDGET": budget,
-        "UNIPOST_NB_FIGURES": str(cwd / "figures"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    env.pop("MPLBACKEND", None)  # let ipykernel's inline backend render the figures into the outputs
-    client = NotebookClient(
-        nb,
-        kernel_name="python3",
-        timeout=timeout_s,
-        resources={"metadata": {"path": str(cwd)}},
-        env=env,
-    )
-    client.execute(cwd=str(cwd), env=env)
-    return nb
+def _load_executor():
+    """notebooks/execute.py: the one place that knows how to run a notebook (also used from the shell)."""
+    spec = importlib.util.spec_from_file_location("notebooks_execute", ROOT / "notebooks" / "execute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.execute_notebook
 
 
 def _images(nb) -> int:
@@ -57,7 +39,7 @@ def _images(nb) -> int:
     )
 
 
-def test_notebooks_exist_and_store_no_outputs():
+def test_notebooks_are_jupytext_percent_sources():
     names = {p.name for p in NOTEBOOKS}
     assert {"scoring_ablation.py", "beta_schedule_ablation.py"} <= names, names
     for path in NOTEBOOKS:
@@ -73,10 +55,7 @@ def test_python3_kernel_uses_this_interpreter():
 
     km = KernelManager(kernel_name="python3")
     cmd = km.format_kernel_cmd()
-    assert (
-        cmd[0] in (sys.executable, "python", "python3")
-        or Path(cmd[0]).resolve() == Path(sys.executable).resolve()
-    ), cmd
+    assert cmd[0] == sys.executable, cmd
     assert importlib.util.find_spec("ipykernel") is not None
 
 
@@ -86,7 +65,7 @@ def test_python3_kernel_uses_this_interpreter():
 )
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, budget, tmp_path):
-    nb = execute_notebook(path, tmp_path, budget, timeout_s=900)
+    nb = _load_executor()(path, cwd=tmp_path, budget=budget, timeout_s=900)
     assert _images(nb) >= 2, f"{path.name}: expected inline figures in the outputs"
     assert list((tmp_path / "figures").glob(f"*_{budget}.png")), "the notebook saved no figure"
 
