@@ -101,6 +101,8 @@ class EvalResult:
     mean_turns: float = 0.0
     tool_error_rate: float = 0.0  # per executed turn
     env_errors: int = 0
+    expert_agreement: float | None = None  # student turns whose tool call equals the expert's label
+    expert_prefix: float | None = None  # mean turns the student follows the expert before a first deviation
     iteration: int = 0
     stats: RolloutStats | None = None
     trajectories: list[Trajectory] = field(default_factory=list, repr=False)
@@ -141,6 +143,7 @@ class EvalResult:
             mean_turns=turns / n if n else 0.0,
             tool_error_rate=tool_errors / turns if turns else 0.0,
             env_errors=sum(bool(t.meta.get("env_error")) for t in trajectories),
+            **_expert_agreement(trajectories),
             iteration=iteration,
             stats=stats,
             trajectories=trajectories,
@@ -167,6 +170,9 @@ class EvalResult:
             "env_errors": float(self.env_errors),
         }
         out.update({f"failure/{mode}": frac for mode, frac in self.failure_modes.items()})
+        if self.expert_agreement is not None:
+            out["expert_agreement"] = self.expert_agreement
+            out["expert_prefix"] = float(self.expert_prefix or 0.0)
         return {f"{prefix}{k}": float(v) for k, v in out.items()}
 
     def summary(self, name: str | None = None) -> str:
@@ -182,6 +188,36 @@ class EvalResult:
             f"submit {self.submission_rate:.1%}, {self.mean_turns:.1f} turns, "
             f"tool errors {self.tool_error_rate:.1%}/turn{top}"
         )
+
+
+def _same_call(action: dict, label: dict) -> bool:
+    """The executed action makes the expert's tool call (name and JSON arguments); prose is ignored."""
+    from unipost.data import _canonical_call
+
+    calls = [_canonical_call(c) for c in action.get("tool_calls") or []]
+    wanted = [_canonical_call(c) for c in label.get("tool_calls") or []]
+    return bool(wanted) and calls == wanted
+
+
+def _expert_agreement(trajectories: Sequence[Trajectory]) -> dict[str, float | None]:
+    """Secondary, continuous metrics on student-visited states labelled by an expert (None without labels).
+
+    Resolve rates of tiny students sit at 0 for a long time; agreement with the expert's next tool call on
+    the states the student itself reaches moves long before, and the prefix (turns followed before the
+    first deviation) measures how far into a long episode the student gets before covariate shift starts.
+    """
+    labelled = [[turn for turn in t.turns if turn.label is not None] for t in trajectories]
+    turns = [turn for ts in labelled for turn in ts]
+    if not turns:
+        return {"expert_agreement": None, "expert_prefix": None}
+    agree = [_same_call(turn.action, turn.label) for turn in turns]
+    prefixes = []
+    for ts in labelled:
+        k = 0
+        while k < len(ts) and _same_call(ts[k].action, ts[k].label):
+            k += 1
+        prefixes.append(k)
+    return {"expert_agreement": sum(agree) / len(agree), "expert_prefix": sum(prefixes) / len(prefixes)}
 
 
 _EVAL_RECIPE = Recipe(StudentRollout(), OwnSamples(), name="eval")
@@ -210,6 +246,7 @@ def evaluate_policy(
     seed: int = 0,
     progress: bool = False,
     iteration: int = 0,
+    expert: Policy | None = None,
 ) -> EvalResult:
     """Run ``student`` alone with greedy decoding on held-out ``tasks`` and summarise (paper Table 4).
 
@@ -223,6 +260,8 @@ def evaluate_policy(
         seed: engine seed (greedy rollouts of deterministic policies do not depend on it).
         progress: show a rich progress bar.
         iteration: the training iteration being evaluated, recorded in the result and trajectories.
+        expert: optional labeller queried (never executed) at every student state, for the secondary
+            ``expert_agreement`` / ``expert_prefix`` metrics; the student's rollouts do not change.
     """
     if student is None:
         raise ValueError("evaluate_policy needs a student policy to evaluate, got None")
@@ -230,7 +269,7 @@ def evaluate_policy(
     engine = RolloutEngine(
         env_factory,
         student=student,
-        teacher=None,
+        teacher=expert,
         recipe=_EVAL_RECIPE,
         max_turns=max_turns,
         context_budget=context_budget,
@@ -239,5 +278,7 @@ def evaluate_policy(
         seed=seed,
         progress=progress,
     )
-    batch = engine.collect(tasks, iteration, greedy=True, protocol_override=StudentRollout())
+    batch = engine.collect(
+        tasks, iteration, greedy=True, protocol_override=StudentRollout(), teacher_labels=expert is not None
+    )
     return EvalResult.from_trajectories(batch.trajectories, stats=batch.stats, iteration=iteration)

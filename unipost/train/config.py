@@ -196,6 +196,11 @@ class EvalConfig(_Strict):
         1, ge=0, description="evaluate before training, every N iterations and after the last; 0 = never"
     )
     kl_tasks: int = Field(8, ge=0, description="student rollouts for the reverse-KL diagnostic (0 = off)")
+    expert_labels: bool = Field(
+        False,
+        description="also ask the scripted expert (embedded env) for its action at every greedy held-out "
+        "student state: secondary metrics eval/expert_agreement, eval/expert_prefix and eval/expert_nll",
+    )
 
 
 class TrainConfig(_Strict):
@@ -205,6 +210,14 @@ class TrainConfig(_Strict):
     recipe: str = Field("dagger", description="sft | grpo | opd | dagger | aggrevate")
     recipe_kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments of the named recipe")
     iterations: int = Field(6, ge=1)
+    max_effective_samples: int | None = Field(
+        None,
+        ge=1,
+        description="matched budget (paper §4.3): stop once this many labelled transitions (the "
+        "train/effective_samples count) were trained on; the last batch is cut to the shortest prefix "
+        "of its trajectories that reaches the budget (overshoot < one trajectory's labels). iterations "
+        "stays the upper bound",
+    )
     aggregate: bool = Field(False, description="classic DAgger D = D_1 u ... u D_i instead of a fresh batch")
     seed: int = Field(0, ge=0)
     output_dir: str = "runs"

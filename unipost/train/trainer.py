@@ -362,9 +362,45 @@ class Trainer:
         if self.start_iteration == 0 and not self.history and self.config.eval.every:
             self._log(0, dict(initial_eval) if initial_eval is not None else self.evaluate(0))
         for i in range(self.start_iteration, self.config.iterations):
+            if self.budget_spent:
+                break
             self.run_iteration(i)
         self.metrics.close()
         return self.history
+
+    @property
+    def budget_spent(self) -> bool:
+        """The matched effective-sample budget (``max_effective_samples``) is used up."""
+        budget = self.config.max_effective_samples
+        return budget is not None and self.effective_samples >= budget
+
+    def _fit_budget(self, data: list[Trajectory], microbatches: list) -> tuple[list[Trajectory], list]:
+        """Keep the shortest prefix of the batch whose labels reach the remaining effective-sample budget.
+
+        Labels are counted exactly as ``train/effective_samples`` counts them (one per labelled
+        transition), so a run ends on the budget in one iteration and overshoots it by less than one
+        trajectory's labels; trajectories are in task order, so trailing GRPO groups are dropped first.
+        """
+        budget = self.config.max_effective_samples
+        if budget is None:
+            return data, microbatches
+        remaining = budget - self.effective_samples
+        kept = list(data)
+        while len(kept) > 1:
+            fewer = self._microbatches(kept[:-1])
+            if sum(b.packed.num_labels for b in fewer) < remaining:
+                break
+            kept, microbatches = kept[:-1], fewer
+        return kept, microbatches
+
+    def _microbatches(self, data: list[Trajectory]) -> list:
+        return make_microbatches(
+            data,
+            self.recipe,
+            self.renderer,
+            max_tokens=self.config.optim.micro_batch_tokens,
+            vocab_size=len(self.tokenizer),
+        )
 
     def run_iteration(self, i: int) -> dict[str, float]:
         cfg = self.config
@@ -373,13 +409,8 @@ class Trainer:
         self.student.eval()
         batch, data = self._collect(i)
         metrics: dict[str, float] = {f"rollout/{k}": v for k, v in _floats(batch.stats.to_dict()).items()}
-        microbatches = make_microbatches(
-            data,
-            self.recipe,
-            self.renderer,
-            max_tokens=cfg.optim.micro_batch_tokens,
-            vocab_size=len(self.tokenizer),
-        )
+        microbatches = self._microbatches(data)
+        data, microbatches = self._fit_budget(data, microbatches)
         labels = sum(b.packed.num_labels for b in microbatches)
         metrics["train/batch_labels"] = float(labels)
         metrics["train/kept_trajectories"] = float(sum(len(b.trajectories) for b in microbatches))
@@ -405,7 +436,8 @@ class Trainer:
         metrics["train/effective_samples"] = float(self.effective_samples)
         metrics["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
         metrics["time/iteration_s"] = time.perf_counter() - started
-        if cfg.eval.every and ((i + 1) % cfg.eval.every == 0 or i + 1 == cfg.iterations):
+        last = i + 1 == cfg.iterations or self.budget_spent
+        if cfg.eval.every and ((i + 1) % cfg.eval.every == 0 or last):
             metrics.update(self.evaluate(i + 1))
         self._log(i + 1, metrics)
         if self.is_main:  # under DDP every rank holds the same weights; FSDP: see docs/scaling.md
@@ -461,8 +493,20 @@ class Trainer:
             concurrency=cfg.rollout.concurrency,
             seed=cfg.seed,
             progress=False,
+            expert=(self.teacher_policy or ScriptedExpert()) if cfg.eval.expert_labels else None,
         )
         out = _floats(result.to_dict())
+        if cfg.eval.expert_labels:
+            from unipost.eval.imitation import expert_label_nll
+
+            nll = expert_label_nll(
+                self.student,
+                result.trajectories,
+                self.renderer,
+                micro_batch_tokens=cfg.optim.micro_batch_tokens,
+            )
+            if nll is not None:
+                out["eval/expert_nll"] = nll
         if self.teacher_model is not None and cfg.eval.kl_tasks > 0:
             self.student_policy.generator = torch.Generator().manual_seed(cfg.seed * 31 + step)
             trajs = collect_student_states(
