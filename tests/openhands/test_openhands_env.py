@@ -162,3 +162,34 @@ def test_the_rollout_engine_drives_openhands_like_the_embedded_env():
     for e, o in zip(results["embedded"], results["openhands"], strict=True):
         assert e.task_id == o.task_id and e.outcome.resolved and o.outcome.resolved
         assert [t.action for t in e.turns] == [t.action for t in o.turns]  # same states -> same actions
+
+
+def test_a_parked_worker_serves_the_next_episode_without_leaking_state():
+    """reuse_worker: same process, but fresh files, no stray processes, fresh shell and editor."""
+    from unipost.envs.openhands.env import close_parked_workers
+
+    close_parked_workers()
+    first, second = generate_task("train", 5, "easy"), generate_task("train", 6, "easy")
+
+    def run(env, cmd):
+        return env.step(tool_call_message("", "terminal", {"command": cmd}, "c")).observation[0]["content"]
+
+    with OpenHandsEnv(first) as env:
+        env.reset()
+        pid = env.worker.proc.pid
+        run(env, "cd /tmp && touch /testbed/junk.txt && (sleep 300 &) && export LEAK=1")
+        assert "sleep 300" in run(env, "ps -eo args")
+    with OpenHandsEnv(second) as env:
+        env.reset()
+        assert env.worker.proc.pid == pid  # the parked worker, no new SDK import
+        out = run(env, "pwd; ls /testbed; echo leak=$LEAK; ps -eo args")
+        assert out.startswith("/testbed\n") and "junk.txt" not in out and "leak=\n" in out
+        assert "sleep 300" not in out
+        assert sorted(p.relative_to(env.workspace).as_posix() for p in env.workspace.rglob("*.py")) == sorted(
+            second.files
+        )
+        actions, embedded, _ = _record(second, perturb=0, seed=0)
+        openhands, outcome = _replay(env, actions)
+        _assert_same(actions, embedded, openhands)
+        assert outcome.resolved
+    close_parked_workers()

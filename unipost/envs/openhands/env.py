@@ -16,9 +16,12 @@ workspace files are not).
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,11 @@ class OpenHandsEnv:
         full_tool_descriptions: advertise OpenHands' own ~4k-character descriptions (the paper's action
             space, default) or the embedded env's compact ones (for tiny models' contexts).
         limits: resource limits of the verifier's hidden-test run (as in the embedded env).
+        reuse_worker: on ``close``, park the sandboxed worker (and its workspace folder) for the next
+            episode instead of stopping it: the SDK import (~10 s of CPU) is paid once per worker, not
+            per episode. The next ``reset`` rewrites the folder, kills every process the previous
+            episode left in the sandbox and starts fresh tools (new terminal session, empty editor
+            history), so episodes do not see each other. Never used without bubblewrap.
     """
 
     def __init__(
@@ -64,6 +72,7 @@ class OpenHandsEnv:
         full_tool_descriptions: bool = True,
         limits: Limits | None = None,
         unsafe_local: bool = False,
+        reuse_worker: bool = True,
     ) -> None:
         if terminal_type not in ("tmux", "subprocess"):
             raise ValueError(f"terminal_type must be 'tmux' or 'subprocess', got {terminal_type!r}")
@@ -76,6 +85,7 @@ class OpenHandsEnv:
         self.no_change_timeout_s = no_change_timeout_s
         self.limits = limits or Limits()
         self.unsafe_local = unsafe_local
+        self.reuse_worker = reuse_worker
         self.tools: list[dict[str, Any]] = advertised_schemas(full_tool_descriptions)
         self.live_tools: list[dict[str, Any]] | None = None  # what the SDK itself produced (after reset)
         self.versions: dict[str, str] = {}
@@ -101,14 +111,12 @@ class OpenHandsEnv:
     def reset(self) -> list[Message]:
         self.close()
         self._reset_state()
-        self.workspace = Path(tempfile.mkdtemp(prefix="unipost-oh-ws-"))
-        for rel, text in self.task.files.items():
-            path = self.workspace / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        # The verifier's sandbox first: the worker's sandbox reuses its uid, so both can write the files.
-        self.sandbox = Sandbox(self.workspace, self.limits, unsafe_local=self.unsafe_local)
-        self._start_worker()
+        if not (self.reuse_worker and self._reuse_parked()):
+            self.workspace = Path(tempfile.mkdtemp(prefix="unipost-oh-ws-"))
+            self._write_task_files()
+            # The verifier's sandbox first: the worker's sandbox reuses its uid, so both can write files.
+            self.sandbox = Sandbox(self.workspace, self.limits, unsafe_local=self.unsafe_local)
+            self._start_worker()
         return [
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": self.task.issue},
@@ -155,12 +163,17 @@ class OpenHandsEnv:
         )
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
-        if self.workspace is not None:
-            shutil.rmtree(self.workspace, ignore_errors=True)
-            self.workspace = None
+        worker, workspace = self.worker, self.workspace
+        self.worker = self.workspace = None
+        if worker is not None and workspace is not None and self.reuse_worker and self._can_park(worker):
+            uid = self.sandbox._drop_to if self.sandbox is not None else None
+            slot = _Parked(worker, workspace, uid, self.live_tools or [], self.versions)
+            if _PARKED.give(self._pool_key(), slot):
+                return
+        if worker is not None:
+            worker.close()
+        if workspace is not None:
+            shutil.rmtree(workspace, ignore_errors=True)
 
     def __enter__(self) -> OpenHandsEnv:
         return self
@@ -174,6 +187,45 @@ class OpenHandsEnv:
         return self.workspace / path[len(WORKSPACE) :].lstrip("/")
 
     # -- internals ----------------------------------------------------------------------------------
+    def _write_task_files(self) -> None:
+        assert self.workspace is not None
+        for rel, text in self.task.files.items():
+            path = self.workspace / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+    def _pool_key(self) -> tuple[Any, ...]:
+        return (str(self.venv), self.terminal_type, self.no_change_timeout_s)
+
+    @staticmethod
+    def _can_park(worker: WorkerProcess) -> bool:
+        return worker.sandbox.isolated and worker.proc.poll() is None
+
+    def _reuse_parked(self) -> bool:
+        """Take a parked worker: fresh task files in its folder, strays killed, fresh tools."""
+        slot = _PARKED.take(self._pool_key())
+        if slot is None:
+            return False
+        try:
+            for child in slot.workspace.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            self.workspace = slot.workspace
+            self._write_task_files()
+            self.sandbox = Sandbox(
+                slot.workspace, self.limits, unsafe_local=self.unsafe_local, sandbox_uid=slot.uid
+            )
+            slot.worker.request(self.start_timeout_s, op="reset", kill_strays=True)
+        except Exception:  # a broken parked worker: discard it, start a fresh one
+            slot.worker.kill()
+            shutil.rmtree(slot.workspace, ignore_errors=True)
+            self.workspace = self.sandbox = None
+            return False
+        self.worker, self.live_tools, self.versions = slot.worker, slot.live_tools, slot.versions
+        return True
+
     def _start_worker(self) -> None:
         assert self.workspace is not None and self.sandbox is not None
         worker = WorkerProcess(
@@ -228,6 +280,57 @@ class OpenHandsEnv:
         if tool == "finish" and not error:
             self.done = self.submitted = True
         return text, raw_name, error, call_id
+
+
+@dataclass
+class _Parked:
+    worker: WorkerProcess
+    workspace: Path
+    uid: int | None
+    live_tools: list[dict[str, Any]]
+    versions: dict[str, str]
+
+
+class _ParkedWorkers:
+    """Idle sandboxed workers between episodes, per (venv, terminal type, timeout); at most ``limit``."""
+
+    def __init__(self, limit: int = 16) -> None:
+        self.limit = limit
+        self._idle: dict[tuple[Any, ...], list[_Parked]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: tuple[Any, ...]) -> _Parked | None:
+        with self._lock:
+            while self._idle.get(key):
+                slot = self._idle[key].pop()
+                if slot.worker.proc.poll() is None:
+                    return slot
+                shutil.rmtree(slot.workspace, ignore_errors=True)
+        return None
+
+    def give(self, key: tuple[Any, ...], slot: _Parked) -> bool:
+        with self._lock:
+            if sum(len(v) for v in self._idle.values()) >= self.limit:
+                return False
+            self._idle.setdefault(key, []).append(slot)
+            return True
+
+    def close_all(self) -> None:
+        with self._lock:
+            slots = [s for v in self._idle.values() for s in v]
+            self._idle.clear()
+        for slot in slots:
+            slot.worker.close()
+            shutil.rmtree(slot.workspace, ignore_errors=True)
+
+
+_PARKED = _ParkedWorkers()
+atexit.register(_PARKED.close_all)
+
+
+def close_parked_workers() -> None:
+    """Stop every parked OpenHands worker now (they are also stopped at interpreter exit)."""
+    _PARKED.close_all()
 
 
 def advertised_schemas(full: bool = True) -> list[dict[str, Any]]:

@@ -17,7 +17,10 @@ Requests (``{"op": ...}``) and responses (``{"ok": true, ...}`` or ``{"ok": fals
   openhands-sdk 1.58.0: argument parsing, name normalisation (``execute_bash`` -> ``terminal``, ...),
   malformed-argument repair, ``security_risk`` / ``summary`` removal, pydantic validation, execution);
   returns the tool message text the agent would put in the model's context and whether it is an error.
-- ``reset``: close the tools and build fresh ones (a new terminal session, empty editor history).
+- ``reset`` ``{"kill_strays"}``: close the tools and build fresh ones (a new terminal session, empty
+  editor history) for the next episode; with ``kill_strays`` (only ever sent when the worker runs in
+  its own bubblewrap pid namespace) first SIGKILL every other process of the sandbox, so nothing the
+  previous episode started in the background survives into the next.
 - ``close``: close the tools and exit.
 
 The caller (unipost.envs.openhands.env.OpenHandsEnv) starts this script inside the bubblewrap sandbox
@@ -155,6 +158,32 @@ class ToolHost:
             traceback.print_exc()
 
 
+def _kill_strays() -> int:
+    """SIGKILL every process of this sandbox but bubblewrap's init (pid 1) and this one.
+
+    Refuses unless pid 1 is bubblewrap, i.e. unless this process is in the sandbox's own pid namespace:
+    outside one, ``kill(-1)`` would reach every process of the user on the host.
+    """
+    import signal
+
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            init = f.read().split(b"\0")[0]
+    except OSError:
+        return 0
+    if not init.endswith(b"bwrap"):
+        raise RuntimeError(f"kill_strays refused: pid 1 is {init!r}, not bubblewrap's init")
+    me, killed = os.getpid(), 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in (1, me):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
 def _text(content: Any) -> str:
     return "".join(getattr(part, "text", "") for part in content)
 
@@ -217,8 +246,9 @@ def serve(stdin: Any, proto: Any) -> None:
                 if host is None:
                     raise RuntimeError("reset before init")
                 host.close()
+                killed = _kill_strays() if request.get("kill_strays") else 0
                 host = ToolHost(**init_args)
-                reply = {"ok": True}
+                reply = {"ok": True, "killed": killed}
             elif op == "close":
                 proto.write(json.dumps({"ok": True}) + "\n")
                 break
