@@ -32,7 +32,7 @@ from unipost.envs.embedded.sandbox import WORKSPACE, Limits, Sandbox
 from unipost.envs.embedded.tasks import Difficulty, Task, generate_task
 from unipost.envs.embedded.tools import tool_schemas, truncate_middle
 from unipost.envs.embedded.verifier import EndedBy, classify, run_hidden_tests
-from unipost.envs.openhands.client import WorkerError, WorkerProcess
+from unipost.envs.openhands.client import WorkerError, WorkerProcess, venv_python
 
 OPENHANDS_TOOL_NAMES = ("terminal", "file_editor", "finish", "think")
 
@@ -111,6 +111,7 @@ class OpenHandsEnv:
     def reset(self) -> list[Message]:
         self.close()
         self._reset_state()
+        venv_python(self.venv)  # a missing venv is named before anything else is built
         if not (self.reuse_worker and self._reuse_parked()):
             self.workspace = Path(tempfile.mkdtemp(prefix="unipost-oh-ws-"))
             self._write_task_files()
