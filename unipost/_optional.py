@@ -46,6 +46,10 @@ class OptionalDependencyError(ImportError):
 
 def available(name: str) -> bool:
     """Whether an optional dependency can be imported (without importing it)."""
+    if name == "openhands":  # used from its own Python >= 3.12 venv, never imported here
+        from unipost.envs.openhands.client import default_venv
+
+        return (default_venv() / "bin" / "python").exists()
     module = EXTRAS[name].module if name in EXTRAS else name
     try:
         return importlib.util.find_spec(module) is not None
