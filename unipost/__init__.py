@@ -78,6 +78,9 @@ _EXPORTS: dict[str, str] = {
     # scale: data-parallel training and environment workers on Ray (docs/scaling.md)
     "Distributed": "unipost.train.distributed",
     **dict.fromkeys(["RayEnvPool", "RemoteExpert"], "unipost.rollout.ray_envs"),
+    # vLLM: the student's engine (weights synced each step) and a `vllm serve` teacher
+    "VLLMPolicy": "unipost.rollout.vllm_policy",
+    "VLLMServer": "unipost.rollout.vllm_server",
 }
 __all__ = sorted(_EXPORTS)
 
