@@ -117,20 +117,20 @@ QUICK = BenchSize(  # seconds per run: a 1-layer, 32-wide student; the pipeline 
     lr=1e-2,
     epochs_per_batch=1,
 )
-FULL = BenchSize(  # sized for ~1 h on the shared 2-core CPU; warm start / teacher = cached BC epochs 6 / 12
+FULL = BenchSize(  # sized for < 1 h on the shared 2-core CPU; warm start / teacher = cached BC epochs 6 / 12
     seeds=3,
-    heldout=4,
-    budget=48,
-    iterations=4,
+    heldout=3,
+    budget=32,
+    iterations=3,
     episodes=4,
-    max_turns=8,
-    max_new_tokens=80,
-    kl_tasks=2,
+    max_turns=7,
+    max_new_tokens=64,
+    kl_tasks=1,
     warm_demos=16,
     warm_epochs=6,
     distill_epochs=12,
     grpo_group=4,
-    eval_every=1,
+    eval_every=99,  # evaluate before training and when the budget is spent (each eval costs minutes)
 )
 
 
@@ -277,8 +277,13 @@ def save_histories(out: Path, histories: dict[str, dict[int, list[dict]]], minut
 def load_histories(out: Path) -> dict:
     """``--report-only``: re-summarise a (possibly partial) run; methods or seeds missing are left out."""
     blob = json.loads((out / "histories.json").read_text())
-    histories = {m: {int(s): h for s, h in by.items()} for m, by in blob["histories"].items()}
-    return {"histories": {m: by for m, by in histories.items() if by}, "minutes": blob["minutes"]}
+    histories = {m: {int(s): h for s, h in by.items()} for m, by in blob["histories"].items() if by}
+    complete = set.intersection(*(set(by) for by in histories.values())) if histories else set()
+    if not complete:
+        raise SystemExit(f"{out / 'histories.json'} holds no seed that every method finished")
+    # only seeds every method finished: all arms are then compared on the same tasks and draws
+    histories = {m: {s: h for s, h in by.items() if s in complete} for m, by in histories.items()}
+    return {"histories": histories, "minutes": blob["minutes"], "seeds": sorted(complete)}
 
 
 # -- summarising ---------------------------------------------------------------------------------------
@@ -645,7 +650,6 @@ def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dic
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "methods": rows}, indent=2))
     (out / "claims.json").write_text(json.dumps(claims, indent=2))
-    save_histories(out, histories, result["minutes"])
     with (out / "results.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         keys = [k for k in next(iter(rows.values())) if not isinstance(next(iter(rows.values()))[k], list)]
@@ -699,6 +703,9 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     if args.report_only:
         result = load_histories(out)
+        if len(result["seeds"]) < size.seeds:
+            print(f"reporting the {len(result['seeds'])} of {size.seeds} seeds that every method finished")
+            size = BenchSize(**{**asdict(size), "seeds": len(result["seeds"])})
     else:
         result = run_benchmark(
             size, out=out, runs_dir=runs_dir, methods=args.methods, progress=not args.no_progress
