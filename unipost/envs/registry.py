@@ -7,7 +7,8 @@ Every environment takes the same task keys, ``(split, index)`` with split ``"tra
 - ``openhands``: the same embedded task, its tools executed by the real OpenHands SDK in
   ``.venv-openhands`` (OpenHandsEnv; same workspace, same hidden-test verifier);
 - ``swe``: instance ``index`` of the split of ``env.tasks_path`` (a SWE-bench-format JSONL), in its own
-  Docker container (DockerSWEEnv; needs the ``docker`` package and an engine).
+  Docker container (DockerSWEEnv; needs the ``docker`` package and an engine), graded there per
+  episode unless ``env.swe_grading='none'``.
 
 Heavy modules are imported when the factory is built, never by ``import unipost``.
 """
@@ -57,6 +58,8 @@ def make_env_factory(env: Any) -> Callable[[Any], Environment]:
                 image_scheme=env.image_scheme,
                 max_observation_chars=env.max_observation_chars,
                 full_tool_descriptions=env.full_tool_descriptions,
+                grade=env.swe_grading == "container",
+                grading_timeout_s=env.swe_grading_timeout_s,
             )
 
         return make_swe

@@ -124,6 +124,15 @@ class EnvConfig(_Strict):
     image_scheme: Literal["swebench", "swegym"] = Field(
         "swebench", description="swe: per-instance image names of SWE-bench's harness or of SWE-Gym"
     )
+    swe_grading: Literal["container", "none"] = Field(
+        "container",
+        description="swe: 'container' grades each submitted episode in its own container (test patch "
+        "applied, FAIL_TO_PASS / PASS_TO_PASS run; unipost.envs.swe.grading), as training rewards and "
+        "rejection sampling need; 'none' only extracts the patch and leaves grading to the swebench harness",
+    )
+    swe_grading_timeout_s: float = Field(
+        1800.0, gt=0, description="swe: kill timeout of one in-container test run (seconds)"
+    )
 
     @model_validator(mode="after")
     def _swe_needs_tasks(self) -> EnvConfig:

@@ -5,10 +5,12 @@ absent; its ``/testbed`` repository is copied to a host folder, which a fresh co
 memory and process limits) mounts back at ``/testbed``. Then the OpenHands-style tools of the embedded
 env act on it unchanged: ``terminal`` commands run in the container (``docker exec`` with a kill
 timeout; the working directory persists), ``file_editor`` edits the mounted folder. ``verify`` extracts
-the agent's patch with ``git diff`` against the base commit inside the container; whether it resolves
-the issue is decided by the official harness (:func:`unipost.envs.swe.harness.evaluate_predictions`)
-on the collected patches, not here, so ``Outcome.resolved`` stays False and the patch is in
-``Outcome.detail``.
+the agent's patch with ``git diff`` against the base commit inside the container (``Outcome.detail``)
+and, with ``grade=True`` (the default), grades a submitted episode in the same container: the test
+patch is applied, FAIL_TO_PASS / PASS_TO_PASS run, and ``resolved`` / ``reward`` / ``failure_mode``
+come from the log (:mod:`unipost.envs.swe.grading`), as training needs per episode. Reported
+SWE-bench numbers still come from the official harness on the collected patches
+(:func:`unipost.envs.swe.harness.evaluate_predictions`); ``grade=False`` leaves grading to it.
 
 The ``docker`` package and a reachable engine are required at ``reset``; without them a
 ``DockerUnavailableError`` / ``OptionalDependencyError`` says which is missing.
@@ -30,6 +32,7 @@ from unipost.envs.embedded.env import EmbeddedEnv
 from unipost.envs.embedded.sandbox import WORKSPACE, CommandResult, Limits
 from unipost.envs.embedded.tools import FileEditor, Terminal
 from unipost.envs.embedded.verifier import EndedBy
+from unipost.envs.swe.grading import GradeReport, GradingSpec, grade_in_container, grading_spec
 from unipost.envs.swe.instances import ImageScheme, SWEInstance
 
 SWE_SYSTEM_PROMPT = (
@@ -92,9 +95,16 @@ class DockerSWEEnv(EmbeddedEnv):
         pids_limit: int = 512,
         full_tool_descriptions: bool = True,
         pull: bool = True,
+        grade: bool = True,
+        grading_timeout_s: float = 1800.0,
     ) -> None:
         if not isinstance(instance, SWEInstance):
             raise TypeError(f"DockerSWEEnv needs an SWEInstance, got {type(instance).__name__}")
+        # built now, so an instance that cannot be graded fails before any container starts
+        self.grading: GradingSpec | None = (
+            grading_spec(instance, timeout_s=grading_timeout_s) if grade else None
+        )
+        self.grade_report: GradeReport | None = None
         super().__init__(
             instance,  # type: ignore[arg-type]  # EmbeddedEnv stores it as .task; tools never read it
             max_observation_chars=max_observation_chars,
@@ -136,16 +146,27 @@ class DockerSWEEnv(EmbeddedEnv):
         ]
 
     def verify(self, ended_by: EndedBy = None) -> Outcome:
-        """The agent's patch (``git diff`` vs the base commit); resolution is the harness's job."""
+        """The agent's patch (``git diff`` vs the base commit), graded in the container when submitted."""
         if self.container is None:
             raise RuntimeError("DockerSWEEnv.verify() called before reset().")
         self.patch = self.extract_patch()
-        mode = None
+        self.grade_report = None
         if not self.submitted:
             mode = "context_overflow" if ended_by == "context_budget" else "budget_exhaustion"
             if not self.patch.strip():
                 mode = "no_edit"
-        return Outcome(resolved=False, submitted=self.submitted, failure_mode=mode, detail=self.patch)
+            return Outcome(resolved=False, submitted=False, failure_mode=mode, detail=self.patch)
+        if self.grading is None:  # the harness decides later
+            return Outcome(resolved=False, submitted=True, detail=self.patch)
+        report = grade_in_container(self.container, self.instance, self.patch, spec=self.grading)
+        self.grade_report = report
+        return Outcome(
+            resolved=report.resolved,
+            submitted=True,
+            reward=1.0 if report.resolved else 0.0,
+            failure_mode=report.failure_mode,  # type: ignore[arg-type]  # a Table-4 left-block mode
+            detail=self.patch,
+        )
 
     def extract_patch(self) -> str:
         cmd = f"cd {WORKSPACE} && git add -A && git diff --cached --no-color {self.instance.base_commit}"

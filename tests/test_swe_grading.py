@@ -1,0 +1,385 @@
+"""In-container grading of SWE episodes (unipost.envs.swe.grading, DockerSWEEnv.verify).
+
+The log parser reads the output of a real ``pytest -rA -v`` run; the grading decision is checked on
+status maps; the eval script for a fixture instance is checked with ``bash -n``. The end-to-end test
+drives ``DockerSWEEnv`` (its tools, ``verify``, the eval script, real git and real pytest) on a real git
+repository, with ONE stand-in: ``LocalContainer`` below replaces the docker SDK's ``Container``
+(``exec_run`` / ``put_archive``) by running the same commands on this machine, with the container's
+paths mapped to host folders the way a bind mount would. That is the only substitute, and only
+because no Docker engine exists here; everything on either side of that interface is the real code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from unipost.envs.embedded.expert import tool_call_message
+from unipost.envs.embedded.tools import FileEditor, Terminal
+from unipost.envs.registry import make_env_factory
+from unipost.envs.swe import DockerExecutor, DockerSWEEnv, SWEInstance, load_instances
+from unipost.envs.swe.grading import (
+    SCRATCH,
+    GradingUnavailableError,
+    decide,
+    grade_log,
+    grading_spec,
+    lookup_status,
+    parse_pytest_log,
+    patch_files,
+)
+from unipost.train.config import EnvConfig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "swe"
+
+TEST_FILE = """\
+import pytest
+
+
+def test_ok():
+    assert True
+
+
+@pytest.mark.parametrize("s", ["a b", "x - y", "[q]"])
+def test_param(s):
+    assert s != "x - y"
+
+
+def test_fail():
+    assert 1 == 2
+
+
+@pytest.fixture
+def boom():
+    raise RuntimeError("boom")
+
+
+def test_err(boom):
+    pass
+
+
+@pytest.mark.xfail(reason="known")
+def test_xf():
+    assert False
+
+
+@pytest.mark.xfail(reason="maybe")
+def test_xp():
+    pass
+
+
+@pytest.mark.skip(reason="nope")
+def test_skip():
+    pass
+
+
+class TestK:
+    def test_m(self):
+        pass
+"""
+
+
+def _pytest(cwd: Path, *targets: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-rA", "-v", "--color=no", "-p", "no:cacheprovider", *targets],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTEST_ADDOPTS": ""},
+    )
+    return done.stdout + done.stderr
+
+
+def test_parser_reads_a_real_pytest_rA_run(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_s.py").write_text(TEST_FILE)
+    statuses = parse_pytest_log(_pytest(tmp_path, "tests/test_s.py"))
+    f = "tests/test_s.py::"
+    assert statuses == {
+        f + "test_ok": "PASSED",
+        f + "test_param[a b]": "PASSED",  # a space in the id
+        f + "test_param[x - y]": "FAILED",  # " - " inside brackets is not the message separator
+        f + "test_param[[q]]": "PASSED",
+        f + "test_fail": "FAILED",
+        f + "test_err": "ERROR",  # error at setup
+        f + "test_xf": "XFAIL",
+        f + "test_xp": "XPASS",
+        f + "test_skip": "SKIPPED",  # only the -v line names a skipped test
+        f + "TestK::test_m": "PASSED",
+    }
+    (tmp_path / "tests" / "test_broken.py").write_text(
+        "import no_such_module_xyz\n\ndef test_a():\n    pass\n"
+    )
+    broken = parse_pytest_log(_pytest(tmp_path, "tests/test_s.py", "tests/test_broken.py"))
+    assert broken == {"tests/test_broken.py": "ERROR"}  # collection error: pytest runs nothing
+
+
+def test_parser_keeps_the_worse_of_two_reports_and_ignores_location_only_skips():
+    log = "\n".join(
+        [
+            "t.py::test_a PASSED                  [ 50%]",
+            "t.py::test_a ERROR                   [ 50%]",
+            "PASSED t.py::test_a",
+            "ERROR t.py::test_a - RuntimeError: teardown",
+            "SKIPPED [1] t.py:3: unconditional skip",
+            "FAILED t.py::test_b - assert 1 == 2",
+        ]
+    )
+    assert parse_pytest_log(log) == {"t.py::test_a": "ERROR", "t.py::test_b": "FAILED"}
+
+
+def test_lookup_matches_dataset_ids_cut_by_swebench():
+    statuses = {"t.py::test_p[a b]": "PASSED", "t.py::test_p[c d]": "FAILED", "t.py::test_q[x y]": "PASSED"}
+    assert lookup_status("t.py::test_p[a b]", statuses) == "PASSED"
+    assert (
+        lookup_status("t.py::test_q[x", statuses) == "PASSED"
+    )  # cut at the space, as swebench's parser does
+    assert lookup_status("t.py::test_p[", statuses) is None  # prefixes two ids that disagree: no verdict
+    assert lookup_status("t.py::test_r", statuses) is None
+
+
+@pytest.fixture(scope="module")
+def instances() -> list[SWEInstance]:
+    return load_instances(FIXTURES / "instances.jsonl")
+
+
+def test_decision_on_fail_to_pass_and_pass_to_pass(instances):
+    inst = instances[0]  # F2P tests/test_stats.py::test_mean_empty, P2P tests/test_stats.py::test_mean
+    f2p, p2p = inst.FAIL_TO_PASS[0], inst.PASS_TO_PASS[0]
+    fix = inst.patch  # touches tinycalc/stats.py, the reference fix's file
+    other = "diff --git a/tinycalc/ops.py b/tinycalc/ops.py\n--- a/tinycalc/ops.py\n+++ b/tinycalc/ops.py\n"
+    assert patch_files(fix) == ["tinycalc/stats.py"]
+    assert decide(inst, {f2p: "PASSED", p2p: "PASSED"}, fix) == (True, None, [], [])
+    assert decide(inst, {f2p: "XFAIL", p2p: "SKIPPED"}, fix)[0]  # a skipped P2P test is no regression
+    assert decide(inst, {f2p: "SKIPPED", p2p: "PASSED"}, fix) == (False, "wrong_solution", [f2p], [])
+    assert decide(inst, {f2p: "PASSED", p2p: "FAILED"}, fix) == (False, "wrong_solution", [], [p2p])
+    assert decide(inst, {f2p: "FAILED", p2p: "PASSED"}, other) == (False, "wrong_file", [f2p], [])
+    assert decide(inst, {f2p: "ERROR", p2p: "PASSED"}, fix)[1] == "syntax_or_runtime_error"
+    assert decide(inst, {"tests/test_stats.py": "ERROR"}, fix)[1] == "syntax_or_runtime_error"
+    assert decide(inst, {}, fix) == (False, "syntax_or_runtime_error", [f2p], [p2p])
+
+
+def test_log_verdicts_for_runs_that_did_not_test(instances):
+    inst = instances[0]
+    spec = grading_spec(inst, source="pytest")
+    assert grade_log(inst, spec, ">>>>> Patch Apply Failed\n", 3, inst.patch).status == "test_patch_failed"
+    timeout = grade_log(inst, spec, ">>>>> Start Test Output\ncollecting", 137, inst.patch)
+    assert (timeout.status, timeout.failure_mode, timeout.resolved) == (
+        "timeout",
+        "syntax_or_runtime_error",
+        False,
+    )
+    silent = grade_log(inst, spec, "bash: python: command not found\n", 127, inst.patch)
+    assert (silent.status, silent.failure_mode) == ("no_test_output", "syntax_or_runtime_error")
+    tests = f"PASSED {inst.FAIL_TO_PASS[0]}\nPASSED {inst.PASS_TO_PASS[0]}\n"
+    ok = f">>>>> Start Test Output\n{tests}>>>>> End Test Output\n"
+    assert grade_log(inst, spec, ok, 0, inst.patch).resolved
+
+
+def test_eval_script_for_a_fixture_instance(instances, tmp_path):
+    inst = instances[0]
+    spec = grading_spec(inst)  # no swebench here, no eval_script in the record: the generic runner
+    assert spec.source == "pytest"
+    lines = spec.script.splitlines()
+    f = "tests/test_stats.py"
+    reset = f"git checkout -q {inst.base_commit} -- {f} 2>/dev/null || rm -f -- {f}"
+    apply = next(i for i, ln in enumerate(lines) if "git apply" in ln)
+    assert lines.index(reset) < apply < lines.index(">>>>> Start Test Output".join(["echo '", "'"]))
+    assert f"git apply -v {SCRATCH}/test.patch" in lines[apply]
+    assert "python -m pytest -rA -v --color=no -p no:cacheprovider tests/test_stats.py 2>&1" in lines
+    script = tmp_path / "eval.sh"
+    script.write_text(spec.script)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    odd = replace(inst, FAIL_TO_PASS=("tests/test_a b.py::test_x[1 2]",), PASS_TO_PASS=())
+    assert "'tests/test_a b.py'" in grading_spec(odd).script  # shell-quoted
+
+
+def test_instances_pytest_cannot_run_are_refused_before_any_container(instances):
+    django_style = replace(instances[0], FAIL_TO_PASS=("test_clear (cache.tests.DBCacheTests)",))
+    with pytest.raises(GradingUnavailableError, match=r"not pytest node ids.*swe_grading='none'"):
+        DockerSWEEnv(django_style)
+    assert DockerSWEEnv(django_style, grade=False).grading is None
+    with pytest.raises(ValueError, match="unknown grading source"):
+        grading_spec(instances[0], source="tox")  # type: ignore[arg-type]
+
+
+def test_env_config_switches_grading(instances):
+    base = {"name": "swe", "tasks_path": str(FIXTURES / "instances.jsonl"), "heldout_fraction": 0.0}
+    graded = make_env_factory(EnvConfig(**base, swe_grading_timeout_s=60))(("train", 0))
+    assert graded.grading is not None and graded.grading.source == "pytest" and graded.grading.timeout_s == 60
+    assert make_env_factory(EnvConfig(**base, swe_grading="none"))(("train", 0)).grading is None
+    assert EnvConfig.model_fields["swe_grading"].description
+    with pytest.raises(ValueError):
+        EnvConfig(**base, swe_grading="harness")
+
+
+# -- end to end, with the docker SDK's Container replaced by local execution --------------------------
+
+
+class LocalContainer:
+    """The docker SDK ``Container`` calls DockerSWEEnv makes (``exec_run``, ``put_archive``), run on this
+    machine: container paths are mapped to host folders (like bind mounts), HOME is a scratch folder so
+    ``git config --global`` stays inside the "container". A stand-in because no Docker engine exists."""
+
+    def __init__(self, mounts: dict[str, Path], home: Path) -> None:
+        self.mounts = mounts
+        self.env = {**os.environ, "HOME": str(home), "PYTEST_ADDOPTS": ""}
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+        self.calls: list[list[str]] = []
+
+    def _map(self, text: str) -> str:
+        for inside, outside in self.mounts.items():
+            text = text.replace(inside, str(outside))
+        return text
+
+    def exec_run(self, cmd, workdir=None, demux=False, **_):
+        assert demux is False and isinstance(cmd, list)
+        self.calls.append(cmd)
+        args = [self._map(a) for a in cmd]
+        cwd = self._map(workdir) if workdir else str(self.mounts["/testbed"])
+        done = subprocess.run(args, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return done.returncode, done.stdout
+
+    def put_archive(self, path: str, data: bytes) -> bool:
+        target = Path(self._map(path))
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                text = tar.extractfile(member).read().decode()  # type: ignore[union-attr]
+                (target / member.name).write_text(self._map(text))
+        return True
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+OPS = "def clamp(x, lo, hi):\n    return max(lo, x)\n"
+TESTS = "from calc.ops import clamp\n\n\ndef test_clamp_low():\n    assert clamp(-1, 0, 3) == 0\n"
+NEW_TEST = "\n\ndef test_clamp_high():\n    assert clamp(5, 0, 3) == 3\n"
+FIX = "def clamp(x, lo, hi):\n    return max(lo, min(x, hi))\n"
+
+
+@pytest.fixture
+def repo_instance(tmp_path) -> tuple[Path, SWEInstance]:
+    """A real repository with a bug, its reference fix and its test patch (made with git diff)."""
+    repo = tmp_path / "testbed"
+    (repo / "calc").mkdir(parents=True)
+    (repo / "tests").mkdir()
+    (repo / "calc" / "__init__.py").write_text("")
+    (repo / "calc" / "ops.py").write_text(OPS)
+    (repo / "tests" / "test_ops.py").write_text(TESTS)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
+    base = _git(repo, "rev-parse", "HEAD").strip()
+    (repo / "calc" / "ops.py").write_text(FIX)
+    gold = _git(repo, "diff", "calc/ops.py")
+    (repo / "tests" / "test_ops.py").write_text(TESTS + NEW_TEST)
+    test_patch = _git(repo, "diff", "tests/test_ops.py")
+    _git(repo, "checkout", "-q", "--", ".")
+    instance = SWEInstance(
+        instance_id="local__calc-1",
+        repo="local/calc",
+        base_commit=base,
+        problem_statement="clamp(5, 0, 3) returns 5",
+        patch=gold,
+        test_patch=test_patch,
+        FAIL_TO_PASS=("tests/test_ops.py::test_clamp_high",),
+        PASS_TO_PASS=("tests/test_ops.py::test_clamp_low",),
+    )
+    return repo, instance
+
+
+def _env(repo: Path, instance: SWEInstance, tmp_path: Path) -> tuple[DockerSWEEnv, LocalContainer]:
+    """A DockerSWEEnv in the state reset() leaves it in, on a LocalContainer instead of an engine."""
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "home").mkdir()
+    container = LocalContainer({SCRATCH: tmp_path / "scratch", "/testbed": repo}, tmp_path / "home")
+    env = DockerSWEEnv(instance, pull=False, grading_timeout_s=120)
+    env._reset_state()
+    env.workspace, env.container = repo, container
+    env.editor = FileEditor(repo, env.max_observation_chars)
+    env.terminal = Terminal(DockerExecutor(container, env.limits), env.max_observation_chars)  # type: ignore[arg-type]
+    return env, container
+
+
+def _act(env: DockerSWEEnv, name: str, args: dict) -> None:
+    env.step(tool_call_message("", name, args, f"call_{len(env.actions)}"))
+
+
+def test_verify_grades_a_fix_in_the_container_and_reverts_test_edits(repo_instance, tmp_path):
+    repo, instance = repo_instance
+    env, container = _env(repo, instance, tmp_path)
+    _act(
+        env,
+        "file_editor",
+        {
+            "command": "str_replace",
+            "path": "/testbed/calc/ops.py",
+            "old_str": "max(lo, x)",
+            "new_str": "max(lo, min(x, hi))",
+        },
+    )
+    # the agent also rewrites the test file: grading must restore it before the test patch applies
+    _act(env, "terminal", {"command": "printf 'def test_clamp_high():\\n    pass\\n' > tests/test_ops.py"})
+    _act(env, "finish", {"message": "done"})
+    outcome = env.verify()
+    report = env.grade_report
+    assert report is not None and report.source == "pytest", report
+    assert report.statuses == {
+        "tests/test_ops.py::test_clamp_low": "PASSED",
+        "tests/test_ops.py::test_clamp_high": "PASSED",
+    }, report.log_tail
+    assert (outcome.resolved, outcome.submitted, outcome.reward, outcome.failure_mode) == (
+        True,
+        True,
+        1.0,
+        None,
+    )
+    assert outcome.detail == env.patch and "+    return max(lo, min(x, hi))" in outcome.detail
+    assert "tests/test_ops.py" in patch_files(outcome.detail)  # the patch still holds what the agent did
+    assert (
+        container.calls[-1][:3] == ["timeout", "-s", "KILL"]
+        and container.calls[-1][-1] == f"{SCRATCH}/eval.sh"
+    )
+
+
+@pytest.mark.parametrize(
+    ("new_source", "mode"),
+    [
+        ("def clamp(x, lo, hi):\n    return min(x, hi)\n", "wrong_solution"),  # F2P passes, P2P breaks
+        ("def clamp(x, lo, hi)\n    return x\n", "syntax_or_runtime_error"),  # the module does not import
+    ],
+)
+def test_verify_classifies_unresolved_submissions(repo_instance, tmp_path, new_source, mode):
+    repo, instance = repo_instance
+    env, _ = _env(repo, instance, tmp_path)
+    _act(env, "file_editor", {"command": "create", "path": "/testbed/calc/ops2.py", "file_text": "x = 1\n"})
+    (repo / "calc" / "ops.py").write_text(new_source)
+    _act(env, "finish", {"message": "done"})
+    outcome = env.verify()
+    assert (outcome.resolved, outcome.submitted, outcome.reward, outcome.failure_mode) == (
+        False,
+        True,
+        0.0,
+        mode,
+    ), env.grade_report.log_tail if env.grade_report else None
+
+
+def test_verify_without_submission_or_without_grading_runs_no_tests(repo_instance, tmp_path):
+    repo, instance = repo_instance
+    env, container = _env(repo, instance, tmp_path)
+    outcome = env.verify(ended_by="turn_budget")
+    assert (outcome.resolved, outcome.failure_mode, env.grade_report) == (False, "no_edit", None)
+    env.grading = None  # DockerSWEEnv(grade=False) / env.swe_grading='none'
+    _act(env, "finish", {"message": "done"})
+    outcome = env.verify()
+    assert (outcome.resolved, outcome.submitted, outcome.failure_mode) == (False, True, None)
+    assert not any("eval.sh" in " ".join(c) for c in container.calls)
