@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from unipost._optional import available
 from unipost.envs.embedded.expert import tool_call_message
 from unipost.envs.embedded.tools import FileEditor, Terminal
 from unipost.envs.registry import make_env_factory
-from unipost.envs.swe import DockerExecutor, DockerSWEEnv, SWEInstance, load_instances
+from unipost.envs.swe import DockerExecutor, DockerSWEEnv, SWEInstance, load_instances, parse_instance
 from unipost.envs.swe.grading import (
     SCRATCH,
     GradingUnavailableError,
@@ -383,3 +384,33 @@ def test_verify_without_submission_or_without_grading_runs_no_tests(repo_instanc
     outcome = env.verify()
     assert (outcome.resolved, outcome.submitted, outcome.failure_mode) == (False, True, None)
     assert not any("eval.sh" in " ".join(c) for c in container.calls)
+
+
+def test_instances_with_their_own_eval_script_use_it(instances):
+    """swebench >= 5 dataset records carry ``eval_script`` + ``log_parser``; without swebench installed
+    its pytest parsers are stood in for by ours, any other parser is refused by name."""
+    body = ": '>>>>> Start Test Output'\npytest -rA t.py\n: '>>>>> End Test Output'\n"
+    script = "#!/bin/bash\nset -uxo pipefail\n" + body
+    record = {**instances[0].to_record(), "eval_script": script, "log_parser": "parse_log_pytest"}
+    inst = parse_instance(record)
+    if available("swebench"):
+        pytest.skip("checks the fallback used when swebench is not importable")
+    spec = grading_spec(inst)
+    assert spec.source == "swebench-dataset" and spec.parse is parse_pytest_log
+    assert spec.script.splitlines()[0] == "#!/bin/bash" and "pytest -rA t.py" in spec.script
+    assert "git checkout -q" in spec.script.split("set -uxo pipefail")[0]  # our test-file reset runs first
+    record["log_parser"] = "parse_log_django"
+    with pytest.raises(GradingUnavailableError, match=r"parse_log_django.*pip install 'unipost\[swe\]'"):
+        grading_spec(parse_instance(record))
+
+
+def test_swebench_v4_specs_when_installed(instances):
+    """With swebench 4.x importable, a repo/version it knows is graded with its own eval script and
+    log parser (checked by hand against swebench 4.1.0; skipped where swebench is absent)."""
+    pytest.importorskip("swebench.harness.test_spec.test_spec")
+    django = replace(
+        instances[0], repo="django/django", version="4.0", FAIL_TO_PASS=("test_x (a.b.C)",), PASS_TO_PASS=()
+    )
+    spec = grading_spec(django)
+    assert spec.source == "swebench" and "./tests/runtests.py" in spec.script
+    assert spec.parse("test_x (a.b.C) ... ok\n") == {"test_x (a.b.C)": "PASSED"}

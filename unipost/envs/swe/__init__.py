@@ -1,11 +1,14 @@
 """SWE-Gym / SWE-bench: instances from a local JSONL (public format), held-out split selection,
-one Docker container per instance (``DockerSWEEnv``) and evaluation through the ``swebench`` harness.
+one Docker container per instance (``DockerSWEEnv``, which grades each submitted episode in it:
+``grading``), evaluation through the ``swebench`` harness, and ``evaluate_run``: a trained run on
+SWE-bench Verified.
 
 Nothing here imports ``docker`` or ``swebench`` until it is used; without them (or without a running
 Docker engine) the error names what is missing.
 """
 
 from unipost.envs.swe.docker_env import DockerExecutor, DockerSWEEnv, DockerUnavailableError, docker_client
+from unipost.envs.swe.grading import GradeReport, GradingSpec, GradingUnavailableError, grading_spec
 from unipost.envs.swe.harness import evaluate_predictions, harness_command, write_dataset, write_predictions
 from unipost.envs.swe.instances import (
     IMAGE_SCHEMES,
@@ -17,21 +20,29 @@ from unipost.envs.swe.instances import (
     parse_instance,
     split_instances,
 )
+from unipost.envs.swe.verified import VerifiedResult, evaluate_run, select_instances
 
 __all__ = [
     "IMAGE_SCHEMES",
     "DockerExecutor",
     "DockerSWEEnv",
     "DockerUnavailableError",
+    "GradeReport",
+    "GradingSpec",
+    "GradingUnavailableError",
     "InstanceFormatError",
     "SWEInstance",
+    "VerifiedResult",
     "docker_client",
     "evaluate_predictions",
+    "evaluate_run",
+    "grading_spec",
     "harness_command",
     "heldout_bucket",
     "image_name",
     "load_instances",
     "parse_instance",
+    "select_instances",
     "split_instances",
     "write_dataset",
     "write_predictions",

@@ -265,16 +265,35 @@ def pytest_script(instance: SWEInstance, *, workdir: str = WORKSPACE, scratch: s
 def _swebench_v4_spec(instance: SWEInstance) -> tuple[str, LogParser] | None:
     """swebench 4.x's eval script and log parser for the instance's repo/version, if it knows them."""
     try:
-        from swebench.harness.constants import MAP_REPO_VERSION_TO_SPECS
+        from swebench.harness.constants import MAP_REPO_TO_EXT, MAP_REPO_VERSION_TO_SPECS
         from swebench.harness.log_parsers import MAP_REPO_TO_PARSER
-        from swebench.harness.test_spec.test_spec import make_test_spec
+        from swebench.harness.test_spec.create_scripts import make_eval_script_list
+        from swebench.harness.test_spec.test_spec import TestSpec
     except ImportError:
         return None
-    if instance.version not in MAP_REPO_VERSION_TO_SPECS.get(instance.repo, {}):
+    specs = MAP_REPO_VERSION_TO_SPECS.get(instance.repo, {}).get(instance.version)
+    if specs is None or instance.repo not in MAP_REPO_TO_PARSER:
         return None
-    if instance.repo not in MAP_REPO_TO_PARSER:
-        return None
-    spec = make_test_spec(instance.to_record())
+    record = instance.to_record()
+    # only the eval script: make_test_spec would also build the image set-up scripts, which fetch the
+    # repo's requirements from GitHub (no network in the container, and none needed here)
+    eval_list = make_eval_script_list(
+        record, specs, "testbed", WORKSPACE, instance.base_commit, instance.test_patch
+    )
+    spec = TestSpec(
+        instance_id=instance.instance_id,
+        repo=instance.repo,
+        version=instance.version,
+        repo_script_list=[],
+        eval_script_list=eval_list,
+        env_script_list=[],
+        arch="x86_64",
+        FAIL_TO_PASS=list(instance.FAIL_TO_PASS),
+        PASS_TO_PASS=list(instance.PASS_TO_PASS),
+        language=MAP_REPO_TO_EXT[instance.repo],
+        docker_specs=specs.get("docker_specs", {}),
+        namespace=None,
+    )
     parser = MAP_REPO_TO_PARSER[instance.repo]
     return spec.eval_script, lambda log: parser(log, spec)
 
