@@ -76,7 +76,7 @@ BUDGETS = {
     # tasks per iteration; the expert needs 6 turns on an easy task
     "smoke": dict(iterations=2, tasks=1, max_turns=3, new_tokens=8, kl_tasks=1, kl_turns=2, seeds=[0]),
     "small": dict(iterations=2, tasks=2, max_turns=6, new_tokens=12, kl_tasks=2, kl_turns=3, seeds=[0]),
-    "full": dict(iterations=6, tasks=4, max_turns=8, new_tokens=24, kl_tasks=4, kl_turns=4, seeds=[0, 1]),
+    "full": dict(iterations=4, tasks=3, max_turns=7, new_tokens=16, kl_tasks=3, kl_turns=3, seeds=[0, 1]),
 }
 if BUDGET not in BUDGETS:
     raise ValueError(f"UNIPOST_NB_BUDGET={BUDGET!r}: choose one of {sorted(BUDGETS)}")

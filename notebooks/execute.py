@@ -20,7 +20,7 @@ def execute_notebook(path: str | Path, *, cwd: str | Path, budget: str, timeout_
     import jupytext
     from nbclient import NotebookClient
 
-    cwd = Path(cwd)
+    cwd = Path(cwd).resolve()  # the kernel runs in cwd: a relative figures path would nest
     nb = jupytext.read(path)
     env = {
         **os.environ,

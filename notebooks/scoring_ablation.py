@@ -20,9 +20,12 @@
 #
 # Here the context distribution d_C and the label distribution d_L are held fixed and only the
 # score w changes. Contexts: a turn-level mixture in which the teacher executes each turn with
-# probability beta (so that some episodes are resolved even though a tiny student alone never
-# resolves one); labels: the student's **own** sampled turns (y ~ pi_theta, which score-function
-# weights need). The scores:
+# probability beta; labels: the student's **own** sampled turns (y ~ pi_theta, which score-function
+# weights need). The paper's GRPO and OPD use pure student rollouts (`StudentRollout`); a student this
+# small never resolves a task on its own, so there SuccessFilter and GroupAdvantage would be zero on
+# every token. Mixture contexts let some episodes resolve (an outcome-based score then credits the
+# student turns of those episodes, treating the teacher's turns as part of the environment). The
+# scores:
 #
 # | score | w per label token | needs |
 # |---|---|---|
@@ -35,12 +38,13 @@
 # Each variant is one `Recipe(...)` line. Every variant is trained with the real `Trainer` on the
 # embedded mini-SWE environment, from the same cached warm start, with the same seed, tasks and
 # budget. We then look at (1) what each score does to the *same* tokens, and (2) what training with
-# it does to the student: the reverse KL to the teacher on the student's own held-out states
-# (paper §4.4) and the NLL of the expert's actions on held-out expert states.
+# it does to the student: the reverse KL to the teacher on held-out student-visited states (paper
+# §4.4; the states the warm start visits, the same for every variant, so the comparison is paired) and
+# the NLL of the expert's actions on held-out expert states.
 #
-# Budget: `UNIPOST_NB_BUDGET=small` (the test suite, about a minute) or `full` (minutes; the figures in
-# `notebooks/figures/`). At the small budget the student is a 1-layer Qwen3 of width 32: the point is
-# that the whole pipeline runs and the checks below hold, not the size of the effects.
+# Budget: `UNIPOST_NB_BUDGET=smoke | small | full` (see `notebooks/README.md`). The student is a
+# 1-layer Qwen3 of width 32: the point is that the whole pipeline runs and the checks below hold, not
+# the size of the effects.
 
 # %%
 import copy
@@ -111,14 +115,14 @@ BUDGETS = {
         seeds=[0],
     ),
     "full": dict(
-        iterations=4,
-        tasks=4,
-        group=4,
+        iterations=3,
+        tasks=3,
+        group=2,
         beta=0.75,
         max_turns=8,
-        new_tokens=24,
-        kl_tasks=4,
-        kl_turns=4,
+        new_tokens=16,
+        kl_tasks=3,
+        kl_turns=3,
         seeds=[0, 1],
     ),
 }
@@ -252,6 +256,7 @@ for seed in B["seeds"]:
 # Every variant's first iteration collected the *same* episodes (same warm start, seed and tasks; the
 # score plays no part in collection). On that shared batch we evaluate each recipe's weights
 # `recipe.loss_weights(...)` exactly as the trainer does (with the warm-start student's log-probs).
+# A group member without student turns has no label but still counts in its group's GRPO baseline.
 
 # %%
 first_seed = B["seeds"][0]
