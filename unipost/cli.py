@@ -1,4 +1,5 @@
-"""The ``unipost`` command line: ``unipost env ...``, ``unipost train``, ``unipost main``."""
+"""The ``unipost`` command line: ``unipost env ...``, ``unipost train``, ``unipost eval``,
+``unipost eval-swebench``, ``unipost main``."""
 
 from __future__ import annotations
 
@@ -87,6 +88,35 @@ def evaluate(
     metrics = trainer.evaluate(trainer.start_iteration)
     for key, value in sorted(metrics.items()):
         typer.echo(f"{key:40s} {value:.4f}")
+
+
+@app.command("eval-swebench")
+def eval_swebench(
+    run: Path = typer.Argument(..., help="a run directory (holds config.json and checkpoints/)"),
+    instances: Path = typer.Option(..., help="JSONL of SWE-bench Verified instances (public format)"),
+    out: Path = typer.Option(..., help="where predictions, harness logs and swebench_verified.json go"),
+    limit: int | None = typer.Option(None, help="evaluate only the first N instances left"),
+    ids: Path | None = typer.Option(None, help="a file of instance ids, one a line (e.g. a fixed subset)"),
+    exclude_repo: list[str] = typer.Option(
+        ["matplotlib/matplotlib"],
+        help="repos to leave out (repeatable; the paper drops Matplotlib; '' keeps all)",
+    ),
+    max_workers: int = typer.Option(4, help="the swebench harness's parallel containers"),
+) -> None:
+    """SWE-bench Verified of a run's latest checkpoint: greedy episodes in Docker, the swebench harness."""
+    from unipost.envs.swe.verified import evaluate_run
+
+    wanted = [ln.strip() for ln in ids.read_text().splitlines() if ln.strip()] if ids else None
+    result = evaluate_run(
+        run,
+        instances,
+        out,
+        exclude_repos=exclude_repo,
+        instance_ids=wanted,
+        limit=limit,
+        max_workers=max_workers,
+    )
+    typer.echo(result.summary())
 
 
 @app.command()

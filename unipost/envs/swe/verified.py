@@ -164,6 +164,25 @@ def eval_config(config: Any, run_dir: Path, instances_path: Path, split_file: Pa
     return type(config).model_validate(data)
 
 
+def load_for_eval(run_dir: Path, config: Any) -> Any:
+    """``Trainer(config, resume=True)`` on ``run_dir``'s latest checkpoint, with an eval-only recipe (no
+    teacher endpoint contacted, no white-box teacher loaded), leaving the run's ``config.json`` as it was
+    (the Trainer rewrites it with the config it was given). The student is in eval mode."""
+    from unipost.objective import OwnSamples, Recipe, StudentRollout
+    from unipost.train.checkpoint import CheckpointManager
+    from unipost.train.trainer import Trainer
+
+    if CheckpointManager(run_dir / "checkpoints").latest() is None:  # resume would start fresh instead
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no valid checkpoint to evaluate")
+    saved = (run_dir / "config.json").read_bytes()
+    try:
+        trainer = Trainer(config, recipe=Recipe(StudentRollout(), OwnSamples(), name="eval"), resume=True)
+    finally:
+        (run_dir / "config.json").write_bytes(saved)
+    trainer.student.eval()
+    return trainer
+
+
 def _require_docker_and_swebench() -> None:
     from unipost._optional import OptionalDependencyError, available
     from unipost.envs.swe.docker_env import docker_client
@@ -205,6 +224,8 @@ def evaluate_run(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} holds no config.json: not a unipost run directory")
+    if not (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{run_dir} holds no checkpoints/ folder: nothing trained to evaluate")
     instances_path = Path(instances_path).resolve()
     exclude_repos = tuple(exclude_repos)
     selected = select_instances(
@@ -214,22 +235,15 @@ def evaluate_run(
 
     from unipost.envs.swe.harness import evaluate_predictions
     from unipost.eval import evaluate_policy
-    from unipost.objective import OwnSamples, Recipe, StudentRollout
     from unipost.train.config import TrainConfig
-    from unipost.train.trainer import Trainer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = [i.instance_id for i in selected]
     split_file = out_dir / "split.json"
     split_file.write_text(json.dumps({"train": ids, "heldout": ids}, indent=1))
-    saved_config = (run_dir / "config.json").read_bytes()
     run_config = TrainConfig.from_file(run_dir / "config.json")
     config = eval_config(run_config, run_dir, instances_path, split_file, len(ids))
-    try:  # an eval-only recipe: no teacher endpoint is contacted, no white-box teacher loaded
-        trainer = Trainer(config, recipe=Recipe(StudentRollout(), OwnSamples(), name="eval"), resume=True)
-    finally:
-        (run_dir / "config.json").write_bytes(saved_config)  # the Trainer rewrote it with the eval env
-    trainer.student.eval()
+    trainer = load_for_eval(run_dir, config)
     result = evaluate_policy(
         trainer.make_env,
         trainer.student_policy,
