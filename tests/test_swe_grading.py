@@ -386,6 +386,23 @@ def test_verify_without_submission_or_without_grading_runs_no_tests(repo_instanc
     assert not any("eval.sh" in " ".join(c) for c in container.calls)
 
 
+def test_a_container_that_fails_under_grading_gives_an_outcome_not_an_exception(repo_instance, tmp_path):
+    repo, instance = repo_instance
+    env, container = _env(repo, instance, tmp_path)
+    (repo / "calc" / "ops.py").write_text(FIX)
+    _act(env, "finish", {"message": "done"})
+
+    def gone(path, data):
+        raise ConnectionError("container 3f2a is not running")
+
+    container.put_archive = gone  # type: ignore[method-assign]
+    outcome = env.verify()
+    assert (outcome.resolved, outcome.submitted, outcome.failure_mode) == (False, True, None)
+    assert outcome.detail.startswith("diff --git a/calc/ops.py")  # the patch survives for the harness
+    assert env.grade_report is not None and env.grade_report.status == "error"
+    assert "not running" in env.grade_report.log_tail
+
+
 def test_instances_with_their_own_eval_script_use_it(instances):
     """swebench >= 5 dataset records carry ``eval_script`` + ``log_parser``; without swebench installed
     its pytest parsers are stood in for by ours, any other parser is refused by name."""

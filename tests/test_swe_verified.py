@@ -9,6 +9,7 @@ harness report) is tested on real objects.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +33,8 @@ from unipost.envs.swe.verified import eval_config, load_for_eval, patches_from, 
 from unipost.eval.evaluate import wilson_interval
 from unipost.train.config import TrainConfig
 
-FIXTURES = Path(__file__).parent / "fixtures" / "swe"
+ROOT = Path(__file__).parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "swe"
 INSTANCES = FIXTURES / "instances.jsonl"
 
 
@@ -77,8 +79,10 @@ def test_eval_config_holds_out_exactly_the_selected_instances(instances, tmp_pat
     ids = [i.instance_id for i in selected]
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ids, "heldout": ids}))
-    config = eval_config(TrainConfig(), tmp_path / "run", INSTANCES, split, len(ids))
+    trained = TrainConfig(env={"name": "swe", "tasks_path": str(INSTANCES), "image_scheme": "swegym"})
+    config = eval_config(trained, tmp_path / "run", INSTANCES, split, len(ids))
     assert (config.env.name, config.env.swe_grading, config.env.heldout_tasks) == ("swe", "none", 2)
+    assert config.env.image_scheme == "swebench"  # Verified's images, not the SWE-Gym ones it trained on
     assert config.run_dir == tmp_path / "run"
     make = make_env_factory(config.env)
     envs = [make(("heldout", k)) for k in range(2)]
@@ -153,6 +157,14 @@ def test_evaluate_run_checks_inputs_then_stops_at_the_docker_boundary(tmp_path):
         app, ["eval-swebench", str(run), "--instances", str(INSTANCES), "--out", str(out), "--limit", "1"]
     )
     assert result.exit_code != 0 and isinstance(result.exception, _boundary_error())
+
+    spec = importlib.util.spec_from_file_location(
+        "paper_eval", ROOT / "experiments" / "paper_eval_swebench_verified.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(_boundary_error()):
+        script.main([str(run), "--instances", str(INSTANCES), "--out", str(out), "--limit", "1"])
 
 
 def test_a_trained_run_loads_for_evaluation_without_teacher_or_config_change(tmp_path, cache_dir):

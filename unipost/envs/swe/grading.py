@@ -60,7 +60,7 @@ _SEVERITY = {"PASSED": 0, "XPASS": 0, "XFAIL": 1, "SKIPPED": 2, "FAILED": 3, "ER
 _PYTEST_PARSERS = frozenset({"parse_log_pytest", "parse_log_pytest_v2", "parse_log_pytest_options"})
 
 Source = Literal["swebench-dataset", "swebench", "pytest"]
-GradeStatus = Literal["graded", "test_patch_failed", "timeout", "no_test_output", "empty_patch"]
+GradeStatus = Literal["graded", "test_patch_failed", "timeout", "no_test_output", "empty_patch", "error"]
 LogParser = Callable[[str], dict[str, str]]
 
 
@@ -418,20 +418,28 @@ def grade_in_container(
 
     ``container`` is a docker SDK ``Container`` (``put_archive``, ``exec_run``): the eval script and the
     test patch are copied to ``scratch`` (a script argument could exceed the kernel's 128 KiB limit),
-    then run under ``timeout -s KILL``. A run that cannot start or times out is a report, not an error.
+    then run under ``timeout -s KILL``. A run that cannot start or times out, or a container that fails
+    under it, is a report (status ``error``: no failure mode, the engine's fault), not an exception.
     """
     spec = spec or grading_spec(instance)
     if not agent_patch.strip():  # nothing to test: the buggy code is unchanged
         return GradeReport(instance.instance_id, "empty_patch", failure_mode="wrong_file", source=spec.source)
-    code, _ = container.exec_run(["mkdir", "-p", scratch])
-    if code != 0:
-        return GradeReport(instance.instance_id, "no_test_output", failure_mode=None, source=spec.source)
-    container.put_archive(scratch, _tar({"eval.sh": spec.script, "test.patch": instance.test_patch}))
     t0 = time.perf_counter()
     timeout = str(max(1, int(spec.timeout_s)))
-    code, out = container.exec_run(
-        ["timeout", "-s", "KILL", timeout, "bash", f"{scratch}/eval.sh"], demux=False
-    )
+    try:
+        code, out = container.exec_run(["mkdir", "-p", scratch])
+        if code != 0:
+            raise RuntimeError(
+                f"mkdir {scratch} exited {code}: {(out or b'').decode(errors='replace')[-300:]}"
+            )
+        container.put_archive(scratch, _tar({"eval.sh": spec.script, "test.patch": instance.test_patch}))
+        argv = ["timeout", "-s", "KILL", timeout, "bash", f"{scratch}/eval.sh"]
+        code, out = container.exec_run(argv, demux=False)
+    except Exception as exc:  # the container is gone or the engine failed: no verdict on the patch
+        logger.warning("grading %s could not run: %s: %s", instance.instance_id, type(exc).__name__, exc)
+        return GradeReport(
+            instance.instance_id, "error", source=spec.source, log_tail=f"{type(exc).__name__}: {exc}"
+        )
     log = (out or b"").decode("utf-8", errors="replace")
     report = grade_log(instance, spec, log, int(code), agent_patch, seconds=time.perf_counter() - t0)
     logger.info("grading %s", report.summary())

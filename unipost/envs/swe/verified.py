@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from unipost.data import Trajectory
-from unipost.envs.swe.instances import SWEInstance, load_instances
+from unipost.envs.swe.instances import ImageScheme, SWEInstance, load_instances
 
 logger = logging.getLogger(__name__)
 PAPER_EXCLUDED_REPOS: tuple[str, ...] = ("matplotlib/matplotlib",)
@@ -145,15 +145,25 @@ def summarise(
     )
 
 
-def eval_config(config: Any, run_dir: Path, instances_path: Path, split_file: Path, n: int) -> Any:
+def eval_config(
+    config: Any,
+    run_dir: Path,
+    instances_path: Path,
+    split_file: Path,
+    n: int,
+    *,
+    image_scheme: ImageScheme = "swebench",
+) -> Any:
     """The run's config with the environment switched to the selected SWE instances, all held out.
 
     Train and held-out splits both hold the instances: the Trainer's start-up prompt-length check
-    resets one training task. Grading stays with the harness (``swe_grading='none'``).
+    resets one training task. Grading stays with the harness (``swe_grading='none'``). The images are
+    the harness's (``swebench``), whatever the run trained on (SWE-Gym's images hold SWE-Gym only).
     """
     env = {
         **config.env.model_dump(),
         "name": "swe",
+        "image_scheme": image_scheme,
         "tasks_path": str(instances_path),
         "split_file": str(split_file),
         "train_tasks": n,
@@ -206,6 +216,7 @@ def evaluate_run(
     max_workers: int = 4,
     timeout_s: int = 1800,
     run_id: str | None = None,
+    image_scheme: ImageScheme = "swebench",
     progress: bool = True,
 ) -> VerifiedResult:
     """Evaluate ``run_dir``'s latest checkpoint on SWE-bench Verified (see the module docstring).
@@ -219,6 +230,7 @@ def evaluate_run(
         limit: evaluate only the first ``limit`` instances left.
         max_workers, timeout_s: the harness's parallelism and per-instance timeout.
         run_id: the harness run id (default: ``<run name>-verified``).
+        image_scheme: the episodes' per-instance images (default: the harness's ``swebench`` images).
         progress: show the rollout progress bar.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -242,7 +254,7 @@ def evaluate_run(
     split_file = out_dir / "split.json"
     split_file.write_text(json.dumps({"train": ids, "heldout": ids}, indent=1))
     run_config = TrainConfig.from_file(run_dir / "config.json")
-    config = eval_config(run_config, run_dir, instances_path, split_file, len(ids))
+    config = eval_config(run_config, run_dir, instances_path, split_file, len(ids), image_scheme=image_scheme)
     trainer = load_for_eval(run_dir, config)
     result = evaluate_policy(
         trainer.make_env,
