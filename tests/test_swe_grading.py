@@ -171,6 +171,13 @@ def test_log_verdicts_for_runs_that_did_not_test(instances):
     inst = instances[0]
     spec = grading_spec(inst, source="pytest")
     assert grade_log(inst, spec, ">>>>> Patch Apply Failed\n", 3, inst.patch).status == "test_patch_failed"
+    git_says = (
+        "error: patch failed: tests/test_stats.py:3\nerror: tests/test_stats.py: patch does not apply\n"
+    )
+    late = git_says + f">>>>> Start Test Output\nFAILED {inst.FAIL_TO_PASS[0]}\n>>>>> End Test Output\n"
+    assert (
+        grade_log(inst, spec, late, 1, inst.patch).status == "test_patch_failed"
+    )  # swebench's scripts go on
     timeout = grade_log(inst, spec, ">>>>> Start Test Output\ncollecting", 137, inst.patch)
     assert (timeout.status, timeout.failure_mode, timeout.resolved) == (
         "timeout",

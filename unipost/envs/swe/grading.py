@@ -342,7 +342,8 @@ def grading_spec(
             script, parse = made
             prelude = "\n".join(reset_test_files_commands(instance))
             if name != "pytest":  # their scripts reset the test files too, but a new file would block apply
-                script = script.replace("\n", f"\n{prelude}\n", 1) if script.startswith("#!") else script
+                head, _, body = script.partition("\n") if script.startswith("#!") else ("", "", script)
+                script = "\n".join(part for part in (head, prelude, body) if part)
             return GradingSpec(instance.instance_id, name, script, parse, timeout_s)  # type: ignore[arg-type]
     raise GradingUnavailableError(
         f"{instance.instance_id}: no grading spec from source {source!r} (swebench not importable or it "
@@ -360,6 +361,12 @@ def _tar(files: Mapping[str, str]) -> bytes:
             info.size, info.mode, info.mtime = len(data), 0o755, int(time.time())
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+# git apply's own complaints (swebench's scripts go on to the tests after a failed apply)
+_GIT_APPLY_ERROR = re.compile(
+    r"^error: (patch failed: |.*: (patch does not apply|already exists in working directory))", re.M
+)
 
 
 def _test_section(log: str) -> str:
@@ -385,7 +392,8 @@ def grade_log(
         instance.instance_id, "graded", source=spec.source, exit_code=exit_code, seconds=seconds
     )
     report.log_tail = log[-4000:]
-    if APPLY_PATCH_FAIL in log and START_TEST_OUTPUT not in log:
+    before_tests = log.partition(START_TEST_OUTPUT)[0]
+    if APPLY_PATCH_FAIL in before_tests or _GIT_APPLY_ERROR.search(before_tests):
         report.status = "test_patch_failed"
         return report
     if exit_code in (124, 137):  # `timeout -s KILL` (137), or a script's own timeout (124)
