@@ -136,6 +136,27 @@ def test_parser_keeps_the_worse_of_two_reports_and_ignores_location_only_skips()
     assert parse_pytest_log(log) == {"t.py::test_a": "ERROR", "t.py::test_b": "FAILED"}
 
 
+def test_parser_reads_pytest_xdist_progress_lines():
+    """Lines copied from a real ``pytest -rA -v -n 2`` run (pytest 9.0, pytest-xdist 3.8) of TEST_FILE:
+    repos whose addopts turn xdist on print this instead of the plain -v lines."""
+    log = "\n".join(
+        [
+            "[gw0] [ 20%] PASSED tests/test_s.py::test_param[a b] ",
+            "[gw1] [ 40%] FAILED tests/test_s.py::test_param[x - y] ",
+            "[gw1] [ 80%] SKIPPED tests/test_s.py::test_skip ",
+            "[gw0] [ 90%] XFAIL tests/test_s.py::test_xf ",
+            "[gw0] linux -- Python 3.11.7 /usr/bin/python",
+            "FAILED tests/test_s.py::test_param[x - y] - AssertionError: assert 'x - y' !=...",
+        ]
+    )
+    assert parse_pytest_log(log) == {
+        "tests/test_s.py::test_param[a b]": "PASSED",
+        "tests/test_s.py::test_param[x - y]": "FAILED",
+        "tests/test_s.py::test_skip": "SKIPPED",
+        "tests/test_s.py::test_xf": "XFAIL",
+    }
+
+
 def test_lookup_matches_dataset_ids_cut_by_swebench():
     statuses = {"t.py::test_p[a b]": "PASSED", "t.py::test_p[c d]": "FAILED", "t.py::test_q[x y]": "PASSED"}
     assert lookup_status("t.py::test_p[a b]", statuses) == "PASSED"

@@ -71,6 +71,7 @@ class GradingUnavailableError(ValueError):
 # -- log parsing ------------------------------------------------------------------------------------
 _SUMMARY = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (.+)$")
 _VERBOSE = re.compile(r"^(\S.*?::.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?=\s|$)")
+_XDIST = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S.*?::.*?)\s*$")
 
 
 def _nodeid(rest: str) -> str:
@@ -92,7 +93,8 @@ def parse_pytest_log(log: str) -> dict[str, str]:
 
     Reads the short-summary lines (``PASSED <id>``, ``FAILED <id> - <msg>``, ``ERROR <id>``, ``XFAIL
     <id> - <reason>``, ``XPASS <id>``) and the ``-v`` progress lines (``<id> PASSED [ 50%]``), which
-    are the only place a skipped test's id appears (``-rA`` prints ``SKIPPED [1] file:line``). Ids keep
+    are the only place a skipped test's id appears (``-rA`` prints ``SKIPPED [1] file:line``; under
+    pytest-xdist they read ``[gw0] [ 50%] SKIPPED <id>``, as repos' ``addopts = -n auto`` give). Ids keep
     their spaces and brackets. A test reported twice (e.g. PASSED, then ERROR in teardown) keeps the
     worse status. A collection error is ``ERROR <file>`` without ``::``: its key is the file.
     """
@@ -113,6 +115,10 @@ def parse_pytest_log(log: str) -> dict[str, str]:
             test_id = _nodeid(rest)
             if test_id:
                 put(test_id, status)
+            continue
+        xdist = _XDIST.match(line)  # pytest-xdist -v: "[gw0] [ 10%] PASSED <id>"
+        if xdist:
+            put(xdist.group(2), xdist.group(1))
             continue
         verbose = _VERBOSE.match(line)
         if verbose:
