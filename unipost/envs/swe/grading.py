@@ -10,7 +10,9 @@ would otherwise sit at 0. So after the agent's patch is extracted, the episode's
 2. applies ``test_patch`` (a failure to apply is reported, not raised);
 3. runs the tests between the harness's ``>>>>> Start/End Test Output`` markers, under a kill timeout;
 4. parses the log into ``{test id: status}`` and decides: resolved iff every ``FAIL_TO_PASS`` test
-   passes (PASSED / XFAIL / XPASS) and every ``PASS_TO_PASS`` test passes or is skipped.
+   passes (PASSED / XFAIL / XPASS) and every ``PASS_TO_PASS`` test passes or is skipped, unless the
+   runner's recorded exit status is non-zero while no line reports a failure (lines forged by the
+   patch, e.g. a conftest.py hook: a reward hack under RL).
 
 Where the run comes from (:func:`grading_spec`), first that applies:
 
@@ -60,7 +62,9 @@ _SEVERITY = {"PASSED": 0, "XPASS": 0, "XFAIL": 1, "SKIPPED": 2, "FAILED": 3, "ER
 _PYTEST_PARSERS = frozenset({"parse_log_pytest", "parse_log_pytest_v2", "parse_log_pytest_options"})
 
 Source = Literal["swebench-dataset", "swebench", "pytest"]
-GradeStatus = Literal["graded", "test_patch_failed", "timeout", "no_test_output", "empty_patch", "error"]
+GradeStatus = Literal[
+    "graded", "test_patch_failed", "timeout", "no_test_output", "empty_patch", "error", "inconsistent_log"
+]
 LogParser = Callable[[str], dict[str, str]]
 
 
@@ -369,6 +373,7 @@ def _tar(files: Mapping[str, str]) -> bytes:
     return buf.getvalue()
 
 
+_EXIT_CODE = re.compile(rf"^{re.escape(TEST_EXIT_CODE)}:\s*(-?\d+)", re.M)
 # git apply's own complaints (swebench's scripts go on to the tests after a failed apply)
 _GIT_APPLY_ERROR = re.compile(
     r"^error: (patch failed: |.*: (patch does not apply|already exists in working directory))", re.M
@@ -417,6 +422,16 @@ def grade_log(
     resolved, mode, f2p, p2p = decide(instance, statuses, agent_patch)
     report.resolved, report.failure_mode = resolved, mode
     report.fail_to_pass_failed, report.pass_to_pass_failed = f2p, p2p
+    recorded = _EXIT_CODE.search(log)
+    if (
+        resolved
+        and recorded
+        and int(recorded.group(1)) != 0
+        and not set(statuses.values()) & {"FAILED", "ERROR"}
+    ):
+        # the runner failed yet every line says it passed: lines printed by the patch itself (e.g. a
+        # conftest.py hook), the reward hack swebench >= 5 guards against the same way
+        report.resolved, report.status, report.failure_mode = False, "inconsistent_log", None
     return report
 
 
