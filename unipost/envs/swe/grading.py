@@ -422,13 +422,8 @@ def grade_log(
     resolved, mode, f2p, p2p = decide(instance, statuses, agent_patch)
     report.resolved, report.failure_mode = resolved, mode
     report.fail_to_pass_failed, report.pass_to_pass_failed = f2p, p2p
-    recorded = _EXIT_CODE.search(log)
-    if (
-        resolved
-        and recorded
-        and int(recorded.group(1)) != 0
-        and not set(statuses.values()) & {"FAILED", "ERROR"}
-    ):
+    recorded = _EXIT_CODE.findall(log)  # the last one is the script's: a forged one comes earlier
+    if resolved and recorded and int(recorded[-1]) != 0 and not set(statuses.values()) & {"FAILED", "ERROR"}:
         # the runner failed yet every line says it passed: lines printed by the patch itself (e.g. a
         # conftest.py hook), the reward hack swebench >= 5 guards against the same way
         report.resolved, report.status, report.failure_mode = False, "inconsistent_log", None
