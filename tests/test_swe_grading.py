@@ -210,9 +210,9 @@ def test_log_verdicts_for_runs_that_did_not_test(instances):
     tests = f"PASSED {inst.FAIL_TO_PASS[0]}\nPASSED {inst.PASS_TO_PASS[0]}\n"
     ok = f">>>>> Start Test Output\n{tests}>>>>> End Test Output\n"
     assert grade_log(inst, spec, ok, 0, inst.patch).resolved
-    forged = grade_log(
-        inst, spec, ok + ">>>>> Test Exit Code: 1\n", 0, inst.patch
-    )  # runner failed, lines say pass
+    # lines say pass (and a hook even prints an exit status), but the runner failed: the last status counts
+    fake_ok = ok.replace(">>>>> End", ">>>>> Test Exit Code: 0\n>>>>> End")
+    forged = grade_log(inst, spec, fake_ok + ">>>>> Test Exit Code: 1\n", 0, inst.patch)
     assert (forged.resolved, forged.status, forged.failure_mode) == (False, "inconsistent_log", None)
     assert grade_log(inst, spec, ok + ">>>>> Test Exit Code: 0\n", 0, inst.patch).resolved
 
