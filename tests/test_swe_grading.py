@@ -419,6 +419,21 @@ def test_verify_without_submission_or_without_grading_runs_no_tests(repo_instanc
     assert not any("eval.sh" in " ".join(c) for c in container.calls)
 
 
+def test_a_submission_without_edits_is_wrong_file_without_running_tests(repo_instance, tmp_path):
+    repo, instance = repo_instance
+    env, container = _env(repo, instance, tmp_path)
+    _act(env, "finish", {"message": "nothing to do"})
+    outcome = env.verify()
+    assert (outcome.resolved, outcome.submitted, outcome.failure_mode, outcome.detail) == (
+        False,
+        True,
+        "wrong_file",
+        "",
+    )
+    assert env.grade_report is not None and env.grade_report.status == "empty_patch"
+    assert not any("eval.sh" in " ".join(c) for c in container.calls)
+
+
 def test_a_container_that_fails_under_grading_gives_an_outcome_not_an_exception(repo_instance, tmp_path):
     repo, instance = repo_instance
     env, container = _env(repo, instance, tmp_path)
