@@ -169,7 +169,9 @@ class DockerSWEEnv(EmbeddedEnv):
         )
 
     def extract_patch(self) -> str:
-        cmd = f"cd {WORKSPACE} && git add -A && git diff --cached --no-color {self.instance.base_commit}"
+        # the mounted copy belongs to the host's uid: git >= 2.35.2 refuses it without safe.directory
+        git = f"git -c safe.directory={WORKSPACE}"
+        cmd = f"cd {WORKSPACE} && {git} add -A && {git} diff --cached --no-color {self.instance.base_commit}"
         code, out = self.container.exec_run(["bash", "-c", cmd], demux=False)
         text = (out or b"").decode("utf-8", errors="replace")
         if code != 0:
