@@ -171,11 +171,11 @@ def main() -> None:
         h, v = hf_rows[b], vllm_rows[b]
         cells = [
             str(b),
-            f"{h['tokens_per_s']:.0f}",
-            f"{v['tokens_per_s']:.0f}",
+            f"{h['tokens_per_s']:.3g}",
+            f"{v['tokens_per_s']:.3g}",
             f"{v['tokens_per_s'] / h['tokens_per_s']:.2f}x",
-            f"{h['turns_per_s']:.2f}",
-            f"{v['turns_per_s']:.2f}",
+            f"{h['turns_per_s']:.3g}",
+            f"{v['turns_per_s']:.3g}",
             f"{h['tokens_per_turn']:.0f} / {v['tokens_per_turn']:.0f}",
         ]
         table.add_row(*cells)
