@@ -32,10 +32,8 @@ from unipost.data import Message
 from unipost.rendering.toolcalls import (
     ToolCallStyle,
     detect_style,
-    parse_assistant,
-    render_action,
-    render_prompt,
 )
+from unipost.rollout.chat_policy import ChatPolicyBase
 from unipost.rollout.policy import AgentState, PolicyOutput
 
 CONTEXT_OVERFLOW = "context_overflow"
@@ -69,7 +67,7 @@ class _LogprobRecorder(LogitsProcessor):
         return torch.stack(self.steps, dim=1).cpu()
 
 
-class TransformersPolicy:
+class TransformersPolicy(ChatPolicyBase):
     """A local causal LM (any transformers model with a chat template) as a batched policy.
 
     Args:
@@ -162,13 +160,6 @@ class TransformersPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def prompt_ids(self, state: AgentState) -> list[int]:
-        """The tokens the model is given at state s_t: the chat-templated context + generation prompt."""
-        return self.encode(render_prompt(self.tokenizer, state.messages, state.tools, style=self.style))
-
     def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
         ids_BL = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -256,19 +247,6 @@ class TransformersPolicy:
             logps.append(lp[:n])
         return tokens, logps
 
-    def _to_output(self, state: AgentState, token_ids: list[int], logprobs: list[float]) -> PolicyOutput:
-        body = token_ids[:-1] if token_ids and token_ids[-1] == self.eot_id else token_ids
-        text = self.tokenizer.decode(body, skip_special_tokens=False)
-        parsed = parse_assistant(
-            text,
-            self.style,
-            tools=state.tools or None,
-            max_calls=self.max_calls,
-            require_call=self.require_call,
-            id_prefix=f"call_t{state.turn}",
-        )
-        return PolicyOutput(parsed.message, token_ids, logprobs, parsed.error, text)
-
     # -- score --------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -286,27 +264,7 @@ class TransformersPolicy:
         including the end-of-turn token (``render_action``); pass ``action_token_ids`` to score exact
         sampled tokens instead (OPD: the teacher scores the student's tokens, same tokenizer).
         """
-        if len(states) != len(actions):
-            raise ValueError(f"score got {len(states)} states but {len(actions)} actions")
-        if action_token_ids is not None and len(action_token_ids) != len(states):
-            raise ValueError(f"score got {len(states)} states but {len(action_token_ids)} action_token_ids")
-        pairs = []
-        for i, (state, action) in enumerate(zip(states, actions, strict=True)):
-            if action_token_ids is not None:
-                prompt, action_ids = self.prompt_ids(state), list(action_token_ids[i])
-            else:
-                prompt_text, action_text = render_action(
-                    self.tokenizer,
-                    state.messages,
-                    action,
-                    state.tools,
-                    style=self.style,
-                    end_token=self.end_of_turn,
-                )
-                prompt, action_ids = self.encode(prompt_text), self.encode(action_text)
-            if not action_ids:
-                raise ValueError(f"action {i} renders to no tokens")
-            pairs.append((prompt, action_ids))
+        pairs = self.scoring_pairs(states, actions, action_token_ids)
         out: list[torch.Tensor] = []
         for start in range(0, len(pairs), self.score_batch_size):
             out.extend(self._score_batch(pairs[start : start + self.score_batch_size], temperature))

@@ -46,10 +46,8 @@ from unipost.data import Message
 from unipost.rendering.toolcalls import (
     ToolCallStyle,
     detect_style,
-    parse_assistant,
-    render_action,
-    render_prompt,
 )
+from unipost.rollout.chat_policy import ChatPolicyBase
 from unipost.rollout.policy import AgentState, PolicyOutput
 from unipost.rollout.transformers_policy import CONTEXT_OVERFLOW
 
@@ -77,7 +75,7 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         peft_model.unmerge_adapter()
 
 
-class VLLMPolicy:
+class VLLMPolicy(ChatPolicyBase):
     """A causal LM served by an in-process ``vllm.LLM`` as a batched policy (the GPU rollout path).
 
     Args:
@@ -263,15 +261,6 @@ class VLLMPolicy:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- rendering (identical to TransformersPolicy) ----------------------------------------------
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def prompt_ids(self, state: AgentState) -> list[int]:
-        """The tokens the model is given at state s_t: the chat-templated context + generation prompt."""
-        return self.encode(render_prompt(self.tokenizer, state.messages, state.tools, style=self.style))
-
     def _draw_seed(self, seed: int | None) -> int:
         if seed is not None:
             return seed
@@ -328,19 +317,6 @@ class VLLMPolicy:
                 outputs[i] = self._to_output(states[i], tokens, logps)
         return outputs  # type: ignore[return-value]
 
-    def _to_output(self, state: AgentState, token_ids: list[int], logprobs: list[float]) -> PolicyOutput:
-        body = token_ids[:-1] if token_ids and token_ids[-1] == self.eot_id else token_ids
-        text = self.tokenizer.decode(body, skip_special_tokens=False)
-        parsed = parse_assistant(
-            text,
-            self.style,
-            tools=state.tools or None,
-            max_calls=self.max_calls,
-            require_call=self.require_call,
-            id_prefix=f"call_t{state.turn}",
-        )
-        return PolicyOutput(parsed.message, token_ids, logprobs, parsed.error, text)
-
     # -- score ------------------------------------------------------------------------------------
 
     def score(
@@ -358,27 +334,7 @@ class VLLMPolicy:
         """
         if temperature != 1.0:
             raise ValueError(f"VLLMPolicy.score computes log-probs at temperature 1 only, got {temperature}")
-        if len(states) != len(actions):
-            raise ValueError(f"score got {len(states)} states but {len(actions)} actions")
-        if action_token_ids is not None and len(action_token_ids) != len(states):
-            raise ValueError(f"score got {len(states)} states but {len(action_token_ids)} action_token_ids")
-        pairs = []
-        for i, (state, action) in enumerate(zip(states, actions, strict=True)):
-            if action_token_ids is not None:
-                prompt, action_ids = self.prompt_ids(state), list(action_token_ids[i])
-            else:
-                prompt_text, action_text = render_action(
-                    self.tokenizer,
-                    state.messages,
-                    action,
-                    state.tools,
-                    style=self.style,
-                    end_token=self.end_of_turn,
-                )
-                prompt, action_ids = self.encode(prompt_text), self.encode(action_text)
-            if not action_ids:
-                raise ValueError(f"action {i} renders to no tokens")
-            pairs.append((prompt, action_ids))
+        pairs = self.scoring_pairs(states, actions, action_token_ids)
         if not pairs:
             return []
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)

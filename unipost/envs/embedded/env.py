@@ -88,28 +88,7 @@ class EmbeddedEnv:
         ]
 
     def step(self, action: Message) -> StepResult:
-        if self.workspace is None:
-            raise RuntimeError("EmbeddedEnv.step() called before reset().")
-        if self.done:
-            return StepResult([_user("The episode has ended; no more actions are executed.")], True, True)
-        calls = (action.get("tool_calls") or []) if isinstance(action, dict) else []
-        if not isinstance(calls, list) or not calls:
-            self.turn_tool_errors.append(True)
-            content = action.get("content", "") if isinstance(action, dict) else repr(action)
-            self.actions.append(json.dumps(["<no tool call>", str(content)]))
-            return StepResult([_user(NO_TOOL_CALL)], done=False, tool_error=True, info={"tools": []})
-        observation: list[Message] = []
-        any_error, names = False, []
-        for i, call in enumerate(calls):
-            text, name, error, call_id = self._execute(call, i)
-            any_error |= error
-            names.append(name)
-            observation.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": text})
-            if self.done:
-                break
-        self.turn_tool_errors.append(any_error)
-        self.actions.append(json.dumps([_canonical(c) for c in calls]))
-        return StepResult(observation, done=self.done, tool_error=any_error, info={"tools": names})
+        return execute_tool_calls(self, action)
 
     def verify(self, ended_by: EndedBy = None) -> Outcome:
         """Run the hidden tests (when submitted) and classify; ``ended_by`` comes from the rollout engine."""
@@ -161,6 +140,37 @@ class EmbeddedEnv:
         """The host file behind an agent-visible /testbed path (privileged; used by the scripted expert)."""
         assert self.workspace is not None
         return self.workspace / path[len(WORKSPACE) :].lstrip("/")
+
+
+def execute_tool_calls(env: Any, action: Message) -> StepResult:
+    """One assistant turn: run its tool calls in order through ``env._execute`` until one ends the episode.
+
+    Shared by every environment with the embedded tool semantics (EmbeddedEnv, DockerSWEEnv,
+    OpenHandsEnv), so a malformed turn is an error observation and a tool-use error the same way in all
+    of them. ``env`` provides ``workspace``, ``done``, ``turn_tool_errors``, ``actions`` and ``_execute``.
+    """
+    if env.workspace is None:
+        raise RuntimeError(f"{type(env).__name__}.step() called before reset().")
+    if env.done:
+        return StepResult([_user("The episode has ended; no more actions are executed.")], True, True)
+    calls = (action.get("tool_calls") or []) if isinstance(action, dict) else []
+    if not isinstance(calls, list) or not calls:
+        env.turn_tool_errors.append(True)
+        content = action.get("content", "") if isinstance(action, dict) else repr(action)
+        env.actions.append(json.dumps(["<no tool call>", str(content)]))
+        return StepResult([_user(NO_TOOL_CALL)], done=False, tool_error=True, info={"tools": []})
+    observation: list[Message] = []
+    any_error, names = False, []
+    for i, call in enumerate(calls):
+        text, name, error, call_id = env._execute(call, i)
+        any_error |= error
+        names.append(name)
+        observation.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": text})
+        if env.done:
+            break
+    env.turn_tool_errors.append(any_error)
+    env.actions.append(json.dumps([_canonical(c) for c in calls]))
+    return StepResult(observation, done=env.done, tool_error=any_error, info={"tools": names})
 
 
 def _user(text: str) -> Message:

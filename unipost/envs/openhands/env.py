@@ -27,7 +27,7 @@ from typing import Any
 
 from unipost.data import Message, Outcome
 from unipost.envs.base import StepResult
-from unipost.envs.embedded.env import NO_TOOL_CALL, SYSTEM_PROMPT, _canonical, _raw_name
+from unipost.envs.embedded.env import SYSTEM_PROMPT, _raw_name, execute_tool_calls
 from unipost.envs.embedded.sandbox import WORKSPACE, Limits, Sandbox
 from unipost.envs.embedded.tasks import Difficulty, Task, generate_task
 from unipost.envs.embedded.tools import tool_schemas, truncate_middle
@@ -124,29 +124,10 @@ class OpenHandsEnv:
         ]
 
     def step(self, action: Message) -> StepResult:
-        if self.workspace is None:
-            raise RuntimeError("OpenHandsEnv.step() called before reset().")
-        if self.done:
-            return StepResult([_user("The episode has ended; no more actions are executed.")], True, True)
-        calls = (action.get("tool_calls") or []) if isinstance(action, dict) else []
-        if not isinstance(calls, list) or not calls:
-            self.turn_tool_errors.append(True)
-            content = action.get("content", "") if isinstance(action, dict) else repr(action)
-            self.actions.append(json.dumps(["<no tool call>", str(content)]))
-            return StepResult([_user(NO_TOOL_CALL)], done=False, tool_error=True, info={"tools": []})
-        observation: list[Message] = []
-        any_error, names = False, []
-        for i, call in enumerate(calls):
-            text, name, error, call_id = self._execute(call, i)
-            any_error |= error
-            names.append(name)
-            observation.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": text})
-            if self.done:
-                break
-        self.turn_tool_errors.append(any_error)
-        self.actions.append(json.dumps([_canonical(c) for c in calls]))
-        info = {"tools": names, "worker_restarts": self.worker_restarts}
-        return StepResult(observation, done=self.done, tool_error=any_error, info=info)
+        result = execute_tool_calls(self, action)
+        if result.info.get("tools"):
+            result.info["worker_restarts"] = self.worker_restarts
+        return result
 
     def verify(self, ended_by: EndedBy = None) -> Outcome:
         """The embedded verifier: hidden tests in the sandbox (when submitted), Table-4 classification."""

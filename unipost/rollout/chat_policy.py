@@ -1,0 +1,79 @@
+"""What every local chat policy shares: template rendering, token encoding, parsing, scoring pairs.
+
+``TransformersPolicy`` and ``VLLMPolicy`` must see identical prompts and parse identical text, or their
+actions (and the log-probs a trainer compares) would differ for reasons other than the engine. Keeping
+that logic in one base class makes "same rendering" a fact of the code rather than of two copies.
+
+A subclass provides ``tokenizer``, ``style``, ``end_of_turn`` / ``eot_id`` (the end-of-turn token),
+``max_calls`` and ``require_call``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from unipost.data import Message
+from unipost.rendering.toolcalls import parse_assistant, render_action, render_prompt
+from unipost.rollout.policy import AgentState, PolicyOutput
+
+
+class ChatPolicyBase:
+    tokenizer: Any
+    style: Any
+    end_of_turn: str
+    eot_id: int
+    max_calls: int | None
+    require_call: bool
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, state: AgentState) -> list[int]:
+        """The tokens the model is given at state s_t: the chat-templated context + generation prompt."""
+        return self.encode(render_prompt(self.tokenizer, state.messages, state.tools, style=self.style))
+
+    def _to_output(self, state: AgentState, token_ids: list[int], logprobs: list[float]) -> PolicyOutput:
+        """Generated tokens -> a parsed assistant message (a malformed call becomes ``parse_error``)."""
+        body = token_ids[:-1] if token_ids and token_ids[-1] == self.eot_id else token_ids
+        text = self.tokenizer.decode(body, skip_special_tokens=False)
+        parsed = parse_assistant(
+            text,
+            self.style,
+            tools=state.tools or None,
+            max_calls=self.max_calls,
+            require_call=self.require_call,
+            id_prefix=f"call_t{state.turn}",
+        )
+        return PolicyOutput(parsed.message, token_ids, logprobs, parsed.error, text)
+
+    def scoring_pairs(
+        self,
+        states: Sequence[AgentState],
+        actions: Sequence[Message],
+        action_token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, action ids) per state for ``score``: the action as the template renders it after
+        the generation prompt, up to and including the end-of-turn token, or the exact sampled tokens."""
+        if len(states) != len(actions):
+            raise ValueError(f"score got {len(states)} states but {len(actions)} actions")
+        if action_token_ids is not None and len(action_token_ids) != len(states):
+            raise ValueError(f"score got {len(states)} states but {len(action_token_ids)} action_token_ids")
+        pairs = []
+        for i, (state, action) in enumerate(zip(states, actions, strict=True)):
+            if action_token_ids is not None:
+                prompt, action_ids = self.prompt_ids(state), list(action_token_ids[i])
+            else:
+                prompt_text, action_text = render_action(
+                    self.tokenizer,
+                    state.messages,
+                    action,
+                    state.tools,
+                    style=self.style,
+                    end_token=self.end_of_turn,
+                )
+                prompt, action_ids = self.encode(prompt_text), self.encode(action_text)
+            if not action_ids:
+                raise ValueError(f"action {i} renders to no tokens")
+            pairs.append((prompt, action_ids))
+        return pairs
