@@ -33,7 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `factories` when run
 from factories import TOOLS, make_trajectory
 
 WORLD = 2
-ATOL = 1e-6
+ATOL = 1e-6  # gradients
+# Weights after 2 AdamW steps at lr 1e-2: Adam's g / (sqrt(v) + eps) amplifies fp32 reduction-order noise
+# on near-zero gradient entries (measured up to 1.5e-6 on a fresh CI venv, 1.2e-7 on another machine);
+# a logic error (per-rank normaliser, lost micro-batch) moves weights by ~lr = 1e-2.
+WEIGHT_ATOL = 1e-5
 # The Trainer test takes 4 AdamW steps at lr 1e-2: Adam's g / (sqrt(v) + 1e-8) turns fp32 reduction-
 # order noise (~1e-8) on near-zero gradient entries into ~1e-6 weight noise (measured 4.3e-6); a wrong
 # normaliser or a lost micro-batch moves weights by ~lr = 1e-2.
@@ -165,12 +169,13 @@ def test_two_processes_equal_one(assets, two_process_results, case):
         for name, ref in one[what].items():
             diff = (two[what][name] - ref).abs().max().item()
             worst[what] = max(worst.get(what, 0.0), diff)
-            assert diff <= ATOL, f"{case}: {what} of {name} differs by {diff:.3g} (tol {ATOL})"
+            tol = ATOL if what == "grad" else WEIGHT_ATOL
+            assert diff <= tol, f"{case}: {what} of {name} differs by {diff:.3g} (tol {tol})"
     print(f"{case}: max |grad diff| {worst['grad']:.2g}, max |weight diff| {worst['weight']:.2g}")
     # the test can fail: the step really moved the weights and the gradients are not ~0
     initial = torch.load(assets / "model.pt")
     moved = max((one["weight"][n] - initial[n]).abs().max().item() for n in initial)
-    assert moved > 100 * ATOL
+    assert moved > 100 * WEIGHT_ATOL
     assert max(g.abs().max().item() for g in one["grad"].values()) > 1e-3
     for key in ("loss", "label_tokens", "labels"):
         torch.testing.assert_close(two["metrics"][key], one["metrics"][key], atol=1e-5, rtol=1e-6)
