@@ -11,8 +11,9 @@ import torch
 from vllm_cases import TARGET, make_states
 
 from unipost.rendering import call_arguments
+from unipost.rollout.chat_policy import CONTEXT_OVERFLOW
 from unipost.rollout.policy import Policy
-from unipost.rollout.transformers_policy import CONTEXT_OVERFLOW, TransformersPolicy
+from unipost.rollout.transformers_policy import TransformersPolicy
 from unipost.rollout.vllm_policy import VLLMPolicy
 
 MAX_NEW = 40  # the target action is 29 tokens

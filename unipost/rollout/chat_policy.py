@@ -17,6 +17,9 @@ from unipost.data import Message
 from unipost.rendering.toolcalls import parse_assistant, render_action, render_prompt
 from unipost.rollout.policy import AgentState, PolicyOutput
 
+# PolicyOutput.tool_error of a policy that refused an overlong prompt (the engine ends the episode)
+CONTEXT_OVERFLOW = "context_overflow"
+
 
 class ChatPolicyBase:
     tokenizer: Any
@@ -25,6 +28,7 @@ class ChatPolicyBase:
     eot_id: int
     max_calls: int | None
     require_call: bool
+    context_budget: int | None
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -32,6 +36,25 @@ class ChatPolicyBase:
     def prompt_ids(self, state: AgentState) -> list[int]:
         """The tokens the model is given at state s_t: the chat-templated context + generation prompt."""
         return self.encode(render_prompt(self.tokenizer, state.messages, state.tools, style=self.style))
+
+    def prompts_within_budget(
+        self, states: Sequence[AgentState]
+    ) -> tuple[list[PolicyOutput | None], list[tuple[int, list[int]]]]:
+        """Encode every state's prompt; one over ``context_budget`` gets a CONTEXT_OVERFLOW output now
+        (never generated from), the others come back as ``(index, prompt ids)`` to generate from."""
+        outputs: list[PolicyOutput | None] = [None] * len(states)
+        batch: list[tuple[int, list[int]]] = []
+        for i, state in enumerate(states):
+            ids = self.prompt_ids(state)
+            if self.context_budget is not None and len(ids) > self.context_budget:
+                outputs[i] = PolicyOutput(
+                    message={"role": "assistant", "content": ""},
+                    tool_error=CONTEXT_OVERFLOW,
+                    raw=f"prompt of {len(ids)} tokens exceeds the context budget of {self.context_budget}",
+                )
+            else:
+                batch.append((i, ids))
+        return outputs, batch
 
     def _to_output(self, state: AgentState, token_ids: list[int], logprobs: list[float]) -> PolicyOutput:
         """Generated tokens -> a parsed assistant message (a malformed call becomes ``parse_error``)."""

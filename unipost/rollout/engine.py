@@ -50,11 +50,10 @@ import numpy as np
 from unipost.data import Message, Outcome, Trajectory, Turn
 from unipost.envs.base import Environment, StepResult
 from unipost.objective import EpisodePlan, Need, Recipe, RolloutProtocol
+from unipost.rollout.chat_policy import CONTEXT_OVERFLOW  # a policy refused an overlong prompt
 from unipost.rollout.policy import AgentState, Policy, PolicyOutput
 from unipost.rollout.stats import RolloutStats
 from unipost.rollout.store import TrajectoryStore
-
-CONTEXT_OVERFLOW = "context_overflow"  # PolicyOutput.tool_error of a policy that refused an overlong prompt
 
 CountTokens = Callable[[list[Message], list[dict[str, Any]]], int]
 

@@ -36,8 +36,6 @@ from unipost.rendering.toolcalls import (
 from unipost.rollout.chat_policy import ChatPolicyBase
 from unipost.rollout.policy import AgentState, PolicyOutput
 
-CONTEXT_OVERFLOW = "context_overflow"
-
 
 class _LogprobRecorder(LogitsProcessor):
     """Records log p(sampled token) for every row and step, holding one (B, V) tensor at a time.
@@ -183,18 +181,7 @@ class TransformersPolicy(ChatPolicyBase):
         self, states: list[AgentState], *, greedy: bool = False, seed: int | None = None
     ) -> list[PolicyOutput]:
         """One assistant turn per state, generated as one left-padded batch."""
-        outputs: list[PolicyOutput | None] = [None] * len(states)
-        batch: list[tuple[int, list[int]]] = []
-        for i, state in enumerate(states):
-            ids = self.prompt_ids(state)
-            if self.context_budget is not None and len(ids) > self.context_budget:
-                outputs[i] = PolicyOutput(
-                    message={"role": "assistant", "content": ""},
-                    tool_error=CONTEXT_OVERFLOW,
-                    raw=f"prompt of {len(ids)} tokens exceeds the context budget of {self.context_budget}",
-                )
-            else:
-                batch.append((i, ids))
+        outputs, batch = self.prompts_within_budget(states)
         if batch:
             tokens, logps = self._generate(
                 [ids for _, ids in batch], greedy=greedy, seed=self._draw_seed(seed)

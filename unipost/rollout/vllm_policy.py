@@ -49,7 +49,6 @@ from unipost.rendering.toolcalls import (
 )
 from unipost.rollout.chat_policy import ChatPolicyBase
 from unipost.rollout.policy import AgentState, PolicyOutput
-from unipost.rollout.transformers_policy import CONTEXT_OVERFLOW
 
 LogprobKind = Literal["raw", "sampling"]
 
@@ -293,18 +292,7 @@ class VLLMPolicy(ChatPolicyBase):
         """One assistant turn per state, all submitted to the engine at once (it batches them)."""
         if self.llm is None:
             raise RuntimeError("this VLLMPolicy was closed")
-        outputs: list[PolicyOutput | None] = [None] * len(states)
-        batch: list[tuple[int, list[int]]] = []
-        for i, state in enumerate(states):
-            ids = self.prompt_ids(state)
-            if self.context_budget is not None and len(ids) > self.context_budget:
-                outputs[i] = PolicyOutput(
-                    message={"role": "assistant", "content": ""},
-                    tool_error=CONTEXT_OVERFLOW,
-                    raw=f"prompt of {len(ids)} tokens exceeds the context budget of {self.context_budget}",
-                )
-            else:
-                batch.append((i, ids))
+        outputs, batch = self.prompts_within_budget(states)
         if batch:
             base = self._draw_seed(seed)
             params = [self.sampling_params(greedy=greedy, seed=(base + k) % 2**31) for k in range(len(batch))]
