@@ -30,6 +30,13 @@ class ChatPolicyBase:
     require_call: bool
     context_budget: int | None
 
+    def token_id(self, token: str) -> int:
+        """The id of a special token (e.g. the end-of-turn marker generation stops at), or a clear error."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"end-of-turn token {token!r} is not in the tokenizer's vocabulary")
+        return token_id
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

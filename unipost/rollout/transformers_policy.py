@@ -138,10 +138,7 @@ class TransformersPolicy(ChatPolicyBase):
         self.require_call = require_call
         self.score_batch_size = score_batch_size
         self.end_of_turn = end_of_turn
-        eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
-        if eot_id is None or eot_id == tokenizer.unk_token_id:
-            raise ValueError(f"end-of-turn token {end_of_turn!r} is not in the tokenizer's vocabulary")
-        self.eot_id: int = eot_id
+        self.eot_id = eot_id = self.token_id(end_of_turn)
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else eot_id
 

@@ -180,10 +180,7 @@ class VLLMPolicy(ChatPolicyBase):
         self.max_calls = max_calls
         self.require_call = require_call
         self.end_of_turn = end_of_turn
-        eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
-        if eot_id is None or eot_id == tokenizer.unk_token_id:
-            raise ValueError(f"end-of-turn token {end_of_turn!r} is not in the tokenizer's vocabulary")
-        self.eot_id: int = eot_id
+        self.eot_id = self.token_id(end_of_turn)
         self.in_process = in_process
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

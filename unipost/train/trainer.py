@@ -475,15 +475,12 @@ class Trainer:
         """D_1 u ... u D_i: every stored trajectory of this run up to ``upto_iteration``."""
         return [t for t in self.store.load().trajectories if t.meta.get("iteration", 0) <= upto_iteration]
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Greedy held-out evaluation and the reverse-KL diagnostic on student-visited states."""
-        if not self.is_main:  # the main process evaluates and logs; the others only train
-            return {}
-        from unipost.eval import collect_student_states, evaluate_policy, reverse_kl_on_student_states
+    def evaluate_heldout(self, *, expert: Any = None, progress: bool = False, iteration: int = 0):
+        """Greedy student-only episodes on the held-out tasks under the training budgets (an EvalResult)."""
+        from unipost.eval import evaluate_policy
 
         cfg = self.config
-        self.student.eval()
-        result = evaluate_policy(
+        return evaluate_policy(
             self.make_env,
             self.student_policy,
             self.heldout_tasks(),
@@ -492,9 +489,21 @@ class Trainer:
             count_tokens=lambda messages, tools: len(self.renderer.context_ids(messages)),
             concurrency=cfg.rollout.concurrency,
             seed=cfg.seed,
-            progress=False,
-            expert=(self.teacher_policy or ScriptedExpert()) if cfg.eval.expert_labels else None,
+            progress=progress,
+            iteration=iteration,
+            expert=expert,
         )
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Greedy held-out evaluation and the reverse-KL diagnostic on student-visited states."""
+        if not self.is_main:  # the main process evaluates and logs; the others only train
+            return {}
+        from unipost.eval import collect_student_states, reverse_kl_on_student_states
+
+        cfg = self.config
+        self.student.eval()
+        expert = (self.teacher_policy or ScriptedExpert()) if cfg.eval.expert_labels else None
+        result = self.evaluate_heldout(expert=expert)
         out = _floats(result.to_dict())
         if cfg.eval.expert_labels:
             from unipost.eval.imitation import expert_label_nll

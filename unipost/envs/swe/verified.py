@@ -246,7 +246,6 @@ def evaluate_run(
     _require_docker_and_swebench()
 
     from unipost.envs.swe.harness import evaluate_predictions
-    from unipost.eval import evaluate_policy
     from unipost.train.config import TrainConfig
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,18 +255,7 @@ def evaluate_run(
     run_config = TrainConfig.from_file(run_dir / "config.json")
     config = eval_config(run_config, run_dir, instances_path, split_file, len(ids), image_scheme=image_scheme)
     trainer = load_for_eval(run_dir, config)
-    result = evaluate_policy(
-        trainer.make_env,
-        trainer.student_policy,
-        trainer.heldout_tasks(),
-        max_turns=config.rollout.max_turns,
-        context_budget=config.rollout.context_budget,
-        count_tokens=lambda messages, tools: len(trainer.renderer.context_ids(messages)),
-        concurrency=config.rollout.concurrency,
-        seed=config.seed,
-        progress=progress,
-        iteration=trainer.start_iteration,
-    )
+    result = trainer.evaluate_heldout(progress=progress, iteration=trainer.start_iteration)
     with (out_dir / "trajectories.jsonl").open("w") as f:
         for t in result.trajectories:
             f.write(t.model_dump_json() + "\n")
