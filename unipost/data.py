@@ -13,11 +13,26 @@ the teacher at EVERY visited state), the sampled token log-probs the engine saw,
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Message = dict[str, Any]
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The directory unipost caches built artefacts under (tokenizers, warm starts, model copies).
+
+    ``cache_dir`` wins, then ``$UNIPOST_CACHE``, then ``~/.cache/unipost``. It lives in the bottom layer
+    because both model loading (``models``) and run set-up (``train``) cache there.
+    """
+    root = Path(cache_dir or os.environ.get("UNIPOST_CACHE") or Path.home() / ".cache" / "unipost")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 Executor = Literal["teacher", "student"]
 
 FAILURE_MODES = (

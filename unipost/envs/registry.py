@@ -22,12 +22,25 @@ from typing import Any
 from unipost.envs.base import Environment
 
 
+def embedded_env_factory(difficulty: str, max_observation_chars: int) -> Callable[[Any], Environment]:
+    """``(split, index) -> EmbeddedEnv``: one fresh sandboxed world per episode.
+
+    It sits here, in the envs layer, so the registry, run set-up and notebooks share one factory
+    without the envs layer reaching up into ``train``.
+    """
+    from unipost.envs.embedded import EmbeddedEnv
+
+    def make(task: tuple[str, int]) -> Environment:
+        split, index = task
+        return EmbeddedEnv.from_split(split, index, difficulty, max_observation_chars=max_observation_chars)
+
+    return make
+
+
 def make_env_factory(env: Any) -> Callable[[Any], Environment]:
     """Build the factory for ``env`` (a :class:`unipost.train.config.EnvConfig`)."""
     if env.name == "embedded":
-        from unipost.train.setup import env_factory
-
-        return env_factory(env.difficulty, env.max_observation_chars)
+        return embedded_env_factory(env.difficulty, env.max_observation_chars)
     if env.name == "openhands":
         from unipost.envs.openhands import OpenHandsEnv
 

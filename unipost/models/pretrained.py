@@ -179,7 +179,7 @@ def smollm2_local_dir(cache_dir: str | Path | None = None) -> Path:
     import shutil
     import uuid
 
-    from unipost.train.setup import cache_root
+    from unipost.data import cache_root
 
     gguf_file = smollm2_path()  # fails first, with the install command, when the package is missing
     out = cache_root(str(cache_dir) if cache_dir is not None else None) / "smollm2-135m-instruct-fp32"

@@ -19,42 +19,34 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from unipost.data import Trajectory
-from unipost.envs.embedded import EmbeddedEnv
+from unipost.data import Trajectory, cache_root
 from unipost.envs.embedded.expert import ScriptedExpert
 from unipost.envs.embedded.tools import tool_schemas
+from unipost.envs.registry import embedded_env_factory as env_factory
 from unipost.models import build_tiny_qwen3, build_tokenizer
 from unipost.objective import SFT, Recipe
 from unipost.rendering.chat import ChatRenderer
 from unipost.rollout.engine import RolloutEngine
 
+__all__ = [
+    "behaviour_clone",
+    "build_task_tokenizer",
+    "cache_root",
+    "cached_clones",
+    "env_factory",
+    "expert_trajectories",
+]
+
 SETUP_VERSION = "2"  # bump when what is cached here changes meaning
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    root = Path(cache_dir or os.environ.get("UNIPOST_CACHE") or Path.home() / ".cache" / "unipost")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def _key(*parts: Any) -> str:
     blob = json.dumps([SETUP_VERSION, *parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def env_factory(difficulty: str, max_observation_chars: int):
-    """``(split, index) -> EmbeddedEnv``: one fresh sandboxed world per episode."""
-
-    def make(task: tuple[str, int]) -> EmbeddedEnv:
-        split, index = task
-        return EmbeddedEnv.from_split(split, index, difficulty, max_observation_chars=max_observation_chars)
-
-    return make
 
 
 def expert_trajectories(
