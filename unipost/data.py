@@ -9,13 +9,20 @@ A ``Trajectory`` is the unit of storage: the initial messages (system + issue), 
 agent step. Each turn records who executed it (the rollout protocol's indicator z_t of Eq. 8-9), the
 executed action, the teacher's label at that state when the recipe queried it (Eq. 10-11: DAgger asks
 the teacher at EVERY visited state), the sampled token log-probs the engine saw, and the observation.
+
+The two protocols the rollout engine talks to live here too, at the bottom of the layering, because
+both sides use them: ``Environment`` (with ``StepResult``) and ``Policy`` (with ``AgentState`` and
+``PolicyOutput``). A scripted expert inside an environment package and the engine above it share
+them without the envs layer importing the rollout layer. ``unipost.envs.base`` and
+``unipost.rollout.policy`` re-export them.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -141,3 +148,71 @@ def _same_action(a: Message, b: Message) -> bool:
     calls_a = [_canonical_call(c) for c in a.get("tool_calls") or []]
     calls_b = [_canonical_call(c) for c in b.get("tool_calls") or []]
     return calls_a == calls_b
+
+
+# --- the Environment protocol -------------------------------------------------------------------------
+# Every environment (embedded, OpenHands, SWE-Gym Docker) implements it; the rollout engine only talks to
+# this protocol, so the same engine drives the embedded mini-SWE world on a laptop and the paper's
+# OpenHands scaffold on a cluster.
+
+
+@dataclass
+class StepResult:
+    """What the environment returns after executing one assistant action."""
+
+    observation: list[Message]  # tool messages (role "tool", with tool_call_id), as OpenHands returns them
+    done: bool = False  # the agent called `finish` (or the environment ended the episode)
+    tool_error: bool = False  # malformed/unknown tool call or invalid arguments
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """One episode's world. ``reset`` -> prompt messages; ``step`` per action; ``verify`` at the end."""
+
+    tools: list[dict[str, Any]]  # OpenAI-style JSON tool schemas offered to the model
+
+    def reset(self) -> list[Message]: ...
+
+    def step(self, action: Message) -> StepResult: ...
+
+    def verify(self) -> Outcome: ...
+
+    def close(self) -> None: ...
+
+
+# --- the Policy protocol ------------------------------------------------------------------------------
+# Batched ``act`` for everyone, ``score`` for white-box models. A state carries the canonical messages
+# s_t and the tool schemas; scripted experts additionally get the environment handle (they are
+# privileged: they may read the workspace and know the ground truth).
+
+
+@dataclass
+class AgentState:
+    """What a policy sees before acting at turn ``turn``: s_t, the tools, and (privileged) the world."""
+
+    messages: list[Message]  # s_t: prompt + executed history
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    env: Environment | None = None  # only privileged (scripted) policies may look at it
+    turn: int = 0
+
+
+@dataclass
+class PolicyOutput:
+    """One action: the canonical message plus, for white-box policies, the sampled tokens and log-probs."""
+
+    message: Message  # canonical assistant message (content + tool_calls); malformed calls -> tool_error
+    token_ids: list[int] | None = None  # sampled tokens (white-box policies)
+    logprobs: list[float] | None = None  # log-probs of those tokens at sampling time
+    tool_error: str | None = None  # why the raw output did not parse into a valid tool call
+    raw: str | None = None  # raw generated text, for debugging
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Anything that acts on a batch of states: a scripted expert, a local model, vLLM or an API."""
+
+    name: str
+    white_box: bool  # can return per-token log-probs of given actions (needed by OPD's score)
+
+    def act(self, states: list[AgentState], *, greedy: bool = False) -> list[PolicyOutput]: ...

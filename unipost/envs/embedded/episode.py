@@ -11,12 +11,11 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from unipost.data import Trajectory, Turn
+from unipost.data import AgentState, Trajectory, Turn
 from unipost.envs.embedded.env import EmbeddedEnv
 from unipost.envs.embedded.expert import ScriptedExpert
 from unipost.envs.embedded.perturb import random_perturbation
 from unipost.envs.embedded.tasks import Difficulty, Task, generate_task
-from unipost.rollout.policy import AgentState
 
 
 def play_expert(

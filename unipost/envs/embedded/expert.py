@@ -26,12 +26,11 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from unipost.data import Message
+from unipost.data import AgentState, Message, PolicyOutput
 from unipost.envs.embedded.sandbox import WORKSPACE
 from unipost.envs.embedded.tasks import Task
 from unipost.envs.embedded.tools import TOOL_ALIASES
 from unipost.envs.embedded.verifier import workspace_files
-from unipost.rollout.policy import AgentState, PolicyOutput
 
 _READ_ONLY_PREFIXES = ("find ", "ls", "grep ", "cat ", "head ", "tail ", "wc ", "pwd", "echo ", "tree")
 
