@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,24 @@ class OptionalDependencyError(ImportError):
     pass
 
 
+OPENHANDS_VENV_ENV_VAR = "UNIPOST_OPENHANDS_VENV"
+
+
+def openhands_venv() -> Path:
+    """``$UNIPOST_OPENHANDS_VENV`` or ``.venv-openhands`` at the repository root.
+
+    OpenHands runs from its own Python >= 3.12 venv and is never imported here; where that venv lives is
+    decided in this bottom module so ``available("openhands")`` need not import the envs layer.
+    """
+    if os.environ.get(OPENHANDS_VENV_ENV_VAR):
+        return Path(os.environ[OPENHANDS_VENV_ENV_VAR])
+    return Path(__file__).resolve().parents[1] / ".venv-openhands"
+
+
 def available(name: str) -> bool:
     """Whether an optional dependency can be imported (without importing it)."""
     if name == "openhands":  # used from its own Python >= 3.12 venv, never imported here
-        from unipost.envs.openhands.client import default_venv
-
-        return (default_venv() / "bin" / "python").exists()
+        return (openhands_venv() / "bin" / "python").exists()
     module = EXTRAS[name].module if name in EXTRAS else name
     try:
         return importlib.util.find_spec(module) is not None

@@ -28,9 +28,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from unipost._optional import OPENHANDS_VENV_ENV_VAR, openhands_venv
 from unipost.envs.embedded.sandbox import WORKSPACE, Limits, Sandbox, SandboxUnavailableError
 
-VENV_ENV_VAR = "UNIPOST_OPENHANDS_VENV"
+VENV_ENV_VAR = OPENHANDS_VENV_ENV_VAR
 WORKER_DIR_INSIDE = "/opt/unipost-openhands"
 SETUP_HINT = "Build it with: bash scripts/setup-openhands-venv.sh (needs Python >= 3.12 and tmux)."
 # The worker imports litellm and the SDK (several seconds of CPU), then hosts a shell for the episode:
@@ -46,11 +47,7 @@ class WorkerError(RuntimeError):
     """The worker died, timed out or answered something that is not the protocol."""
 
 
-def default_venv() -> Path:
-    """``$UNIPOST_OPENHANDS_VENV`` or ``.venv-openhands`` at the repository root."""
-    if os.environ.get(VENV_ENV_VAR):
-        return Path(os.environ[VENV_ENV_VAR])
-    return Path(__file__).resolve().parents[3] / ".venv-openhands"
+default_venv = openhands_venv  # decided in unipost._optional, so doctor need not import this layer
 
 
 def venv_python(venv: str | Path | None = None) -> Path:
