@@ -23,7 +23,7 @@ from unipost.data import Trajectory
 from unipost.kernels.loss import weighted_nll
 from unipost.kernels.model import LabelLogprobs, packed_logprobs
 from unipost.kernels.packing import PackedBatch, PackSequence, pack, packed_size
-from unipost.objective import Need, Recipe, RegularizerInputs, ScoreInputs
+from unipost.objective import Need, Recipe, RegularizerInputs, ScoreInputs, clipped_ratio
 from unipost.rendering.chat import ChatRenderer, LabelSpec, RenderStats, trajectory_sequences
 
 
@@ -43,10 +43,24 @@ class TrainingBatch:
     submitted_B: torch.Tensor
     group_of_traj_B: torch.Tensor
     render_stats: RenderStats = field(default_factory=RenderStats)
+    old_logp_L: torch.Tensor | None = None  # log pi_old per label token (Recipe.ratio_clip), detached
 
     @property
     def num_label_tokens(self) -> int:
         return self.packed.num_label_tokens
+
+    @property
+    def num_sequences(self) -> int:
+        """Trajectories with at least one label: the sequences of ``sequence_mean``.
+
+        A GRPO group member kept only for its group's baseline has no label and is not counted.
+        """
+        return int(torch.unique(self.traj_of_seq_S).numel())
+
+    @property
+    def traj_of_token_L(self) -> torch.Tensor:
+        """int64 [L]: the trajectory (index b) each label token belongs to."""
+        return self.traj_of_seq_S[self.packed.label_seq_L]
 
 
 def _group_ids(trajectories: Sequence[Trajectory]) -> torch.Tensor:
@@ -136,6 +150,38 @@ def pack_rendered(
     )
 
 
+def make_microbatches(
+    trajectories: Sequence[Trajectory],
+    recipe: Recipe,
+    renderer: ChatRenderer,
+    *,
+    max_tokens: int,
+    vocab_size: int | None = None,
+) -> list[TrainingBatch]:
+    """Greedy first-fit of whole groups into micro-batches of at most ``max_tokens`` packed tokens.
+
+    Every trajectory is rendered once; sizes come from the rendered documents. A group is never split
+    (its GRPO baseline must see all its samples). It sits with batch building, not with the optimiser,
+    because evaluation (``eval.imitation``) batches label NLLs the same way.
+    """
+    groups: dict[int, list[RenderedTrajectory]] = {}
+    for rendered in render_trajectories(trajectories, recipe, renderer):
+        groups.setdefault(rendered.group, []).append(rendered)
+    bins: list[list[RenderedTrajectory]] = []
+    used: list[int] = []
+    for members in groups.values():
+        size = sum(r.packed_size for r in members)
+        for i in range(len(bins)):
+            if used[i] + size <= max_tokens:
+                bins[i].extend(members)
+                used[i] += size
+                break
+        else:
+            bins.append(list(members))
+            used.append(size)
+    return [pack_rendered(b, vocab_size=vocab_size) for b in bins]
+
+
 def build_batch(
     trajectories: Sequence[Trajectory],
     recipe: Recipe,
@@ -166,7 +212,9 @@ def objective_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The Eq. 14 surrogate for one batch: sum_t sg(w_t) (-log pi(y_t|x)) / Z + R.
 
-    ``normalization_constant`` is used when ``recipe.normalization == "constant"`` (e.g. the global
+    ``Z`` follows ``recipe.normalization``; for ``sequence_mean`` a sequence is a trajectory. With
+    ``recipe.ratio_clip`` the weights carry the clipped ratio against ``batch.old_logp_L`` (ratio 1
+    when the batch has none, i.e. before any update on it). ``normalization_constant`` is used when ``recipe.normalization == "constant"`` (e.g. the global
     label-token count when a batch is split into micro-batches). ``student_forward(packed,
     return_entropy)`` replaces ``packed_logprobs(model, ...)`` for the student, so a data-parallel
     wrapper's forward (and its gradient hooks) runs; see :mod:`unipost.train.distributed`.
@@ -203,12 +251,13 @@ def objective_loss(
         submitted_B=batch.submitted_B.to(device),
         teacher_logp_L=None if teacher_logp is None else teacher_logp.to(device),
         group_of_traj_B=batch.group_of_traj_B.to(device),
+        old_logp_L=None if batch.old_logp_L is None else batch.old_logp_L.to(device),
     )
     weights_L = recipe.loss_weights(inputs) * packed.label_weight_L.to(device)
     nll, metrics = weighted_nll(
         out.logp_L,
         weights_L,
-        packed.label_seq_L.to(device),
+        batch.traj_of_token_L.to(device),  # sequence_mean: one sequence per trajectory
         normalization=recipe.normalization,
         constant=normalization_constant,
     )
@@ -223,9 +272,12 @@ def objective_loss(
             "regularizer": float(reg.detach()),
             "packed_tokens": float(packed.num_tokens),
             "labels": float(packed.num_labels),
-            "trajectories": float(len(batch.trajectories)),
+            "trajectories": float(batch.num_sequences),
         }
     )
+    if recipe.ratio_clip is not None and inputs.old_logp_L is not None:
+        ratio = clipped_ratio(inputs.logp_L, inputs.old_logp_L, weights_L, recipe.ratio_clip)
+        metrics["ratio_clipped_frac"] = float((ratio == 0).double().mean()) if ratio.numel() else 0.0
     if teacher_logp is not None:
         metrics["reverse_kl_sampled"] = float((out.logp_L.detach() - teacher_logp.to(device)).mean())
     return loss, metrics

@@ -33,8 +33,8 @@ def expert_label_nll(
 
     ``None`` when no student turn carries an expert label.
     """
+    from unipost.batch import make_microbatches
     from unipost.kernels.model import packed_logprobs
-    from unipost.train.optimise import make_microbatches
 
     labelled = [t for t in trajectories if any(turn.label is not None for turn in t.turns)]
     if not labelled:

@@ -13,49 +13,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from unipost.batch import (
-    RenderedTrajectory,
-    TrainingBatch,
-    objective_loss,
-    pack_rendered,
-    render_trajectories,
-)
-from unipost.data import Trajectory
+from unipost.batch import TrainingBatch, make_microbatches, objective_loss
 from unipost.objective import Recipe
-from unipost.rendering.chat import ChatRenderer
+
+__all__ = ["make_microbatches", "optimise_epoch"]  # make_microbatches lives in unipost.batch
 
 if TYPE_CHECKING:
     from unipost.train.distributed import Distributed
-
-
-def make_microbatches(
-    trajectories: Sequence[Trajectory],
-    recipe: Recipe,
-    renderer: ChatRenderer,
-    *,
-    max_tokens: int,
-    vocab_size: int | None = None,
-) -> list[TrainingBatch]:
-    """Greedy first-fit of whole groups into micro-batches of at most ``max_tokens`` packed tokens.
-
-    Every trajectory is rendered once; sizes come from the rendered documents.
-    """
-    groups: dict[int, list[RenderedTrajectory]] = {}
-    for rendered in render_trajectories(trajectories, recipe, renderer):
-        groups.setdefault(rendered.group, []).append(rendered)
-    bins: list[list[RenderedTrajectory]] = []
-    used: list[int] = []
-    for members in groups.values():
-        size = sum(r.packed_size for r in members)
-        for i in range(len(bins)):
-            if used[i] + size <= max_tokens:
-                bins[i].extend(members)
-                used[i] += size
-                break
-        else:
-            bins.append(list(members))
-            used.append(size)
-    return [pack_rendered(b, vocab_size=vocab_size) for b in bins]
 
 
 def _scale(batch: TrainingBatch, recipe: Recipe, totals: tuple[int, int]) -> float:
