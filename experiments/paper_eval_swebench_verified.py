@@ -39,7 +39,8 @@ def config() -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from unipost.envs.swe.verified import PAPER_EXCLUDED_REPOS, evaluate_run
+    from unipost.envs.swe.verified import PAPER_EXCLUDED_REPOS
+    from unipost.train.swe_verified import evaluate_run
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", nargs="?", type=Path, help="run directory (default: config().run_dir)")

@@ -1,4 +1,4 @@
-"""SWE-bench Verified entry point (unipost.envs.swe.verified, `unipost eval-swebench`).
+"""SWE-bench Verified (unipost.envs.swe.verified, unipost.train.swe_verified, `unipost eval-swebench`).
 
 No Docker engine, ``docker`` package or ``swebench`` exists here, so the run stops at that boundary
 with an error naming what is missing; everything before it (instance selection, the eval config's
@@ -25,13 +25,13 @@ from unipost.envs.registry import make_env_factory
 from unipost.envs.swe import (
     DockerSWEEnv,
     DockerUnavailableError,
-    evaluate_run,
     load_instances,
     select_instances,
 )
-from unipost.envs.swe.verified import eval_config, load_for_eval, patches_from, summarise
+from unipost.envs.swe.verified import patches_from
 from unipost.eval.evaluate import wilson_interval
 from unipost.train.config import TrainConfig
+from unipost.train.swe_verified import eval_config, evaluate_run, load_for_eval, summarise
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "swe"

@@ -104,7 +104,7 @@ def eval_swebench(
     max_workers: int = typer.Option(4, help="the swebench harness's parallel containers"),
 ) -> None:
     """SWE-bench Verified of a run's latest checkpoint: greedy episodes in Docker, the swebench harness."""
-    from unipost.envs.swe.verified import evaluate_run
+    from unipost.train.swe_verified import evaluate_run
 
     wanted = [ln.strip() for ln in ids.read_text().splitlines() if ln.strip()] if ids else None
     result = evaluate_run(

@@ -1,7 +1,8 @@
 """SWE-Gym / SWE-bench: instances from a local JSONL (public format), held-out split selection,
 one Docker container per instance (``DockerSWEEnv``, which grades each submitted episode in it:
-``grading``), evaluation through the ``swebench`` harness, and ``evaluate_run``: a trained run on
-SWE-bench Verified.
+``grading``), evaluation through the ``swebench`` harness, and the instance selection of SWE-bench
+Verified (running a trained run on it, ``evaluate_run``, is in :mod:`unipost.train.swe_verified`: it
+needs the Trainer, a higher layer).
 
 Nothing here imports ``docker`` or ``swebench`` until it is used; without them (or without a running
 Docker engine) the error names what is missing.
@@ -20,10 +21,11 @@ from unipost.envs.swe.instances import (
     parse_instance,
     split_instances,
 )
-from unipost.envs.swe.verified import VerifiedResult, evaluate_run, select_instances
+from unipost.envs.swe.verified import PAPER_EXCLUDED_REPOS, VerifiedResult, patches_from, select_instances
 
 __all__ = [
     "IMAGE_SCHEMES",
+    "PAPER_EXCLUDED_REPOS",
     "DockerExecutor",
     "DockerSWEEnv",
     "DockerUnavailableError",
@@ -35,13 +37,13 @@ __all__ = [
     "VerifiedResult",
     "docker_client",
     "evaluate_predictions",
-    "evaluate_run",
     "grading_spec",
     "harness_command",
     "heldout_bucket",
     "image_name",
     "load_instances",
     "parse_instance",
+    "patches_from",
     "select_instances",
     "split_instances",
     "write_dataset",
