@@ -136,3 +136,14 @@ def test_label_turn_out_of_range(tokenizer):
     traj = dagger_trajectory(2)
     with pytest.raises(ValueError, match="outside"):
         trajectory_sequences(traj, [LabelSpec(5, traj.turns[0].label)], ChatRenderer(tokenizer))
+
+
+def test_count_tokens_is_the_length_of_the_prompt_the_model_is_given(tokenizer):
+    """The one token counter (Trainer rollouts, held-out evaluation and KL share it) counts the rendered
+    context with the generation prompt and the renderer's tools: what the context budget is about."""
+    traj = dagger_trajectory(4)
+    with_tools, without = ChatRenderer(tokenizer, TOOLS), ChatRenderer(tokenizer)
+    for t in range(len(traj.turns) + 1):
+        context = traj.context(t)
+        assert with_tools.count_tokens(context, TOOLS) == len(with_tools.context_ids(context))
+    assert with_tools.count_tokens(traj.prompt) > without.count_tokens(traj.prompt)  # tools are rendered

@@ -78,6 +78,16 @@ class ChatRenderer:
         """Tokens the model is given before acting: the context with the generation prompt."""
         return self.encode(self.render_text(messages, add_generation_prompt=True))
 
+    def count_tokens(self, messages: Sequence[Message], tools: Sequence[dict] | None = None) -> int:
+        """Length of :meth:`context_ids`: the rollout engine's ``count_tokens`` for a context budget.
+
+        The one token counter the Trainer's rollouts, held-out evaluation and KL diagnostic share, so
+        all three end an episode at the same context length. ``tools`` is accepted for the engine's
+        ``(messages, tools)`` signature; the prompt is rendered with the tools this renderer was built
+        with (the same ones the student was trained and is prompted with).
+        """
+        return len(self.context_ids(messages))
+
     def label_ids(self, context: Sequence[Message], label: Message) -> list[int]:
         """Tokens the model should generate after ``context`` to produce ``label``."""
         context_text = self.render_text(context, add_generation_prompt=True)

@@ -104,7 +104,7 @@ class Trainer:
             recipe=self.recipe,
             max_turns=cfg.rollout.max_turns,
             context_budget=cfg.rollout.context_budget,
-            count_tokens=lambda messages, tools: len(self.renderer.context_ids(messages)),
+            count_tokens=self.renderer.count_tokens,
             concurrency=cfg.rollout.concurrency,
             seed=cfg.seed,
             progress=cfg.progress,
@@ -486,7 +486,7 @@ class Trainer:
             self.heldout_tasks(),
             max_turns=cfg.rollout.max_turns,
             context_budget=cfg.rollout.context_budget,
-            count_tokens=lambda messages, tools: len(self.renderer.context_ids(messages)),
+            count_tokens=self.renderer.count_tokens,
             concurrency=cfg.rollout.concurrency,
             seed=cfg.seed,
             progress=progress,
@@ -524,7 +524,7 @@ class Trainer:
                 self.heldout_tasks()[: cfg.eval.kl_tasks],
                 max_turns=cfg.rollout.max_turns,
                 context_budget=cfg.rollout.context_budget,
-                count_tokens=lambda messages, tools: len(self.renderer.context_ids(messages)),
+                count_tokens=self.renderer.count_tokens,
                 seed=cfg.seed + step,
             )
             kl = reverse_kl_on_student_states(self.student, self.teacher_model, trajs, self.renderer)
