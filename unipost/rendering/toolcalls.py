@@ -38,6 +38,9 @@ STYLES: tuple[str, ...] = ("hermes", "qwen3_coder")
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_CLOSE = "</think>"
 _SNIPPET = 160  # characters of offending text quoted in an error message
+MAX_JSON_DEPTH = 64  # tool calls are flat objects; deeper nesting is an attack, not an action
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,35 @@ def _check_style(style: str) -> None:
 # canonical tool calls and tool schemas
 
 
+def json_depth(text: str) -> int:
+    """The deepest ``[``/``{`` nesting of a JSON text, found without recursion (strings skipped).
+
+    Python's json module recurses once per level: a 100,000-deep ``[[[...`` raises RecursionError (or
+    worse, gets through and breaks whoever walks the result). Checking the depth first keeps every
+    parser here bounded.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    depth = deepest = 0
+    for ch in brackets:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def loads_bounded(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that refuses (ValueError) nesting deeper than ``max_depth`` instead of recursing."""
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep (at most {max_depth} allowed)")
+    try:
+        return json.loads(text)
+    except RecursionError as exc:  # pragma: no cover - the depth check comes first
+        raise ValueError("JSON nested too deeply") from exc
+
+
 def make_tool_call(name: str, arguments: dict[str, Any], call_id: str) -> dict[str, Any]:
     """One OpenAI-format tool call; arguments are stored as a JSON string, as the OpenAI API does."""
     return {
@@ -95,7 +127,7 @@ def call_arguments(call: dict[str, Any]) -> dict[str, Any]:
     fn = call.get("function", call)
     args = fn.get("arguments", {})
     if isinstance(args, str):
-        args = json.loads(args) if args.strip() else {}
+        args = loads_bounded(args) if args.strip() else {}
     if not isinstance(args, dict):
         raise ValueError(f"tool call {fn.get('name')!r} has arguments that are not an object: {args!r}")
     return args
@@ -236,16 +268,18 @@ def _parse_hermes_body(body: str, i: int) -> tuple[str, dict[str, Any]] | str:
             f"tool call {i}: this model's format is {CALL_OPEN}{{json}}{CALL_CLOSE}, not <function=...> XML"
         )
     try:
-        obj = json.loads(body)
+        obj = loads_bounded(body)
     except json.JSONDecodeError as exc:
         return f"tool call {i}: invalid JSON in {CALL_OPEN} ({exc.msg} at char {exc.pos}): {_snippet(body)}"
+    except ValueError as exc:
+        return f"tool call {i}: {exc}"
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return f'tool call {i}: expected {{"name": ..., "arguments": {{...}}}}, got {_snippet(body)}'
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models double-encode the arguments
         try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
+            args = loads_bounded(args)
+        except ValueError:
             name = obj["name"]
             return f"tool call {i} ({name}): arguments are a string, not a JSON object: {_snippet(args)}"
     if not isinstance(args, dict):
@@ -290,6 +324,8 @@ def _decode_xml_value(raw: str, schema: dict[str, Any] | None) -> tuple[bool, An
 
 def _literal(raw: str) -> tuple[bool, Any]:
     """JSON first; then Python literals (``True``, ``{'a': 1}``), which Jinja's ``|string`` renders."""
+    if json_depth(raw) > MAX_JSON_DEPTH:  # nor does ast get text nested deeper than any action
+        return False, raw
     try:
         return True, json.loads(raw)
     except (json.JSONDecodeError, ValueError):

@@ -23,10 +23,12 @@ from unipost.envs.embedded.tools import (
     FileEditor,
     Terminal,
     ToolError,
+    call_id_of,
     parse_tool_call,
     tool_schemas,
 )
 from unipost.envs.embedded.verifier import EndedBy, classify, run_hidden_tests
+from unipost.rendering.toolcalls import loads_bounded
 
 SYSTEM_PROMPT = (
     "You are a software engineering agent. A Python repository is at /testbed. Use the tools to inspect "
@@ -118,7 +120,7 @@ class EmbeddedEnv:
 
     # -- internals ----------------------------------------------------------------------------------
     def _execute(self, call: Any, i: int) -> tuple[str, str, bool, str]:
-        call_id = str(call.get("id") or f"call_{i}") if isinstance(call, dict) else f"call_{i}"
+        call_id = call_id_of(call, i)
         raw_name = _raw_name(call)
         try:
             parsed = parse_tool_call(call)
@@ -134,7 +136,12 @@ class EmbeddedEnv:
         except ToolError as exc:
             return f"ERROR:\n{exc}", raw_name, True, call_id
         except Exception as exc:  # an environment fault must not crash the rollout
-            return f"ERROR:\n{type(exc).__name__}: {exc}", raw_name, True, call_id
+            text = f"ERROR:\n{type(exc).__name__}: {exc}"
+            if self.sandbox is not None:
+                text = self.sandbox.hide_host_paths(text)
+            if self.workspace is not None:  # never a host path, even in an unexpected error
+                text = text.replace(str(self.workspace), WORKSPACE)
+            return text, raw_name, True, call_id
 
     def host_path(self, path: str) -> Path:
         """The host file behind an agent-visible /testbed path (privileged; used by the scripted expert)."""
@@ -156,13 +163,22 @@ def execute_tool_calls(env: Any, action: Message) -> StepResult:
     calls = (action.get("tool_calls") or []) if isinstance(action, dict) else []
     if not isinstance(calls, list) or not calls:
         env.turn_tool_errors.append(True)
-        content = action.get("content", "") if isinstance(action, dict) else repr(action)
-        env.actions.append(json.dumps(["<no tool call>", str(content)]))
+        content = action.get("content", "") if isinstance(action, dict) else action
+        env.actions.append(json.dumps(["<no tool call>", _bounded_text(content)]))
         return StepResult([_user(NO_TOOL_CALL)], done=False, tool_error=True, info={"tools": []})
     observation: list[Message] = []
     any_error, names = False, []
     for i, call in enumerate(calls):
-        text, name, error, call_id = env._execute(call, i)
+        if nesting_depth(call, MAX_ACTION_DEPTH) > MAX_ACTION_DEPTH:
+            text, name, error = (
+                f"ERROR:\nTool call nested more than {MAX_ACTION_DEPTH} levels deep.",
+                "unknown",
+                True,
+            )
+            call_id = f"call_{i}"
+        else:
+            text, name, error, call_id = env._execute(call, i)
+        text = printable(text)  # undecodable bytes echoed back become escapes, never lone surrogates
         any_error |= error
         names.append(name)
         observation.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": text})
@@ -182,19 +198,67 @@ def _raw_name(call: Any) -> str:
         fn = call.get("function") if isinstance(call.get("function"), dict) else call
         name = fn.get("name")
         if isinstance(name, str):
-            return name
+            return printable(name[:200])
     return "unknown"
+
+
+MAX_ACTION_DEPTH = 32  # a tool call is {"function": {"arguments": {...: [..]}}}: 4 levels; more is hostile
+
+
+def nesting_depth(obj: Any, stop: int) -> int:
+    """How deeply containers nest in ``obj`` (iterative, so any depth is measured without recursion);
+    stops counting once ``stop`` is passed."""
+    deepest = 0
+    todo: list[tuple[Any, int]] = [(obj, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop:
+            return deepest
+        todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates (from undecodable bytes) as ``\\udcXX`` escapes: storable as UTF-8."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bounded_text(value: Any, limit: int = 10_000) -> str:
+    """A short, storable text for any value (a repr of something deep or huge must not crash a step)."""
+    if isinstance(value, str):
+        return printable(value[:limit])
+    if nesting_depth(value, MAX_ACTION_DEPTH) > MAX_ACTION_DEPTH:
+        return f"<{type(value).__name__} nested too deeply>"
+    try:
+        return printable(repr(value)[:limit])
+    except Exception:  # a hostile __repr__
+        return f"<unprintable {type(value).__name__}>"
 
 
 def _canonical(call: Any) -> list[Any]:
     """(name, sorted-JSON arguments) of a call, so identical actions compare equal."""
-    if not isinstance(call, dict):
-        return [repr(call)]
+    if not isinstance(call, dict) or nesting_depth(call, MAX_ACTION_DEPTH) > MAX_ACTION_DEPTH:
+        return [_bounded_text(call)]
     fn = call.get("function") if isinstance(call.get("function"), dict) else call
     args = fn.get("arguments", "")
+    name = _bounded_text(fn.get("name"), 200)
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            args = loads_bounded(args, MAX_ACTION_DEPTH)
         except ValueError:
-            return [str(fn.get("name")), args]
-    return [str(fn.get("name")), json.dumps(args, sort_keys=True, default=str)]
+            return [name, printable(args)]
+    try:
+        return [name, printable(json.dumps(args, sort_keys=True, default=str))]
+    except (TypeError, ValueError):  # keys of mixed types cannot be sorted
+        return [name, _bounded_text(args)]

@@ -19,17 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import resource
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 WORKSPACE = "/testbed"  # where the agent sees its repository (as in the paper's SWE-Gym setup)
+CHANNEL_ENV = "UNIPOST_CHANNEL_FD"  # names the result pipe's descriptor to the command (run(channel=N))
+MAX_TIMEOUT_FACTOR = 6  # a model may ask for at most this multiple of Limits.timeout_s
+READ_CHUNK = 1 << 16
 UNSAFE_ENV_VAR = "UNIPOST_UNSAFE_LOCAL"
 _PROBED: dict[tuple[str | None, bool], str | None] = {}  # bwrap setup -> failure text (None: works)
 
@@ -55,6 +61,7 @@ class CommandResult:
     output: str  # stdout and stderr, interleaved as the command wrote them
     exit_code: int
     timed_out: bool = False
+    channel: bytes = b""  # what the command wrote to its result pipe (``Sandbox.run(channel=N)``)
 
 
 @dataclass
@@ -74,6 +81,9 @@ class Sandbox:
         self.workspace = Path(self.workspace).resolve()
         if not self.workspace.is_dir():
             raise ValueError(f"Sandbox workspace {self.workspace} does not exist or is not a directory.")
+        # the host spellings of the workspace, longest first, for hide_host_paths
+        names = {str(self.workspace), os.path.realpath(self.workspace)}
+        self._host_names = sorted(names, key=len, reverse=True)
         self.bwrap = shutil.which("bwrap")
         self.unsafe_local = self.unsafe_local or os.environ.get(UNSAFE_ENV_VAR) == "1"
         if self.bwrap is None:
@@ -124,34 +134,69 @@ class Sandbox:
         timeout_s: float | None = None,
         ro_binds: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
+        channel: int = 0,
     ) -> CommandResult:
-        """Run ``bash -c command`` in the sandbox; never raises for the command's own failures."""
-        timeout = min(timeout_s or self.limits.timeout_s, max(self.limits.timeout_s, 1.0) * 6)
-        argv, run_env = self._argv(command, cwd, ro_binds or {}, env or {})
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=run_env,
-            cwd=str(self.workspace),
-            preexec_fn=self._preexec,
-            start_new_session=True,
-        )
-        timed_out = False
+        """Run ``bash -c command`` in the sandbox; never raises for the command's own failures.
+
+        The output is read as a bounded stream (only its last ``max_output_chars`` bytes plus one read
+        are ever held), and the command's whole process group is killed before this returns, whatever
+        happened (timeout, an exception while reading, KeyboardInterrupt): no agent process outlives its
+        call. ``channel > 0`` opens a second pipe whose descriptor number the command finds in
+        ``$UNIPOST_CHANNEL_FD``; at most ``channel`` bytes of it are kept (``CommandResult.channel``):
+        the verifier's result pipe, separate from what package code prints.
+        """
+        timeout = _clamp_timeout(timeout_s, self.limits.timeout_s)
+        read_fd = write_fd = -1
+        env = dict(env or {})
+        if channel > 0:
+            read_fd, write_fd = os.pipe()
+            env[CHANNEL_ENV] = str(write_fd)
         try:
-            raw, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-            raw, _ = proc.communicate()
-        if not self.isolated:
-            _kill_group(proc)  # background children of an unsandboxed command must not outlive it
+            argv, run_env = self._argv(command, cwd, ro_binds or {}, env)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=run_env,
+                cwd=str(self.workspace),
+                preexec_fn=self._preexec,
+                start_new_session=True,
+                pass_fds=(write_fd,) if channel > 0 else (),
+            )
+        except BaseException:
+            for fd in (read_fd, write_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        if write_fd >= 0:
+            os.close(write_fd)  # only the command holds the write end now: EOF when it is gone
+        cap = max(self.limits.max_output_chars, 1)
+        try:
+            assert proc.stdout is not None
+            raw, side, timed_out = _drain(proc, proc.stdout.fileno(), read_fd, cap, channel, timeout)
+        finally:
+            _kill_group(proc)  # every path, including exceptions: nothing the command started survives
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if read_fd >= 0:
+                os.close(read_fd)
         output = raw.decode("utf-8", errors="replace")[-self.limits.max_output_chars :]
-        if not self.isolated:
-            output = output.replace(str(self.workspace), WORKSPACE)
+        output = self.hide_host_paths(output)
         code = proc.returncode if not timed_out else -1
-        return CommandResult(output=output, exit_code=code, timed_out=timed_out)
+        return CommandResult(output=output, exit_code=code, timed_out=timed_out, channel=side)
+
+    def hide_host_paths(self, text: str) -> str:
+        """Name the workspace ``/testbed`` wherever its host path appears (e.g. /proc/self/mountinfo).
+
+        Observations must never tell the agent where on the host its workspace lives.
+        """
+        for host in self._host_names:
+            if host in text:
+                text = text.replace(host, WORKSPACE)
+        return text
 
     def fix_ownership(self, path: Path) -> None:
         """Make a host-written file writable from inside the sandbox (host edits run as root)."""
@@ -217,6 +262,60 @@ def _fresh_uid() -> int:
 
 def bwrap_available() -> bool:
     return shutil.which("bwrap") is not None
+
+
+def _clamp_timeout(asked: float | None, default: float) -> float:
+    """The wall clock for one command: ``asked`` when it is a finite number in [1, 6x default].
+
+    A NaN or infinite timeout must never reach the wait (NaN made ``communicate`` raise while the
+    command kept running), so anything not finite falls back to the default.
+    """
+    default = default if math.isfinite(default) and default > 0 else 10.0
+    if asked is None or isinstance(asked, bool) or not isinstance(asked, (int, float)):
+        return default
+    if not math.isfinite(asked) or asked <= 0:
+        return default
+    return min(max(float(asked), 1.0), max(default, 1.0) * MAX_TIMEOUT_FACTOR)
+
+
+def _drain(
+    proc: subprocess.Popen, out_fd: int, side_fd: int, cap: int, side_cap: int, timeout: float
+) -> tuple[bytes, bytes, bool]:
+    """Read stdout (keeping its last ``cap`` bytes) and the side channel (its first ``side_cap``)
+    until both reach EOF or ``timeout`` passes; returns (output, channel, timed_out).
+
+    Memory stays bounded by cap + side_cap + one chunk whatever the command writes (300 MB of output
+    used to be held in full before it was cut).
+    """
+    deadline = time.monotonic() + timeout
+    out = bytearray()
+    side = bytearray()
+    poller = select.poll()
+    fds = {out_fd}
+    poller.register(out_fd, select.POLLIN)
+    if side_fd >= 0:
+        fds.add(side_fd)
+        poller.register(side_fd, select.POLLIN)
+    while fds:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return bytes(out), bytes(side), True
+        for fd, _event in poller.poll(min(left, 1.0) * 1000):
+            chunk = os.read(fd, READ_CHUNK)
+            if not chunk:
+                poller.unregister(fd)
+                fds.discard(fd)
+            elif fd == out_fd:
+                out += chunk
+                if len(out) > cap:
+                    del out[: len(out) - cap]
+            elif len(side) < side_cap:
+                side += chunk[: side_cap - len(side)]
+    try:
+        proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+    except subprocess.TimeoutExpired:
+        return bytes(out), bytes(side), True
+    return bytes(out), bytes(side), False
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

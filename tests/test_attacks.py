@@ -1,0 +1,181 @@
+"""Attacks on the embedded environment, the rollout store and the credential scrubber (issue 10).
+
+Each test plays a malicious or buggy agent through the public API only (``EmbeddedEnv.step`` /
+``verify``, ``tool_call_message``, ``RolloutEngine.collect``, ``TrajectoryStore``) and then checks the
+host: no file written outside the workspace, no process left behind, no forged reward, no lost or
+corrupt trajectory, no host path or credential in what comes back. Every test here failed on the code
+before the fix (the issue's reproductions), and tests a class, not just one payload.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import secrets
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from unipost.envs.embedded import EmbeddedEnv, Limits, generate_task, tool_call_message
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+pytestmark = pytest.mark.sandbox
+
+
+def mk(index: int = 0, **kwargs) -> EmbeddedEnv:
+    env = EmbeddedEnv(generate_task("train", index, "easy"), limits=Limits(timeout_s=3, cpu_s=3), **kwargs)
+    env.reset()
+    return env
+
+
+@pytest.fixture()
+def env():
+    e = mk()
+    yield e
+    e.close()
+
+
+def call(env, tool: str, **args):
+    return env.step(tool_call_message("", tool, args, "c"))
+
+
+def sh(env, command: str, **extra) -> str:
+    return call(env, "terminal", command=command, **extra).observation[0]["content"]
+
+
+def edit(env, **args):
+    return call(env, "file_editor", **args)
+
+
+def _live_processes(uid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        pids.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return pids
+
+
+def _sandbox_uid(env) -> int:
+    drop = env.sandbox._drop_to
+    return os.getuid() if drop is None else drop
+
+
+# ------------------------------------------------------------------------------ 1. sandbox escape
+BAD_TIMEOUTS = [math.nan, math.inf, -math.inf, -1, 0, 0.5, 1e308, True, "5", [1], {"s": 1}]
+
+
+def _tagged_processes(tag: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if tag.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@needs_bwrap
+@pytest.mark.parametrize("timeout", BAD_TIMEOUTS, ids=repr)
+def test_an_invalid_timeout_is_an_error_and_starts_nothing(env, timeout):
+    tag = f"unipost_attack_{secrets.token_hex(4)}"
+    result = call(env, "terminal", command=f"python3 -c 'import time; time.sleep(30)  # {tag}'", timeout=timeout)
+    assert result.tool_error, result.observation
+    assert "timeout" in result.observation[0]["content"]
+    assert _tagged_processes(tag) == []
+
+
+@needs_bwrap
+def test_no_agent_process_outlives_its_call(env):
+    tag = f"unipost_attack_{secrets.token_hex(4)}"
+    py = f"python3 -c 'import time; time.sleep(30)  # {tag}'"
+    for command in (f"{py} &", f"nohup {py} >/dev/null 2>&1 & disown", f"setsid {py} &", py):
+        sh(env, command, timeout=1)
+        deadline = time.monotonic() + 3
+        while _tagged_processes(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _tagged_processes(tag) == [], command
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _exchange(a: bytes, b: bytes) -> None:
+    _libc.syscall(316 if os.uname().machine == "x86_64" else 276, -100, a, -100, b, 2)  # renameat2 EXCHANGE
+
+
+@needs_bwrap
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="renameat2 syscall number")
+def test_editor_cannot_be_raced_into_a_host_file(env, tmp_path):
+    """A file and a symlink to a host file swapped atomically in a loop (renameat2 RENAME_EXCHANGE), as
+    a process left running by the agent would: no read or write of the editor may land on the host."""
+    host = tmp_path / "host.txt"
+    host.write_text("HOST SECRET\n")
+    sh(env, f"printf 'a\\nb\\n' > /testbed/f.txt && ln -s {host} /testbed/link && ln -s {tmp_path} /testbed/dirlink")
+    a, b = bytes(env.workspace / "f.txt"), bytes(env.workspace / "link")
+    stop = threading.Event()
+
+    def race():
+        while not stop.is_set():
+            _exchange(a, b)
+
+    racer = threading.Thread(target=race, daemon=True)
+    racer.start()
+    try:
+        for i in range(300):
+            for action in (
+                dict(command="insert", path="/testbed/f.txt", insert_line=0, new_str=f"x{i}"),
+                dict(command="str_replace", path="/testbed/f.txt", old_str="a", new_str="A"),
+                dict(command="view", path="/testbed/f.txt"),
+                dict(command="create", path=f"/testbed/dirlink/new{i}.txt", file_text="x"),
+                dict(command="undo_edit", path="/testbed/f.txt"),
+            ):
+                out = edit(env, **action).observation[0]["content"]
+                assert "HOST SECRET" not in out
+    finally:
+        stop.set()
+        racer.join()
+    assert host.read_text() == "HOST SECRET\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["host.txt"]
+
+
+@needs_bwrap
+def test_symlinks_never_lead_outside_the_workspace(env, tmp_path):
+    (tmp_path / "host.txt").write_text("HOST SECRET\n")
+    (tmp_path / "sub").mkdir()
+    sh(
+        env,
+        f"ln -s {tmp_path}/host.txt /testbed/abs && ln -s ../../../../../../{tmp_path}/host.txt /testbed/rel && "
+        f"ln -s {tmp_path} /testbed/d && ln -s /testbed/loop2 /testbed/loop1 && ln -s loop1 /testbed/loop2 && "
+        "mkdir /testbed/in && echo ok > /testbed/in/t.txt && ln -s /testbed/in/t.txt /testbed/good && "
+        "ln -s in /testbed/gooddir",
+    )
+    for path in ("/testbed/abs", "/testbed/rel", "/testbed/d/host.txt", "/testbed/loop1", "/testbed/d"):
+        for action in (
+            dict(command="view", path=path),
+            dict(command="str_replace", path=path, old_str="HOST", new_str="PWNED"),
+            dict(command="insert", path=path, insert_line=0, new_str="PWNED"),
+        ):
+            r = edit(env, **action)
+            assert r.tool_error and "HOST SECRET" not in r.observation[0]["content"], (path, action)
+    r = edit(env, command="create", path="/testbed/d/sub/new.txt", file_text="PWNED")
+    assert r.tool_error
+    assert (tmp_path / "host.txt").read_text() == "HOST SECRET\n" and list((tmp_path / "sub").iterdir()) == []
+    # links that stay inside the workspace still work, as they do in the terminal
+    assert "ok" in edit(env, command="view", path="/testbed/good").observation[0]["content"]
+    assert "t.txt" in edit(env, command="view", path="/testbed/gooddir").observation[0]["content"]
+    # a listing never tells which host directories exist (no trailing / on a link to one)
+    listing = edit(env, command="view", path="/testbed").observation[0]["content"]
+    assert "/testbed/d\n" in listing + "\n" and "/testbed/d/" not in listing
