@@ -5,7 +5,8 @@ actions (and the log-probs a trainer compares) would differ for reasons other th
 that logic in one base class makes "same rendering" a fact of the code rather than of two copies.
 
 A subclass provides ``tokenizer``, ``style``, ``end_of_turn`` / ``eot_id`` (the end-of-turn token),
-``max_calls`` and ``require_call``.
+``max_calls``, ``require_call`` and ``sampling`` (a :class:`~unipost.rollout.sampling.SamplingConfig`,
+whose fields read as ``policy.temperature`` etc.).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any
 from unipost.data import Message
 from unipost.rendering.toolcalls import parse_assistant, render_action, render_prompt
 from unipost.rollout.policy import AgentState, PolicyOutput
+from unipost.rollout.sampling import SamplingAttributes
 
 # PolicyOutput.tool_error of a policy that refused an overlong prompt (the engine ends the episode)
 CONTEXT_OVERFLOW = "context_overflow"
 
 
-class ChatPolicyBase:
+class ChatPolicyBase(SamplingAttributes):
     tokenizer: Any
     style: Any
     end_of_turn: str

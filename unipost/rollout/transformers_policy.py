@@ -23,7 +23,7 @@ processors (and pin transformers' ones off), so the order raw -> temperature -> 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
@@ -35,6 +35,7 @@ from unipost.rendering.toolcalls import (
 )
 from unipost.rollout.chat_policy import ChatPolicyBase
 from unipost.rollout.policy import AgentState, PolicyOutput
+from unipost.rollout.sampling import LogprobKind, SamplingConfig
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -71,8 +72,9 @@ class TransformersPolicy(ChatPolicyBase):
     Args:
         model: a causal LM (``Qwen3ForCausalLM`` ...); put it on its device and dtype beforehand.
         tokenizer: its tokenizer, carrying the chat template that defines the model's native format.
-        max_new_tokens: generation budget per turn (a turn that exhausts it usually fails to parse).
-        temperature, top_p: sampling parameters (``greedy=True`` ignores them for the choice of token).
+        sampling: a :class:`~unipost.rollout.sampling.SamplingConfig` (max_new_tokens, temperature, top_p,
+            logprobs), or those four given separately (unset ones take its defaults 512, 1, 1, "raw"),
+            not both. ``greedy=True`` ignores temperature and top_p for the choice of token.
         style: tool-call format; None reads it off the chat template (``detect_style``).
         name: the policy's name in trajectories and logs.
         context_budget: a prompt longer than this many tokens is not generated from; its output carries
@@ -93,13 +95,14 @@ class TransformersPolicy(ChatPolicyBase):
         model: Any,
         tokenizer: Any,
         *,
-        max_new_tokens: int = 512,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
+        sampling: SamplingConfig | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
         style: ToolCallStyle | None = None,
         name: str = "student",
         context_budget: int | None = None,
-        logprobs: Literal["raw", "sampling"] = "raw",
+        logprobs: LogprobKind | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         max_calls: int | None = 1,
@@ -107,23 +110,13 @@ class TransformersPolicy(ChatPolicyBase):
         score_batch_size: int = 8,
         end_of_turn: str = "<|im_end|>",
     ):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature <= 0:
-            raise ValueError(
-                f"temperature must be > 0 (use act(..., greedy=True) for greedy), got {temperature}"
-            )
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if logprobs not in ("raw", "sampling"):
-            raise ValueError(f"logprobs must be 'raw' or 'sampling', got {logprobs!r}")
+        self.sampling = SamplingConfig.resolve(
+            sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs
+        )
         if seed is not None and generator is not None:
             raise ValueError("pass either seed or generator, not both")
         self.model = model
         self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
         template = getattr(tokenizer, "chat_template", None)
         if not isinstance(template, str):
             raise ValueError(
@@ -132,7 +125,6 @@ class TransformersPolicy(ChatPolicyBase):
         self.style: ToolCallStyle = style or detect_style(template)
         self.name = name
         self.context_budget = context_budget
-        self.logprobs = logprobs
         self.generator = generator if seed is None else torch.Generator().manual_seed(seed)
         self.max_calls = max_calls
         self.require_call = require_call

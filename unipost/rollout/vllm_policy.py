@@ -37,7 +37,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -49,8 +49,7 @@ from unipost.rendering.toolcalls import (
 )
 from unipost.rollout.chat_policy import ChatPolicyBase
 from unipost.rollout.policy import AgentState, PolicyOutput
-
-LogprobKind = Literal["raw", "sampling"]
+from unipost.rollout.sampling import LogprobKind, SamplingConfig
 
 
 def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -82,8 +81,8 @@ class VLLMPolicy(ChatPolicyBase):
             transformers model, which is saved to a temporary directory (with ``tokenizer``) first.
         tokenizer: the tokenizer whose chat template renders the states; None loads it from ``model``
             (a directory). Prompts are tokenized here, not by vLLM.
-        max_new_tokens, temperature, top_p, style, name, context_budget, logprobs, seed, generator,
-            max_calls, require_call, end_of_turn: as in ``TransformersPolicy``. A seed is drawn per
+        sampling (or max_new_tokens, temperature, top_p, logprobs), style, name, context_budget, seed,
+            generator, max_calls, require_call, end_of_turn: as in ``TransformersPolicy``. A seed is drawn per
             ``act`` call and row ``i`` samples with seed + i, so a row's sample does not depend on
             the batch it was drawn in (unlike transformers' shared RNG stream).
         dtype: vLLM's ``dtype``; "auto" turns float32 checkpoints into 16-bit, so pass "float32" to
@@ -105,13 +104,14 @@ class VLLMPolicy(ChatPolicyBase):
         model: str | os.PathLike[str] | torch.nn.Module,
         tokenizer: Any | None = None,
         *,
-        max_new_tokens: int = 512,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
+        sampling: SamplingConfig | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
         style: ToolCallStyle | None = None,
         name: str = "student",
         context_budget: int | None = None,
-        logprobs: LogprobKind = "raw",
+        logprobs: LogprobKind | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         max_calls: int | None = 1,
@@ -126,16 +126,10 @@ class VLLMPolicy(ChatPolicyBase):
         in_process: bool = True,
         engine_kwargs: dict[str, Any] | None = None,
     ):
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature <= 0:
-            raise ValueError(
-                f"temperature must be > 0 (use act(..., greedy=True) for greedy), got {temperature}"
-            )
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if logprobs not in ("raw", "sampling"):
-            raise ValueError(f"logprobs must be 'raw' or 'sampling', got {logprobs!r}")
+        self.sampling = SamplingConfig.resolve(
+            sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs
+        )
+        temperature, top_p, logprobs = self.sampling.temperature, self.sampling.top_p, self.sampling.logprobs
         if logprobs == "raw" and temperature != 1.0 and top_p < 1.0:
             raise ValueError(
                 "vLLM returns either unscaled log-probs or log-probs after temperature AND top-p, so "
@@ -170,12 +164,8 @@ class VLLMPolicy(ChatPolicyBase):
         self.model_dir = model_dir
         self.tokenizer = tokenizer
         self.style: ToolCallStyle = style or detect_style(template)
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
         self.name = name
         self.context_budget = context_budget
-        self.logprobs = logprobs
         self.generator = generator if seed is None else torch.Generator().manual_seed(seed)
         self.max_calls = max_calls
         self.require_call = require_call
