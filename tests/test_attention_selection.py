@@ -2,7 +2,8 @@
 
 ``select_attention`` is pure, so the CUDA rows of its table are checked by naming the device; switching
 (``set_attention``) runs on a real tiny Qwen3 through transformers' ``set_attn_implementation`` and is
-compared against the loaded implementation's hidden states.
+compared against the loaded implementation's hidden states. On CPU, ``auto`` switches an SDPA model to
+the split per-document / per-branch path (``unipost_packed_sdpa``), checked against the dense mask.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from unipost._optional import available
 from unipost.kernels.attention import (
+    PACKED_SDPA,
     AttentionBackendError,
     attention_implementation,
     select_attention,
@@ -39,12 +41,15 @@ def _packs(vocab: int):
 @pytest.mark.parametrize(
     ("device", "branches", "loaded", "flash", "expected"),
     [
-        # CPU: never switch away from what runs here; flash cannot run on CPU -> SDPA.
-        ("cpu", False, "sdpa", True, "sdpa"),
-        ("cpu", True, "sdpa", True, "sdpa"),
+        # CPU: SDPA (the default) becomes the split per-document / per-branch SDPA path; the eager and
+        # FlexAttention reference paths are kept; flash cannot run on CPU -> the split path.
+        ("cpu", False, "sdpa", True, PACKED_SDPA),
+        ("cpu", True, "sdpa", True, PACKED_SDPA),
+        ("cpu", True, PACKED_SDPA, False, PACKED_SDPA),
         ("cpu", True, "eager", False, "eager"),
         ("cpu", True, "flex_attention", False, "flex_attention"),
-        ("cpu", False, "flash_attention_2", True, "sdpa"),
+        ("cpu", False, "flash_attention_2", True, PACKED_SDPA),
+        ("cuda", True, PACKED_SDPA, False, "flex_attention"),
         # CUDA: trees need FlexAttention's block mask; branch-free packs take flash-attn varlen if present.
         ("cuda", True, "sdpa", True, "flex_attention"),
         ("cuda", True, "flash_attention_2", True, "flex_attention"),
@@ -61,13 +66,15 @@ def test_select_attention_table(tiny_model, device, branches, loaded, flash, exp
     assert got == expected
 
 
-def test_auto_on_cpu_keeps_the_loaded_model(tiny_model):
+def test_auto_on_cpu_switches_sdpa_to_the_split_path(tiny_model):
+    """``attention="model"`` keeps the loaded SDPA (dense mask); ``auto`` switches to the split path."""
     _, tree = _packs(tiny_model.config.vocab_size)
     with torch.no_grad():
-        auto = hidden_states(tiny_model, tree)
         as_loaded = hidden_states(tiny_model, tree, attention="model")
-    assert attention_implementation(tiny_model) == "sdpa"
-    assert torch.equal(auto, as_loaded)
+        assert attention_implementation(tiny_model) == "sdpa"
+        auto = hidden_states(tiny_model, tree)
+    assert attention_implementation(tiny_model) == PACKED_SDPA
+    torch.testing.assert_close(auto, as_loaded, **ATTN_TOL)
     with pytest.raises(ValueError, match="attention must be one of"):
         hidden_states(tiny_model, tree, attention="flash")
 

@@ -1,4 +1,9 @@
-"""Packed (varlen and tree) log-probs and gradients equal separate forward passes, fp32 atol 1e-5."""
+"""Packed (varlen and tree) log-probs and gradients equal separate forward passes, fp32 atol 1e-5.
+
+Both CPU attention paths are checked: ``attention="auto"`` (the split per-document / per-branch SDPA
+calls, ``unipost_packed_sdpa``) and ``attention="model"`` on an SDPA-loaded model (one dense additive
+[T, T] mask, the reference).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import random
 import pytest
 import torch
 
+from unipost.kernels.attention import PACKED_SDPA, attention_implementation
 from unipost.kernels.loss import weighted_nll
 from unipost.kernels.model import packed_logprobs
 from unipost.kernels.packing import Label, PackingError, PackSequence, pack, packed_size, per_transition
@@ -44,11 +50,13 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check_equal_to_separate(model, sequences: list[PackSequence], impl: str = "fused") -> None:
+def check_equal_to_separate(
+    model, sequences: list[PackSequence], impl: str = "fused", attention: str = "auto"
+) -> None:
     batch = pack(sequences, vocab_size=model.config.vocab_size)
     torch.manual_seed(1)
     model.zero_grad()
-    out = packed_logprobs(model, batch, impl=impl)
+    out = packed_logprobs(model, batch, impl=impl, attention=attention)
     weights_L = torch.randn(batch.num_label_tokens)  # arbitrary per-token weights w_t
     (weights_L * out.logp_L).sum().backward()
     packed_grads = grads(model)
@@ -70,8 +78,9 @@ def check_equal_to_separate(model, sequences: list[PackSequence], impl: str = "f
         torch.testing.assert_close(packed_grads[name], g, atol=ATOL, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("attention", ["auto", "model"])
 @pytest.mark.parametrize("impl", ["fused", "reference"])
-def test_varlen_pack_equals_separate(tiny_model, impl):
+def test_varlen_pack_equals_separate(tiny_model, impl, attention):
     rng = random.Random(0)
     vocab = tiny_model.config.vocab_size
     sequences = []
@@ -81,10 +90,12 @@ def test_varlen_pack_equals_separate(tiny_model, impl):
         sequences.append(PackSequence(context + label, [Label(len(context), tuple(label))]))
     batch = pack(sequences)
     assert not batch.has_branches and batch.num_docs == 5
-    check_equal_to_separate(tiny_model, sequences, impl)
+    check_equal_to_separate(tiny_model, sequences, impl, attention)
+    assert attention_implementation(tiny_model) == ("sdpa" if attention == "model" else PACKED_SDPA)
 
 
-def test_tree_pack_equals_separate(tiny_model):
+@pytest.mark.parametrize("attention", ["auto", "model"])
+def test_tree_pack_equals_separate(tiny_model, attention):
     rng = random.Random(1)
     vocab = tiny_model.config.vocab_size
     sequences = [random_tree(rng, vocab, 60, 8), random_tree(rng, vocab, 35, 5)]
@@ -92,7 +103,8 @@ def test_tree_pack_equals_separate(tiny_model):
     assert batch.has_branches
     assert batch.num_tokens == sum(packed_size(s) for s in sequences)
     assert batch.num_tokens < sum(len(s.root) for s in per_transition(sequences))
-    check_equal_to_separate(tiny_model, sequences)
+    check_equal_to_separate(tiny_model, sequences, attention=attention)
+    assert attention_implementation(tiny_model) == ("sdpa" if attention == "model" else PACKED_SDPA)
 
 
 def test_tied_embeddings_tree(tokenizer):

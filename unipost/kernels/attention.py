@@ -10,24 +10,37 @@
 * ``flex_attention`` (GPU; forward-only on CPU in torch 2.13): a BlockMask from the same rule as a
   ``mask_mod``, so tree packs stay sparse.
 
+* ``unipost_packed_sdpa`` (:data:`PACKED_SDPA`, the CPU training path): the pack is cut into the
+  attention calls it really needs, so no pair of tokens that cannot see each other is ever computed.
+  Each document's spine is one ``is_causal=True`` SDPA call (the fused causal kernel, fwd and bwd);
+  each branch is one small SDPA call whose queries are the branch tokens and whose keys are the spine
+  prefix it hangs off (``root[:attach]``) followed by the branch itself, causally. Registered with
+  transformers' ``AttentionInterface`` (and ``AttentionMaskInterface``, as SDPA's mask), so a model
+  switched to it runs every other call (``generate``, a plain forward with a padding mask) exactly as
+  ``sdpa`` does; only a pack's marker mask (:func:`packed_layout_mask`) takes the split path.
+
 Automatic selection (``hidden_states(..., attention="auto")``, the default): :func:`select_attention`
 picks the implementation per batch and :func:`set_attention` switches the loaded model to it at run time
 through transformers' ``PreTrainedModel.set_attn_implementation`` (no reload; the weights are shared by
 all implementations). On CUDA: flash-attn varlen for branch-free packs when ``flash_attn`` imports,
-FlexAttention for tree packs (and for branch-free packs without flash-attn). On CPU nothing is switched:
-the model keeps what it was loaded with (SDPA by default; eager works; FlexAttention forward only).
+FlexAttention for tree packs (and for branch-free packs without flash-attn). On CPU a model loaded with
+``sdpa`` (the default) is switched to ``unipost_packed_sdpa``; ``eager`` and ``flex_attention`` are kept
+(the dense-mask reference paths). ``attention="model"`` keeps whatever is loaded: a model loaded with
+``sdpa`` then runs the dense additive [T, T] mask (the CPU path before this one, kept for comparison).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from unipost.kernels.packing import PackedBatch
 
+PACKED_SDPA = "unipost_packed_sdpa"
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
-CPU_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+CPU_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", PACKED_SDPA)
 ATTENTION_MODES = ("auto", "model")
 
 
@@ -57,13 +70,14 @@ def select_attention(
 
     CUDA: a tree pack needs a mask flash-attn cannot express, so FlexAttention; a branch-free pack
     keeps a flash implementation already loaded, else takes ``flash_attention_2`` when flash-attn is
-    installed, else FlexAttention (sparse, unlike SDPA's dense [T, T] mask). CPU: the model's own
-    implementation if it can run here (sdpa, eager, flex_attention), else ``sdpa``.
+    installed, else FlexAttention (sparse, unlike SDPA's dense [T, T] mask). CPU: ``eager`` and
+    ``flex_attention`` are kept (reference paths); anything else (``sdpa``, the default, or a GPU-only
+    implementation) becomes :data:`PACKED_SDPA`, per-document / per-branch SDPA calls.
     """
     current = attention_implementation(model)
     device = torch.device(device) if device is not None else _model_device(model)
     if device.type != "cuda":
-        return current if current in CPU_IMPLEMENTATIONS else "sdpa"
+        return current if current in ("eager", "flex_attention") else PACKED_SDPA
     if batch.has_branches:
         return "flex_attention"
     if current in FLASH_IMPLEMENTATIONS:
@@ -80,8 +94,10 @@ def set_attention(model: torch.nn.Module, implementation: str) -> None:
 
     Uses ``PreTrainedModel.set_attn_implementation`` (transformers 5.x), which validates the choice
     (e.g. raises if flash-attn is not installed) and updates every sub-model's config. A no-op when the
-    model already uses it.
+    model already uses it. :data:`PACKED_SDPA` is registered with transformers first.
     """
+    if implementation == PACKED_SDPA:
+        register_packed_sdpa()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if attention_implementation(base) == implementation:
         return
@@ -141,10 +157,12 @@ def attention_kwargs(model: torch.nn.Module, batch: PackedBatch) -> dict[str, An
         return {}  # documents are delimited by position ids restarting at 0
     if impl == "flex_attention":
         return {"attention_mask": flex_block_mask(batch)}
+    if impl == PACKED_SDPA:
+        return {"attention_mask": packed_layout_mask(PackedLayout.from_batch(batch))}
     if impl not in ("sdpa", "eager"):
         raise AttentionBackendError(
             f"attention implementation {impl!r} is not supported for packed batches; use 'sdpa', "
-            "'eager', 'flex_attention' or flash-attention"
+            f"{PACKED_SDPA!r}, 'eager', 'flex_attention' or flash-attention"
         )
     return {"attention_mask": additive_mask(batch, _model_dtype(model))}
 
@@ -164,3 +182,151 @@ def additive_mask(batch: PackedBatch, dtype: torch.dtype = torch.float32) -> tor
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+@dataclass(frozen=True)
+class AttentionPiece:
+    """One attention call of a pack: queries ``[start, end)``; keys = ``prefix`` then the piece, causally.
+
+    A spine has no prefix (``prefix_len == 0``): one ``is_causal=True`` call. A branch's prefix is the
+    spine tokens ``[prefix_start, prefix_start + prefix_len)`` it hangs off (its attach point).
+    """
+
+    start: int
+    end: int
+    prefix_start: int = 0
+    prefix_len: int = 0
+
+
+@dataclass
+class PackedLayout:
+    """A pack as the list of attention calls that cover it, in flat order (pieces tile ``[0, T)``)."""
+
+    pieces: tuple[AttentionPiece, ...]
+    num_tokens: int
+    _masks: dict = field(default_factory=dict, repr=False)  # (piece index, dtype, device) -> branch mask
+
+    @classmethod
+    def from_batch(cls, batch: PackedBatch) -> PackedLayout:
+        """Cut the pack at span boundaries (``pack`` lays out each document as spine, then its branches)."""
+        spans, counts = torch.unique_consecutive(batch.span_T.cpu(), return_counts=True)
+        if spans.numel() != torch.unique(spans).numel():
+            raise AttentionBackendError("a span of the pack is not contiguous; cannot split its attention")
+        is_spine = batch.is_spine_T.cpu().tolist()
+        doc = batch.doc_T.cpu().tolist()
+        attach = batch.attach_T.cpu().tolist()
+        spine_start: dict[int, int] = {}
+        pieces = []
+        start = 0
+        for n in counts.tolist():
+            end = start + n
+            if is_spine[start]:
+                spine_start[doc[start]] = start
+                pieces.append(AttentionPiece(start, end))
+            else:
+                if doc[start] not in spine_start:
+                    raise AttentionBackendError(f"branch at token {start} precedes its document's spine")
+                pieces.append(AttentionPiece(start, end, spine_start[doc[start]], attach[start]))
+            start = end
+        return cls(tuple(pieces), batch.num_tokens)
+
+    def branch_mask(self, index: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Additive [n, prefix + n] mask of piece ``index``: the whole prefix, then the branch causally.
+
+        Built once per pack and reused by every layer (the layout lives for one forward + backward).
+        """
+        key = (index, dtype, device)
+        mask = self._masks.get(key)
+        if mask is None:
+            piece = self.pieces[index]
+            n = piece.end - piece.start
+            mask = torch.zeros(n, piece.prefix_len + n, dtype=dtype, device=device)
+            blocked = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+            mask[:, piece.prefix_len :].masked_fill_(blocked, torch.finfo(dtype).min)
+            self._masks[key] = mask
+        return mask
+
+
+def packed_layout_mask(layout: PackedLayout) -> torch.Tensor:
+    """The ``attention_mask`` that carries ``layout`` through an unmodified transformers model.
+
+    transformers hands a 4-D mask to the attention function untouched (it treats it as already
+    prepared), so an empty [1, 1, 0, 0] tensor tagged with the layout travels from the model's
+    forward to :func:`packed_sdpa_attention` in every layer. Any other attention implementation
+    fails loudly on it (a shape error), never silently.
+    """
+    marker = torch.empty((1, 1, 0, 0), dtype=torch.bool)
+    marker.unipost_layout = layout
+    return marker
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function for :data:`PACKED_SDPA` (same signature as ``sdpa``).
+
+    With a pack's marker mask: one SDPA call per :class:`AttentionPiece` (is_causal for spines, a
+    small additive mask for branches), outputs concatenated in flat order. Otherwise (generation,
+    ordinary batches): transformers' own ``sdpa_attention_forward``, unchanged.
+    """
+    layout = getattr(attention_mask, "unipost_layout", None)
+    if layout is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("sliding_window") is not None:
+        raise AttentionBackendError(
+            f"{PACKED_SDPA} does not implement sliding-window layers; load the model with "
+            "attn_implementation='eager' or 'sdpa' and pass attention='model'"
+        )
+    batch, _, length, _ = query.shape
+    if batch != 1 or length != layout.num_tokens:
+        raise AttentionBackendError(
+            f"{PACKED_SDPA} expects one packed row of {layout.num_tokens} tokens, got query "
+            f"{tuple(query.shape)}"
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # expand + reshape measured faster than enable_gqa on CPU (fwd+bwd, T=2048)
+        key = _repeat_kv(key, groups)
+        value = _repeat_kv(value, groups)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    outputs = []
+    for index, piece in enumerate(layout.pieces):
+        q = query[:, :, piece.start : piece.end]
+        k = key[:, :, piece.start : piece.end]
+        v = value[:, :, piece.start : piece.end]
+        if piece.prefix_len == 0:
+            out = sdpa(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        else:
+            prefix = slice(piece.prefix_start, piece.prefix_start + piece.prefix_len)
+            k = torch.cat([key[:, :, prefix], k], dim=2)
+            v = torch.cat([value[:, :, prefix], v], dim=2)
+            mask = layout.branch_mask(index, query.dtype, query.device)
+            out = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        outputs.append(out)
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, heads, length, dim = states.shape
+    expanded = states[:, :, None].expand(batch, heads, groups, length, dim)
+    return expanded.reshape(batch, heads * groups, length, dim)
+
+
+def register_packed_sdpa() -> None:
+    """Register :data:`PACKED_SDPA` with transformers (idempotent); masks for non-pack calls are SDPA's."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
