@@ -165,7 +165,7 @@ def test_random_tool_policy_fails_and_failure_blocks_sum_to_one():
 
 
 def test_evaluate_policy_rejects_bad_input():
-    with pytest.raises(ValueError, match="at least one held-out task"):
+    with pytest.raises(ValueError, match=r"at least one \(held-out\) task"):
         evaluate_policy(make_env, ScriptedExpert(), [], max_turns=5)
     with pytest.raises(ValueError, match="max_turns"):
         evaluate_policy(make_env, ScriptedExpert(), heldout(1), max_turns=0)

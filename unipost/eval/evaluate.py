@@ -26,7 +26,7 @@ from typing import Any
 from unipost.data import FAILURE_MODES, Trajectory
 from unipost.envs.base import Environment
 from unipost.objective import OwnSamples, Recipe, StudentRollout
-from unipost.rollout.engine import CountTokens, RolloutEngine
+from unipost.rollout.engine import CountTokens, RolloutBatch, RolloutEngine
 from unipost.rollout.policy import Policy
 from unipost.rollout.stats import RolloutStats
 
@@ -220,18 +220,57 @@ def _expert_agreement(trajectories: Sequence[Trajectory]) -> dict[str, float | N
     return {"expert_agreement": sum(agree) / len(agree), "expert_prefix": sum(prefixes) / len(prefixes)}
 
 
-_EVAL_RECIPE = Recipe(StudentRollout(), OwnSamples(), name="eval")
+def student_rollouts(
+    env_factory: Callable[[Any], Environment],
+    student: Policy,
+    tasks: Sequence[Any],
+    *,
+    caller: str,
+    purpose: str,
+    greedy: bool,
+    max_turns: int,
+    context_budget: int | None = None,
+    count_tokens: CountTokens | None = None,
+    concurrency: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+    iteration: int = 0,
+    expert: Policy | None = None,
+) -> RolloutBatch:
+    """One episode per task of ``student`` acting alone: the engine set-up every evaluation shares.
 
-
-def _check_tasks(tasks: Sequence[Any]) -> list[Any]:
+    Held-out evaluation (greedy) and the KL diagnostic's state collection (sampled) differ only in
+    ``greedy`` and in an optional ``expert`` queried (never executed) at each student state, so both
+    build their engine here: an eval-only recipe (no teacher executes, nothing trains), the
+    ``StudentRollout`` protocol with one episode per task, the training run's budgets. ``caller``
+    names the public function in error messages; ``purpose`` is the eval-only recipe's name, recorded
+    in each trajectory's ``meta["recipe"]``.
+    """
+    if student is None:
+        raise ValueError(f"{caller} needs a student policy, got None")
     if isinstance(tasks, (str, bytes)) or not hasattr(tasks, "__iter__"):
         raise TypeError(
             f"tasks must be a sequence of env_factory arguments (one per episode), got {tasks!r:.80}"
         )
     tasks = list(tasks)
     if not tasks:
-        raise ValueError("evaluation needs at least one held-out task; got an empty task list")
-    return tasks
+        raise ValueError(f"{caller} needs at least one (held-out) task; got an empty task list")
+    engine = RolloutEngine(
+        env_factory,
+        student=student,
+        teacher=expert,
+        recipe=Recipe(StudentRollout(), OwnSamples(), name=purpose),
+        max_turns=max_turns,
+        context_budget=context_budget,
+        count_tokens=count_tokens,
+        concurrency=concurrency,
+        seed=seed,
+        progress=progress,
+    )
+    protocol = StudentRollout(group_size=1)
+    return engine.collect(
+        tasks, iteration, greedy=greedy, protocol_override=protocol, teacher_labels=expert is not None
+    )
 
 
 def evaluate_policy(
@@ -263,22 +302,20 @@ def evaluate_policy(
         expert: optional labeller queried (never executed) at every student state, for the secondary
             ``expert_agreement`` / ``expert_prefix`` metrics; the student's rollouts do not change.
     """
-    if student is None:
-        raise ValueError("evaluate_policy needs a student policy to evaluate, got None")
-    tasks = _check_tasks(tasks)
-    engine = RolloutEngine(
+    batch = student_rollouts(
         env_factory,
-        student=student,
-        teacher=expert,
-        recipe=_EVAL_RECIPE,
+        student,
+        tasks,
+        caller="evaluate_policy",
+        purpose="eval",
+        greedy=True,
         max_turns=max_turns,
         context_budget=context_budget,
         count_tokens=count_tokens,
         concurrency=concurrency,
         seed=seed,
         progress=progress,
-    )
-    batch = engine.collect(
-        tasks, iteration, greedy=True, protocol_override=StudentRollout(), teacher_labels=expert is not None
+        iteration=iteration,
+        expert=expert,
     )
     return EvalResult.from_trajectories(batch.trajectories, stats=batch.stats, iteration=iteration)

@@ -33,11 +33,12 @@ import torch
 
 from unipost.data import Trajectory
 from unipost.envs.base import Environment
+from unipost.eval.evaluate import student_rollouts
 from unipost.kernels.model import _head_params, hidden_states, split_causal_lm
 from unipost.kernels.packing import PackSequence, pack, split_sequences
-from unipost.objective import OwnSamples, Recipe, StudentRollout
+from unipost.objective import OwnSamples
 from unipost.rendering.chat import ChatRenderer, LabelSpec, trajectory_sequences
-from unipost.rollout.engine import CountTokens, RolloutEngine
+from unipost.rollout.engine import CountTokens
 from unipost.rollout.policy import Policy
 
 
@@ -250,9 +251,6 @@ def reverse_kl_on_student_states(
     )
 
 
-_KL_RECIPE = Recipe(StudentRollout(), OwnSamples(), name="kl-diagnostic")
-
-
 def collect_student_states(
     env_factory: Callable[[Any], Environment],
     student: Policy,
@@ -274,8 +272,6 @@ def collect_student_states(
     policy's sampling temperature for this collection only (the caller's policy is not modified); it
     needs a policy with a ``temperature`` attribute (a :class:`~unipost.rollout.TransformersPolicy`).
     """
-    if student is None:
-        raise ValueError("collect_student_states needs a student policy, got None")
     if temperature is not None:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
@@ -285,20 +281,19 @@ def collect_student_states(
             )
         student = copy.copy(student)  # shares the model; only the sampling temperature differs
         student.temperature = float(temperature)  # type: ignore[attr-defined]
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError("collect_student_states needs at least one task; got an empty task list")
-    engine = RolloutEngine(
+    batch = student_rollouts(
         env_factory,
-        student=student,
-        teacher=None,
-        recipe=_KL_RECIPE,
+        student,
+        tasks,
+        caller="collect_student_states",
+        purpose="kl-diagnostic",
+        greedy=False,
         max_turns=max_turns,
         context_budget=context_budget,
         count_tokens=count_tokens,
         concurrency=concurrency,
         seed=seed,
         progress=progress,
+        iteration=iteration,
     )
-    batch = engine.collect(tasks, iteration, greedy=False, protocol_override=StudentRollout(group_size=1))
     return batch.trajectories
