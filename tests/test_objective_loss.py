@@ -13,6 +13,7 @@ import torch
 from factories import TOOLS, make_trajectory
 
 from unipost.batch import EmptyBatchError, build_batch, objective_loss
+from unipost.kernels.model import packed_logprobs
 from unipost.models import build_tiny_qwen3
 from unipost.objective import (
     GRPO,
@@ -69,19 +70,27 @@ def renderer(tokenizer):
     return ChatRenderer(tokenizer, TOOLS)
 
 
-def test_sft_with_rejection_sampling(tiny_model, renderer):
+def test_sft_with_rejection_sampling_is_sft_on_the_retained_subset(tiny_model, renderer):
+    """Rejection sampling changes the dataset (paper App. A), it does not zero-weight rejected tokens:
+    loss, gradients and label count equal plain SFT on the resolved trajectories alone (before the fix,
+    unresolved tokens stayed in the token-mean denominator: loss 5.09 vs 7.66 here)."""
     trajs = [
         make_trajectory("tttt", seed=0, resolved=True),
         make_trajectory("ttt", seed=1, resolved=False),
         make_trajectory("tt", seed=2, resolved=True),
     ]
+    retained = [trajs[0], trajs[2]]
     recipe = SFT(rejection_sampling=True)
-    selected = [
-        (tr, t.index, t.action, lambda lp, r=tr.outcome.resolved: torch.full_like(lp, float(r)))
-        for tr in trajs
-        for t in tr.turns
-    ]
     batch = build_batch(trajs, recipe, renderer)
+    subset = build_batch(retained, SFT(rejection_sampling=False), renderer)
+    assert batch.packed.num_labels == subset.packed.num_labels == 6  # effective samples: retained only
+    assert batch.num_label_tokens == subset.num_label_tokens
+    selected = [(tr, t.index, t.action, torch.ones_like) for tr in retained for t in tr.turns]
+    compare(
+        tiny_model,
+        lambda: objective_loss(tiny_model, batch, recipe),
+        lambda: objective_loss(tiny_model, subset, SFT(rejection_sampling=False))[0],
+    )
     compare(
         tiny_model,
         lambda: objective_loss(tiny_model, batch, recipe),
@@ -231,3 +240,67 @@ def test_empty_batch_is_a_clear_error(renderer):
     trajs = [make_trajectory("ts", submitted=False, resolved=False)]
     with pytest.raises(EmptyBatchError, match="has a label to train on"):
         build_batch(trajs, DAgger(), renderer)
+
+
+def test_sequence_mean_averages_per_trajectory_not_per_turn(tiny_model, renderer):
+    """GRPO's per-sequence mean 1/G sum_i 1/|o_i| sum_t: a multi-turn trajectory is one sequence o_i."""
+    trajs = [make_trajectory("sss", seed=0), make_trajectory("s", seed=5)]
+    recipe = Recipe(StudentRollout(), OwnSamples(), normalization="sequence_mean")
+    batch = build_batch(trajs, recipe, renderer)
+
+    def hand():
+        per_traj = []
+        for tr in trajs:
+            logp = torch.cat([separate_logp(tiny_model, renderer, tr, t.index, t.action) for t in tr.turns])
+            per_traj.append(-logp.sum() / logp.numel())
+        return torch.stack(per_traj).mean()
+
+    compare(tiny_model, lambda: objective_loss(tiny_model, batch, recipe), hand)
+
+
+def test_ratio_clip_at_ratio_one_is_exactly_the_plain_loss(tiny_model, renderer):
+    """PPO's clipped ratio is off by default; on, with pi_old = pi_theta (first epoch), it changes nothing."""
+    rewards = [1.0, 0.0, 0.5]
+    trajs = [make_trajectory("ss", task_id="a", seed=i, reward=r) for i, r in enumerate(rewards)]
+    plain, clipped = GRPO(group_size=3), GRPO(group_size=3, ratio_clip=0.2)
+    assert plain.ratio_clip is None
+    batch = build_batch(trajs, clipped, renderer)
+    with torch.no_grad():
+        batch.old_logp_L = packed_logprobs(tiny_model, batch.packed).logp_L
+    compare(
+        tiny_model,
+        lambda: objective_loss(tiny_model, batch, clipped),
+        lambda: objective_loss(tiny_model, build_batch(trajs, plain, renderer), plain)[0],
+    )
+
+
+def test_ratio_clip_gives_ppo_clipped_surrogate_gradient(tiny_model, renderer):
+    """Off-policy (pi_old != pi_theta): the gradient equals autograd of PPO's
+    -mean_j min(r_j A_j, clip(r_j, 1 - eps, 1 + eps) A_j), r_j = exp(logp_j - logp_old_j)."""
+    rewards = [1.0, 0.0, 0.0, 1.0]
+    trajs = [make_trajectory("ss", task_id="a", seed=i, reward=r) for i, r in enumerate(rewards)]
+    eps = 0.2
+    recipe = GRPO(group_size=4, ratio_clip=eps)
+    batch = build_batch(trajs, recipe, renderer)
+    with torch.no_grad():
+        logp = packed_logprobs(tiny_model, batch.packed).logp_L
+    shift = torch.linspace(-0.5, 0.5, logp.numel())  # some ratios inside, some outside [0.8, 1.2]
+    batch.old_logp_L = logp - shift
+    adv_B = GroupAdvantage().advantages_B(batch.reward_B, batch.group_of_traj_B).float()
+
+    def ppo():
+        lp = packed_logprobs(tiny_model, batch.packed).logp_L
+        adv = adv_B[batch.traj_of_token_L]
+        r = torch.exp(lp - batch.old_logp_L)
+        return -torch.minimum(r * adv, r.clamp(1 - eps, 1 + eps) * adv).mean()
+
+    model = tiny_model
+    model.zero_grad()
+    ours, metrics = objective_loss(model, batch, recipe)
+    ours.backward()
+    g1 = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    ppo().backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(g1[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)
+    assert 0 < metrics["ratio_clipped_frac"] < 1

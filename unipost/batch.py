@@ -15,7 +15,7 @@ log-probs are computed here on the *same* packed batch with the white-box teache
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -63,13 +63,19 @@ class TrainingBatch:
         return self.traj_of_seq_S[self.packed.label_seq_L]
 
 
+def group_keys(trajectories: Sequence[Trajectory]) -> list[str]:
+    """Each trajectory's GRPO group: the same task and iteration (``meta['group']`` overrides).
+
+    The one definition of a group: the batch builder's baselines, the micro-batch packer and the
+    trainer's budget cut (which must never split a group) all read it.
+    """
+    return [str(t.meta.get("group", (t.task_id, t.meta.get("iteration")))) for t in trajectories]
+
+
 def _group_ids(trajectories: Sequence[Trajectory]) -> torch.Tensor:
-    """Trajectories of the same task and iteration form a GRPO group (``meta['group']`` overrides)."""
-    keys: dict[object, int] = {}
-    ids = []
-    for traj in trajectories:
-        key = traj.meta.get("group", (traj.task_id, traj.meta.get("iteration")))
-        ids.append(keys.setdefault(str(key), len(keys)))
+    """Group keys as contiguous int ids, in order of first appearance."""
+    keys: dict[str, int] = {}
+    ids = [keys.setdefault(key, len(keys)) for key in group_keys(trajectories)]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -214,8 +220,9 @@ def objective_loss(
 
     ``Z`` follows ``recipe.normalization``; for ``sequence_mean`` a sequence is a trajectory. With
     ``recipe.ratio_clip`` the weights carry the clipped ratio against ``batch.old_logp_L`` (ratio 1
-    when the batch has none, i.e. before any update on it). ``normalization_constant`` is used when ``recipe.normalization == "constant"`` (e.g. the global
-    label-token count when a batch is split into micro-batches). ``student_forward(packed,
+    when the batch has none, i.e. before any update on it). ``normalization_constant`` is used when
+    ``recipe.normalization == "constant"`` (e.g. the global label-token count when a batch is split
+    into micro-batches). ``student_forward(packed,
     return_entropy)`` replaces ``packed_logprobs(model, ...)`` for the student, so a data-parallel
     wrapper's forward (and its gradient hooks) runs; see :mod:`unipost.train.distributed`.
     """
@@ -275,9 +282,10 @@ def objective_loss(
             "trajectories": float(batch.num_sequences),
         }
     )
-    if recipe.ratio_clip is not None and inputs.old_logp_L is not None:
-        ratio = clipped_ratio(inputs.logp_L, inputs.old_logp_L, weights_L, recipe.ratio_clip)
-        metrics["ratio_clipped_frac"] = float((ratio == 0).double().mean()) if ratio.numel() else 0.0
+    if recipe.ratio_clip is not None and inputs.old_logp_L is not None and out.logp_L.numel():
+        unclipped_w = recipe.loss_weights(replace(inputs, old_logp_L=None))
+        ratio = clipped_ratio(inputs.logp_L, inputs.old_logp_L, unclipped_w, recipe.ratio_clip)
+        metrics["ratio_clipped_frac"] = float((ratio == 0).double().mean())
     if teacher_logp is not None:
         metrics["reverse_kl_sampled"] = float((out.logp_L.detach() - teacher_logp.to(device)).mean())
     return loss, metrics

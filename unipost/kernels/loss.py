@@ -5,8 +5,10 @@
 ``Z`` is chosen by ``normalization``:
 
 * ``"token_mean"``: Z = number of label tokens (HF / TRL SFT default; long labels weigh more).
-* ``"sequence_mean"``: each label (transition) is first averaged over its tokens, then labels are
-  averaged (GRPO's original per-sequence mean).
+* ``"sequence_mean"``: each sequence is first averaged over its tokens, then sequences are averaged
+  (GRPO's original per-sequence mean, 1/G sum_i 1/|o_i| sum_t). ``seq_L`` says which sequence each
+  token belongs to; the trainer passes the *trajectory* of each token (a multi-turn trajectory is one
+  sampled sequence o_i), not its turn.
 * ``"sum"``: Z = 1.
 * ``"constant"``: Z = ``constant`` (Dr. GRPO; also what keeps gradient accumulation over
   micro-batches exact: use the global token count of the whole batch as the constant).
@@ -26,7 +28,7 @@ Normalization = Literal["token_mean", "sequence_mean", "sum", "constant"]
 def weighted_nll(
     logp_L: torch.Tensor,
     weights_L: torch.Tensor | None = None,
-    label_seq_L: torch.Tensor | None = None,
+    seq_L: torch.Tensor | None = None,
     *,
     normalization: Normalization = "token_mean",
     constant: float | None = None,
@@ -50,15 +52,15 @@ def weighted_nll(
             raise ValueError("normalization='constant' needs a positive `constant`")
         loss = per_token.sum() / constant
     elif normalization == "sequence_mean":
-        if label_seq_L is None:
-            raise ValueError("normalization='sequence_mean' needs label_seq_L (the label of each token)")
+        if seq_L is None:
+            raise ValueError("normalization='sequence_mean' needs seq_L (the sequence of each token)")
         if n == 0:
             loss = per_token.sum()
         else:
-            num_seqs = int(label_seq_L.max().item()) + 1
+            num_seqs = int(seq_L.max().item()) + 1
             sums_S = torch.zeros(num_seqs, dtype=per_token.dtype, device=per_token.device)
-            sums_S = sums_S.index_add(0, label_seq_L, per_token)
-            counts_S = torch.bincount(label_seq_L, minlength=num_seqs).to(per_token.dtype)
+            sums_S = sums_S.index_add(0, seq_L, per_token)
+            counts_S = torch.bincount(seq_L, minlength=num_seqs).to(per_token.dtype)
             present = counts_S > 0
             loss = (sums_S[present] / counts_S[present]).mean()
     else:

@@ -22,6 +22,7 @@ from unipost.objective.recipe import (
     DAgger,
     Recipe,
     RecipeError,
+    clipped_ratio,
     get_recipe,
 )
 from unipost.objective.regularizers import (
@@ -59,6 +60,7 @@ from unipost.objective.scores import (
     ScoreInputs,
     SuccessFilter,
     TeacherLogRatio,
+    TrajectoryFilter,
     Uniform,
     score_factors,
 )
@@ -103,11 +105,13 @@ __all__ = [
     "TeacherLabels",
     "TeacherLogRatio",
     "TeacherRollout",
+    "TrajectoryFilter",
     "TurnMixture",
     "Uniform",
     "UniformPrefix",
     "as_prefix_schedule",
     "as_schedule",
+    "clipped_ratio",
     "get_recipe",
     "needs_of",
     "score_factors",

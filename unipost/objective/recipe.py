@@ -48,6 +48,7 @@ from unipost.objective.scores import (
     ScoreInputs,
     SuccessFilter,
     TeacherLogRatio,
+    TrajectoryFilter,
     Uniform,
     score_factors,
 )
@@ -84,10 +85,19 @@ class Recipe:
         regularizer: the optional R(theta) added to the loss.
         name: a display name (``describe()`` and logs); defaults to the parts' summary.
         filter_unsubmitted: drop trajectories without a valid final submission (paper App. F.2 does
-            this for DAgger, AggreVaTe and OPD): ``keep()`` says which to drop before packing, and
-            ``loss_weights`` zeroes them as well, so the gradient is right even if nobody dropped them.
+            this for DAgger, AggreVaTe and OPD). Like every filter (see ``keep``) it removes the
+            trajectory from the data before packing: its tokens never enter a normaliser and its labels
+            never count as effective samples.
         normalization: how the trainer normalises sum_t w_t * (-log p_t); one of
             ``unipost.kernels.loss.Normalization`` (token_mean, sequence_mean, sum, constant).
+            ``sequence_mean`` averages each *trajectory*'s label tokens, then trajectories (GRPO's
+            per-sequence mean, a multi-turn trajectory being one sampled sequence).
+        ratio_clip: PPO-style clipped importance ratio for epochs > 1 over one batch (as SkyRL / verl
+            run GRPO). None (default): off, the plain Eq. 14 surrogate. With eps set, each label token's
+            weight becomes sg(w * r * 1[not clipped]) with r = pi_theta / pi_old, pi_old the student
+            before this batch's first update (``ScoreInputs.old_logp_L``): the gradient of PPO's
+            min(r w, clip(r, 1 - eps, 1 + eps) w). At r = 1 (the first epoch) the loss and its
+            gradient are exactly those without it. Only for labels sampled from the student.
     """
 
     rollout: RolloutProtocol
@@ -98,6 +108,7 @@ class Recipe:
     name: str | None = None
     filter_unsubmitted: bool = False
     normalization: Normalization = "token_mean"
+    ratio_clip: float | None = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -125,6 +136,15 @@ class Recipe:
             )
         if not isinstance(self.filter_unsubmitted, bool):
             raise RecipeError(f"Recipe.filter_unsubmitted must be a bool, got {self.filter_unsubmitted!r}")
+        if self.ratio_clip is not None:
+            clip = self.ratio_clip
+            if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < 1:
+                raise RecipeError(f"Recipe.ratio_clip must be None or a number in (0, 1), got {clip!r}")
+            if not self.labels.samples_from_student:
+                raise RecipeError(
+                    f"Recipe.ratio_clip corrects for updates since the student sampled its labels, but "
+                    f"{self.labels!r} does not imitate the student's own samples; use OwnSamples()"
+                )
 
         rollout, labels = self.rollout, self.labels
         offline = not rollout.collects
@@ -221,18 +241,33 @@ class Recipe:
         return next(p for p in parts if need in needs_of(p))
 
     def keep(self, trajectory: Trajectory) -> bool:
-        """Whether a finished trajectory enters the batch (App. F.2's valid-submission filter)."""
-        return not self.filter_unsubmitted or bool(trajectory.outcome.submitted)
+        """Whether a finished trajectory enters the data at all (before packing and counting).
+
+        Two filters: App. F.2's valid-submission filter (``filter_unsubmitted``) and any score factor
+        that is a trajectory filter (``SuccessFilter``: rejection sampling, which App. A describes as
+        "changing the empirical expert dataset to the retained subset"). A dropped trajectory is
+        absent, not zero-weighted: rejection-sampled SFT on a batch is SFT on its retained subset.
+        """
+        if self.filter_unsubmitted and not trajectory.outcome.submitted:
+            return False
+        return all(f.keep(trajectory) for f in score_factors(self.score) if isinstance(f, TrajectoryFilter))
 
     def select_labels(self, trajectory: Trajectory):
         """The label source's transitions for a kept trajectory; [] for a filtered one."""
         return self.labels.select(trajectory) if self.keep(trajectory) else []
 
     def loss_weights(self, inputs: ScoreInputs) -> Tensor:
-        """weights_L: the score, times 1[submitted] when ``filter_unsubmitted`` (detached)."""
+        """weights_L: the score (times 1[submitted] with ``filter_unsubmitted``, times the clipped
+        importance ratio with ``ratio_clip``), detached.
+
+        The filter factors are 1 on data ``keep`` let through; they stay here so a batch somebody
+        built without ``keep`` still gets no gradient from filtered trajectories.
+        """
         w = self.score(inputs)
         if self.filter_unsubmitted:
             w = w * inputs.per_token(inputs.submitted_B.to(torch.bool).to(w.dtype))
+        if self.ratio_clip is not None:
+            w = w * clipped_ratio(inputs.logp_L, inputs.old_logp_L, w, self.ratio_clip).to(w.dtype)
         return w
 
     def regularization(self, inputs: RegularizerInputs) -> Tensor:
@@ -251,6 +286,8 @@ class Recipe:
     def describe(self) -> str:
         """One line: name: context / labels / score / reg (+ filter, normalisation)."""
         extras = [f"norm {self.normalization}"]
+        if self.ratio_clip is not None:
+            extras.append(f"ratio clip {self.ratio_clip}")
         if self.filter_unsubmitted:
             extras.insert(0, "drop unsubmitted")
         reg = repr(self.regularizer) if self.regularizer is not None else "none"
@@ -263,11 +300,26 @@ class Recipe:
         return (
             f"Recipe({self.rollout!r}, {self.labels!r}, {self.score!r}, {self.regularizer!r}, "
             f"name={self.name!r}, filter_unsubmitted={self.filter_unsubmitted}, "
-            f"normalization={self.normalization!r})"
+            f"normalization={self.normalization!r}, ratio_clip={self.ratio_clip!r})"
         )
 
 
 _TEACHER_NEEDS = frozenset({Need.TEACHER_ACTIONS, Need.TEACHER_LOGPROBS})
+
+
+def clipped_ratio(logp_L: Tensor, old_logp_L: Tensor | None, weights_L: Tensor, clip: float) -> Tensor:
+    """r * 1[PPO's unclipped branch is active], detached: the factor ``ratio_clip`` puts on a weight.
+
+    PPO minimises -min(r w, clip(r, 1-eps, 1+eps) w) per token; its gradient is -w r grad log pi where
+    the unclipped branch is the minimum and 0 where the clipped one is, i.e. the gradient of
+    sg(w * r * active) * (-log pi). ``old_logp_L`` None means pi_old = pi_theta (r = 1, nothing clipped).
+    """
+    if old_logp_L is None:
+        return torch.ones_like(logp_L)
+    with torch.no_grad():
+        ratio = torch.exp(logp_L.detach().double() - old_logp_L.detach().double())
+        clipped = ((weights_L > 0) & (ratio > 1 + clip)) | ((weights_L < 0) & (ratio < 1 - clip))
+        return torch.where(clipped, torch.zeros_like(ratio), ratio).to(logp_L.dtype)
 
 
 def _fmt_needs(needs: frozenset[Need]) -> str:
@@ -285,18 +337,31 @@ def _score_name(score: object) -> str:
 def SFT(rejection_sampling: bool = True, *, data: str | None = None) -> Recipe:
     """Behaviour cloning on teacher trajectories; with rejection sampling only resolved ones (App. F.2).
 
-    ``data``: a stored JSONL of teacher trajectories (OfflineData) instead of fresh teacher rollouts.
+    Rejection sampling drops the unresolved trajectories from the data (``Recipe.keep``), so the loss
+    and the effective-sample count are those of SFT on the retained subset.
+
+    ``data``: a stored JSONL of teacher trajectories (OfflineData, e.g. a run's trajectories.jsonl) as
+    the paper's SFT does it: one dataset from all training tasks, trained on for several epochs
+    (``unipost train`` with ``recipe_kwargs={"data": path}``; each iteration is one epoch over it).
     """
     rollout = OfflineData(data) if data is not None else TeacherRollout()
     score = SuccessFilter() if rejection_sampling else Uniform()
     return Recipe(rollout, TeacherLabels(), score, name="SFT")
 
 
-def GRPO(group_size: int = 8, *, kl_coef: float = 0.0, normalize_std: bool = True) -> Recipe:
+def GRPO(
+    group_size: int = 8,
+    *,
+    kl_coef: float = 0.0,
+    normalize_std: bool = True,
+    ratio_clip: float | None = None,
+) -> Recipe:
     """Group-relative policy gradient on the student's own rollouts, ``group_size`` samples per task.
 
-    ``kl_coef > 0`` adds GRPO's k3 KL to a frozen reference; 0 (no reference model) is the common
-    modern default. The paper's GRPO baseline follows SkyRL-v0 (App. F.2).
+    ``kl_coef > 0`` adds GRPO's k3 KL to a frozen reference (the Trainer builds it: a frozen copy of
+    the initial student, or ``TrainConfig.reference``); 0 (no reference model) is the common modern
+    default. ``ratio_clip`` (e.g. 0.2) turns on PPO's clipped importance ratio for several epochs
+    over one batch. The paper's GRPO baseline follows SkyRL-v0 (App. F.2).
     """
     reg = KLToReference(kl_coef) if kl_coef > 0 else None
     return Recipe(
@@ -305,6 +370,7 @@ def GRPO(group_size: int = 8, *, kl_coef: float = 0.0, normalize_std: bool = Tru
         GroupAdvantage(normalize_std=normalize_std),
         reg,
         name="GRPO",
+        ratio_clip=ratio_clip,
     )
 
 
@@ -325,8 +391,10 @@ def OPD(*, clip: float | None = None, filter_unsubmitted: bool = True) -> Recipe
 def DAgger(beta: Schedule | float = LinearDecay(1.0, 0.1, 0.2), *, filter_unsubmitted: bool = True) -> Recipe:  # noqa: B008
     """Turn-level mixture rollouts, teacher labels at every visited state, plain cross-entropy.
 
-    Paper defaults: beta_i = max(0.2, 1.0 - 0.1 i) and trajectories without a valid submission dropped
-    (App. F). The paper trains on each iteration's fresh batch (no aggregation across iterations).
+    From the paper (App. F): beta starts high and decays linearly per iteration to a floor, and
+    trajectories without a valid submission are dropped; it trains on each iteration's fresh batch
+    (no aggregation). The numbers of the default beta_i = max(0.2, 1.0 - 0.1 i) are ours: the
+    extracted text lost the paper's start, step and floor (experiments/README.md, provenance).
     """
     return Recipe(
         TurnMixture(beta), TeacherLabels(), Uniform(), name="DAgger", filter_unsubmitted=filter_unsubmitted

@@ -18,6 +18,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from unipost.data import Trajectory
 from unipost.objective.needs import Need
 
 
@@ -38,6 +39,8 @@ class ScoreInputs:
     * ``teacher_logp_L`` float [L] or None: log pi_T at the label tokens (OPD; white-box teacher).
     * ``group_of_traj_B`` int64 [B] or None: group id per trajectory; trajectories sharing an id are
       samples of the same task (GRPO). Ids need not be contiguous.
+    * ``old_logp_L`` float [L] or None: log pi_old at the label tokens, the student before this
+      batch's first update (``Recipe.ratio_clip``'s importance ratio). Detached.
     """
 
     logp_L: Tensor
@@ -48,6 +51,7 @@ class ScoreInputs:
     submitted_B: Tensor
     teacher_logp_L: Tensor | None = None
     group_of_traj_B: Tensor | None = None
+    old_logp_L: Tensor | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "logp_L", _vector("logp_L", self.logp_L).detach())
@@ -68,6 +72,9 @@ class ScoreInputs:
             object.__setattr__(self, "teacher_logp_L", t.detach())
         if self.group_of_traj_B is not None:
             _vector("group_of_traj_B", self.group_of_traj_B, length=B, integer=True)
+        if self.old_logp_L is not None:
+            old = _vector("old_logp_L", self.old_logp_L, length=L)
+            object.__setattr__(self, "old_logp_L", old.detach())
 
     @property
     def traj_of_token_L(self) -> Tensor:
@@ -109,6 +116,18 @@ class Score(Protocol):
     def __call__(self, ctx: ScoreInputs) -> Tensor: ...
 
 
+@runtime_checkable
+class TrajectoryFilter(Protocol):
+    """A score factor that is a 0/1 property of the whole trajectory, i.e. a filter on the data.
+
+    ``Recipe.keep`` drops the trajectories it rejects *before* packing, so they are not in any
+    normaliser or effective-sample count (weighting them 0 would leave their tokens in the
+    token-mean denominator and shrink the gradient by the acceptance rate).
+    """
+
+    def keep(self, trajectory: Trajectory) -> bool: ...
+
+
 class _ScoreBase:
     """Shared call path: compute, detach, cast, check the shape. Subclasses implement ``_weights``."""
 
@@ -148,13 +167,18 @@ class Uniform(_ScoreBase):
 
 @dataclass(frozen=True, repr=False)
 class SuccessFilter(_ScoreBase):
-    """w = 1[resolved] of the label's trajectory: rejection sampling as a weight (paper App. A, SFT).
+    """Rejection sampling (paper App. A, SFT): keep only resolved trajectories.
 
-    Folding the filter into the weight keeps one code path; the batch builder may also drop zero-weight
-    trajectories before packing to save compute (same gradient).
+    A :class:`TrajectoryFilter`: ``Recipe.keep`` drops unresolved trajectories before packing, so SFT
+    with rejection sampling is exactly SFT on the retained subset (App. A: "changing the empirical
+    expert dataset to the retained subset"). As a weight it is 1[resolved], i.e. 1 on kept data.
     """
 
     needs: ClassVar[frozenset[Need]] = frozenset({Need.REWARDS})
+
+    def keep(self, trajectory: Trajectory) -> bool:
+        """Only resolved trajectories enter the data."""
+        return bool(trajectory.outcome.resolved)
 
     def _weights(self, ctx: ScoreInputs) -> Tensor:
         return ctx.per_token(ctx.resolved_B.to(torch.bool).to(ctx.weight_dtype))
