@@ -29,15 +29,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from unipost.kernels import (
-    Label,
-    PackSequence,
-    pack,
-    packed_logprobs,
-    per_transition,
-    split_sequences,
-    weighted_nll,
-)
+from unipost.kernels import Label, PackSequence, pack, packed_logprobs, weighted_nll
+from unipost.kernels.packing import per_transition, split_sequences
 from unipost.models import build_tiny_qwen3
 
 RESULTS = Path(__file__).resolve().parent / "results"

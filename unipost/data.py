@@ -129,7 +129,9 @@ class Trajectory(BaseModel):
         return sum(t.executor == "teacher" for t in self.turns) / len(self.turns)
 
 
-def _canonical_call(call: dict[str, Any]) -> tuple[str, str]:
+def canonical_call(call: dict[str, Any]) -> tuple[str, str]:
+    """``(name, arguments as sorted-key JSON)`` of a tool call, so two calls that differ only in argument
+    order or whitespace compare equal (label == action here; expert agreement in evaluation)."""
     import json
 
     fn = call.get("function", call)
@@ -145,8 +147,8 @@ def _canonical_call(call: dict[str, Any]) -> tuple[str, str]:
 def _same_action(a: Message, b: Message) -> bool:
     if (a.get("content") or "") != (b.get("content") or ""):
         return False
-    calls_a = [_canonical_call(c) for c in a.get("tool_calls") or []]
-    calls_b = [_canonical_call(c) for c in b.get("tool_calls") or []]
+    calls_a = [canonical_call(c) for c in a.get("tool_calls") or []]
+    calls_b = [canonical_call(c) for c in b.get("tool_calls") or []]
     return calls_a == calls_b
 
 

@@ -192,10 +192,10 @@ class EvalResult:
 
 def _same_call(action: dict, label: dict) -> bool:
     """The executed action makes the expert's tool call (name and JSON arguments); prose is ignored."""
-    from unipost.data import _canonical_call
+    from unipost.data import canonical_call
 
-    calls = [_canonical_call(c) for c in action.get("tool_calls") or []]
-    wanted = [_canonical_call(c) for c in label.get("tool_calls") or []]
+    calls = [canonical_call(c) for c in action.get("tool_calls") or []]
+    wanted = [canonical_call(c) for c in label.get("tool_calls") or []]
     return bool(wanted) and calls == wanted
 
 

@@ -34,7 +34,7 @@ import torch
 from unipost.data import Trajectory
 from unipost.envs.base import Environment
 from unipost.eval.evaluate import student_rollouts
-from unipost.kernels.model import _head_params, hidden_states, split_causal_lm
+from unipost.kernels.model import head_params, hidden_states, split_causal_lm
 from unipost.kernels.packing import PackSequence, pack, split_sequences
 from unipost.objective import OwnSamples
 from unipost.rendering.chat import ChatRenderer, LabelSpec, trajectory_sequences
@@ -84,7 +84,7 @@ class KLResult:
 
 def _vocab_size(model: torch.nn.Module, role: str) -> int:
     _, head = split_causal_lm(model)
-    weight, _ = _head_params(head)
+    weight, _ = head_params(head)
     if weight.dim() != 2:
         raise TypeError(f"{role} LM head weight has shape {tuple(weight.shape)}; expected [vocab, hidden]")
     return int(weight.shape[0])
@@ -216,8 +216,8 @@ def reverse_kl_on_student_states(
     tokens_B = torch.zeros(len(trajectories), dtype=torch.long)
     _, s_head = split_causal_lm(student_model)
     _, t_head = split_causal_lm(teacher_model)
-    s_weight, s_bias = _head_params(s_head)
-    t_weight, t_bias = _head_params(t_head)
+    s_weight, s_bias = head_params(s_head)
+    t_weight, t_bias = head_params(t_head)
     with _eval_mode(student_model, teacher_model), torch.inference_mode():
         for group in split_sequences(documents, max_batch_tokens):
             packed = pack(group, vocab_size=vocab)

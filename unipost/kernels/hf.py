@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from unipost.kernels.model import _head_params, split_causal_lm
+from unipost.kernels.model import head_params, split_causal_lm
 
 
 def causal_lm_token_logprobs(
@@ -39,7 +39,7 @@ def causal_lm_token_logprobs(
             f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape"
         )
     backbone, head = split_causal_lm(model)
-    weight, bias = _head_params(head)
+    weight, bias = head_params(head)
     kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids

@@ -44,7 +44,7 @@ def split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.M
     return backbone, head
 
 
-def _head_params(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_params(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight/bias of the LM head; a LoRA-wrapped head is refused (its weight alone is not the head)."""
     if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
         raise NotImplementedError(
@@ -97,7 +97,7 @@ def packed_logprobs(
     ``attention`` the attention implementation (see :func:`hidden_states`).
     """
     _, head = split_causal_lm(model)
-    weight, bias = _head_params(head)
+    weight, bias = head_params(head)
     hidden_T = hidden_states(model, batch, attention=attention)
     hidden_L = hidden_T.index_select(0, batch.label_src_L.to(hidden_T.device))
     targets_L = batch.label_target_L.to(hidden_T.device)

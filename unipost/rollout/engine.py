@@ -419,7 +419,7 @@ class _Run:
         outcome = Outcome(detail="environment could not be started")
         if ep.env is not None:
             try:
-                outcome = _verify(ep.env, ep.ended_by)
+                outcome = verify_episode(ep.env, ep.ended_by)
             except Exception as exc:
                 error = f"verify: {type(exc).__name__}: {exc}"
                 ep.env_error = f"{ep.env_error}; {error}" if ep.env_error else error
@@ -481,8 +481,11 @@ def _with_error_note(observation: list[Message], reason: str) -> list[Message]:
 _VERIFY_TAKES_ENDED_BY: dict[type, bool] = {}
 
 
-def _verify(env: Environment, ended_by: str | None) -> Outcome:
-    """``env.verify(ended_by=...)`` where supported; otherwise label budget endings ourselves."""
+def verify_episode(env: Environment, ended_by: str | None) -> Outcome:
+    """``env.verify(ended_by=...)`` where supported; otherwise label budget endings ourselves.
+
+    Public because a remote environment host (``RayEnvPool``'s actors) verifies with the same rules.
+    """
     cls = type(env)
     if cls not in _VERIFY_TAKES_ENDED_BY:
         try:

@@ -68,9 +68,9 @@ class _EnvHost:
         return self.envs[env_id].step(action)
 
     def verify(self, env_id: int, ended_by: str | None) -> Outcome:
-        from unipost.rollout.engine import _verify  # the engine's own ended_by handling, next to the env
+        from unipost.rollout.engine import verify_episode  # the engine's ended_by handling, by the env
 
-        return _verify(self.envs[env_id], ended_by)
+        return verify_episode(self.envs[env_id], ended_by)
 
     def close(self, env_id: int) -> None:
         with self.lock:
