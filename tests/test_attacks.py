@@ -52,25 +52,6 @@ def edit(env, **args):
     return call(env, "file_editor", **args)
 
 
-def _live_processes(uid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                    if state != "Z":
-                        pids.append(int(entry))
-            except (OSError, IndexError):
-                pass
-    return pids
-
-
-def _sandbox_uid(env) -> int:
-    drop = env.sandbox._drop_to
-    return os.getuid() if drop is None else drop
-
-
 # ------------------------------------------------------------------------------ 1. sandbox escape
 BAD_TIMEOUTS = [math.nan, math.inf, -math.inf, -1, 0, 0.5, 1e308, True, "5", [1], {"s": 1}]
 
@@ -91,7 +72,9 @@ def _tagged_processes(tag: str) -> list[int]:
 @pytest.mark.parametrize("timeout", BAD_TIMEOUTS, ids=repr)
 def test_an_invalid_timeout_is_an_error_and_starts_nothing(env, timeout):
     tag = f"unipost_attack_{secrets.token_hex(4)}"
-    result = call(env, "terminal", command=f"python3 -c 'import time; time.sleep(30)  # {tag}'", timeout=timeout)
+    result = call(
+        env, "terminal", command=f"python3 -c 'import time; time.sleep(30)  # {tag}'", timeout=timeout
+    )
     assert result.tool_error, result.observation
     assert "timeout" in result.observation[0]["content"]
     assert _tagged_processes(tag) == []
@@ -123,7 +106,11 @@ def test_editor_cannot_be_raced_into_a_host_file(env, tmp_path):
     a process left running by the agent would: no read or write of the editor may land on the host."""
     host = tmp_path / "host.txt"
     host.write_text("HOST SECRET\n")
-    sh(env, f"printf 'a\\nb\\n' > /testbed/f.txt && ln -s {host} /testbed/link && ln -s {tmp_path} /testbed/dirlink")
+    sh(
+        env,
+        f"printf 'a\\nb\\n' > /testbed/f.txt && ln -s {host} /testbed/link && "
+        f"ln -s {tmp_path} /testbed/dirlink",
+    )
     a, b = bytes(env.workspace / "f.txt"), bytes(env.workspace / "link")
     stop = threading.Event()
 
@@ -157,8 +144,9 @@ def test_symlinks_never_lead_outside_the_workspace(env, tmp_path):
     (tmp_path / "sub").mkdir()
     sh(
         env,
-        f"ln -s {tmp_path}/host.txt /testbed/abs && ln -s ../../../../../../{tmp_path}/host.txt /testbed/rel && "
-        f"ln -s {tmp_path} /testbed/d && ln -s /testbed/loop2 /testbed/loop1 && ln -s loop1 /testbed/loop2 && "
+        f"ln -s {tmp_path}/host.txt /testbed/abs && "
+        f"ln -s ../../../../../../{tmp_path}/host.txt /testbed/rel && ln -s {tmp_path} /testbed/d && "
+        "ln -s /testbed/loop2 /testbed/loop1 && ln -s loop1 /testbed/loop2 && "
         "mkdir /testbed/in && echo ok > /testbed/in/t.txt && ln -s /testbed/in/t.txt /testbed/good && "
         "ln -s in /testbed/gooddir",
     )
@@ -173,9 +161,140 @@ def test_symlinks_never_lead_outside_the_workspace(env, tmp_path):
     r = edit(env, command="create", path="/testbed/d/sub/new.txt", file_text="PWNED")
     assert r.tool_error
     assert (tmp_path / "host.txt").read_text() == "HOST SECRET\n" and list((tmp_path / "sub").iterdir()) == []
-    # links that stay inside the workspace still work, as they do in the terminal
-    assert "ok" in edit(env, command="view", path="/testbed/good").observation[0]["content"]
-    assert "t.txt" in edit(env, command="view", path="/testbed/gooddir").observation[0]["content"]
     # a listing never tells which host directories exist (no trailing / on a link to one)
     listing = edit(env, command="view", path="/testbed").observation[0]["content"]
     assert "/testbed/d\n" in listing + "\n" and "/testbed/d/" not in listing
+    # links that stay inside the workspace still work, as they do in the terminal
+    assert "ok" in edit(env, command="view", path="/testbed/good").observation[0]["content"]
+    assert "t.txt" in edit(env, command="view", path="/testbed/gooddir").observation[0]["content"]
+
+
+# ------------------------------------------------------------------------------ 2. reward forgery
+def _module0(env) -> tuple[str, str, str]:
+    """(package, module of the public function, its name) from the issue's reproduction."""
+    first = env.task.reproduce.splitlines()[0]  # from pkg.mod import api
+    _, dotted, _, api = first.split()
+    return env.task.package, dotted, api
+
+
+FORGERIES = {
+    # (a) print a passing report in any format the old runner read, then leave before the runner does
+    "exit_early": """
+import os, sys
+line = sys.argv[1] if len(sys.argv) > 1 else ""
+for prefix in (line, "UNIPOST_RESULT_"):
+    print(prefix + '{"import_error": null, "tests": 5, "failures": 0, "errors": 0, "details": []}')
+sys.stdout.flush()
+if "UNIPOST_CHANNEL_FD" in os.environ:
+    os.write(int(os.environ["UNIPOST_CHANNEL_FD"]), b'{"import_error": null, "results": []}')
+os._exit(0)
+""",
+    # (b) patch the serialiser the runner reports through
+    "patch_json": """
+import json
+_real = json.dumps
+def dumps(obj, *a, **k):
+    if isinstance(obj, dict) and "failures" in obj:
+        obj = dict(obj, failures=0, errors=0)
+    if isinstance(obj, dict) and "results" in obj:
+        obj = dict(obj, results=[["ok", "list", []] for _ in range(50)])
+    return _real(obj, *a, **k)
+json.dumps = dumps
+""",
+    # an object equal to everything, returned by the public function
+    "equal_to_all": """
+import {dotted} as m
+class Anything(list):
+    def __eq__(self, other):
+        return True
+    __hash__ = None
+m.{api} = lambda *a, **k: Anything()
+""",
+    # find the expected value in the caller's code constants or locals
+    "read_the_caller": """
+import sys
+import {dotted} as m
+_orig = m.{api}
+def forged(xs, *a):
+    for depth in range(1, 6):
+        try:
+            frame = sys._getframe(depth)
+        except ValueError:
+            break
+        for c in frame.f_code.co_consts:
+            if isinstance(c, tuple) and c and all(type(v) is int for v in c) and list(c) != list(xs):
+                return list(c)
+    return _orig(xs, *a)
+m.{api} = forged
+""",
+}
+
+
+@needs_bwrap
+@pytest.mark.parametrize("kind", sorted(FORGERIES))
+def test_agent_code_cannot_forge_a_passing_verdict(kind):
+    env = mk(3)
+    try:
+        package, dotted, api = _module0(env)
+        code = FORGERIES[kind].replace("{dotted}", dotted).replace("{api}", api)
+        r = edit(env, command="create", path=f"/testbed/{package}/zz_forge.py", file_text=code)
+        assert not r.tool_error, r.observation
+        call(env, "finish", message="done")
+        outcome = env.verify()
+        assert not outcome.resolved and outcome.reward == 0.0, (kind, outcome)
+    finally:
+        env.close()
+
+
+@needs_bwrap
+def test_expected_values_never_reach_the_sandbox():
+    """Package code run by the verifier looks everywhere it can for the hidden tests and their values."""
+    env = mk(4)
+    try:
+        package, _, _ = _module0(env)
+        spy = """
+import os
+found = []
+for top in ("/hidden", "/tmp", "/testbed", "/proc/self", "/"):
+    for root, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if d not in ("proc", "sys", "usr", "dev")]
+        for name in files:
+            try:
+                with open(os.path.join(root, name), "rb") as fh:
+                    found.append(fh.read(200000).decode("utf-8", "replace"))
+            except OSError:
+                pass
+found.append(" ".join(os.environ.values()))
+with open("/testbed/spy.txt", "w") as fh:
+    fh.write("\\n".join(found))
+"""
+        edit(env, command="create", path=f"/testbed/{package}/zz_spy.py", file_text=spy)
+        call(env, "finish", message="done")
+        env.verify()
+        seen = (env.workspace / "spy.txt").read_text()
+        hidden = env.task.hidden_tests["test_hidden.py"]
+        assert "assert got" not in seen and "test_hidden" not in seen
+        inputs = {ln.split("(", 1)[1].rsplit(")", 1)[0] for ln in hidden.splitlines() if "got = " in ln}
+        wants = {
+            ln.split("==", 1)[1].split(', f"', 1)[0].strip() for ln in hidden.splitlines() if "got ==" in ln
+        }
+        assert wants - inputs, "every expected value is also an input: the check below would be empty"
+        for want in wants - inputs:
+            assert want not in seen, want
+    finally:
+        env.close()
+
+
+@needs_bwrap
+def test_a_real_fix_is_still_resolved_and_the_bug_is_not():
+    env = mk(3)
+    try:
+        call(env, "finish", message="nothing changed")
+        assert not env.verify().resolved
+        env.reset()
+        for rel, text in env.task.fixed_files.items():
+            (env.workspace / rel).write_text(text)
+        call(env, "finish", message="fixed")
+        assert env.verify().resolved
+    finally:
+        env.close()

@@ -1,9 +1,11 @@
 """Hidden-test verification and the paper's Table-4 failure classification.
 
-The hidden tests never sit in the agent's workspace: they live in a separate host directory that is
-bound read-only at ``/hidden`` for the verification run only. They are plain-assert test functions
-(pytest-compatible) called by a tiny runner under ``python3 -S``: importing pytest or even unittest
-would dominate the cost of an embedded episode.
+Reward integrity by design: the verdict is computed in the host process, never in a process the
+agent's code runs in, and the expected values never reach the sandbox. The hidden tests are plain
+``got = f(args)`` / ``assert got == expected`` functions (pytest-compatible); the host reads them with
+``ast``, sends only the inputs to a sandboxed runner (``python3 -I -S``) that imports the agent's package
+and returns each call's output as JSON over a dedicated pipe, and compares on the host. Importing
+pytest or even unittest would dominate the cost of an embedded episode, hence the tiny runner.
 
 Classification (one primary mode per unresolved episode, paper Table 4):
 
@@ -19,52 +21,58 @@ Classification (one primary mode per unresolved episode, paper Table 4):
 
 from __future__ import annotations
 
+import ast
 import json
 import os
-import secrets
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from unipost.data import Outcome
-from unipost.envs.embedded.sandbox import Sandbox
+from unipost.envs.embedded.sandbox import CommandResult, Sandbox
 from unipost.envs.embedded.tasks import Task
+from unipost.rendering.toolcalls import loads_bounded
 
 EndedBy = Literal["turn_budget", "context_budget"] | None
 REPEAT_WINDOW = 3
 
+# The sandboxed half of a verification. It gets only the *inputs* of the hidden cases (spec.json: the
+# module, and a list of [function, args]); it never sees an expected value or a test. It imports the
+# agent's package (all of it, so a module that does not compile shows up), calls each function, and
+# writes what came back, as JSON, to its own result pipe. Package code runs in this process and may
+# tamper with anything here (patch json, exit early, print fake lines): that changes only the outputs it
+# reports, which the host compares with expected values the sandbox never had.
 _RUNNER = """\
-import importlib, importlib.util, json, os, sys
-nonce, package, root = sys.argv[1], sys.argv[2], sys.argv[3]
-here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, root)
-report = {"import_error": None}
+import importlib, json, os, sys
+fd = int(os.environ["UNIPOST_CHANNEL_FD"])
+with open(sys.argv[1]) as fh:
+    spec = json.load(fh)
+sys.path.insert(0, "/testbed")
+reply = {"import_error": None, "results": []}
 try:
-    for name in sorted(os.listdir(os.path.join(root, package))):
+    package = spec["package"]
+    for name in sorted(os.listdir(os.path.join("/testbed", package))):
         if name.endswith(".py"):
             importlib.import_module(package if name == "__init__.py" else package + "." + name[:-3])
-    # load the hidden tests by file path: a test_hidden.py planted in the workspace cannot shadow them
-    spec = importlib.util.spec_from_file_location("test_hidden", os.path.join(here, "test_hidden.py"))
-    test_hidden = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(test_hidden)
+    module = importlib.import_module(spec["module"])
 except BaseException as exc:
-    report["import_error"] = type(exc).__name__ + ": " + str(exc)
+    reply["import_error"] = (type(exc).__name__ + ": " + str(exc))[:500]
 else:
-    tests = sorted(n for n in dir(test_hidden) if n.startswith("test_") and callable(getattr(test_hidden, n)))
-    failures, errors = [], []
-    for n in tests:
+    for fn, args in spec["calls"]:
         try:
-            getattr(test_hidden, n)()
-        except AssertionError as exc:
-            failures.append(n + ": " + str(exc))
+            got = getattr(module, fn)(*args)
+            reply["results"].append(["ok", type(got).__name__, got])
         except BaseException as exc:
-            errors.append(n + ": " + type(exc).__name__ + ": " + str(exc))
-    details = (failures + errors)[:5]
-    report.update(tests=len(tests), failures=len(failures), errors=len(errors), details=details)
-print(nonce + json.dumps(report))
+            reply["results"].append(["raise", type(exc).__name__, str(exc)[:300]])
+data = json.dumps(reply, default=repr).encode()
+while data:
+    data = data[os.write(fd, data):]
 """
+MAX_REPLY_BYTES = 1 << 20  # what the host reads of the runner's reply; more is not a reply
 
 
 @dataclass
@@ -78,57 +86,159 @@ class TestReport:
     raw: str
 
 
+@dataclass(frozen=True)
+class HiddenCase:
+    """One hidden test: ``function(*args)`` must return ``expected`` (held on the host only)."""
+
+    test: str
+    function: str
+    args: tuple[Any, ...]
+    expected: Any
+
+
+@cache
+def _parse_cases(text: str) -> tuple[str, tuple[HiddenCase, ...]]:
+    """(module, cases) of a hidden-test file, read on the host with ``ast`` (never executed).
+
+    The embedded tasks' hidden tests are plain ``got = f(args)`` / ``assert got == expected`` functions
+    (see tasks._hidden_tests); anything else is refused rather than run where the agent's code runs.
+    """
+    tree = ast.parse(text)
+    module, cases = None, []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            module = node.module
+        elif isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+            body = [n for n in node.body if not isinstance(n, ast.Expr)]
+            ok = (
+                len(body) == 2
+                and isinstance(body[0], ast.Assign)
+                and isinstance(body[0].value, ast.Call)
+                and isinstance(body[0].value.func, ast.Name)
+                and isinstance(body[1], ast.Assert)
+                and isinstance(body[1].test, ast.Compare)
+                and len(body[1].test.comparators) == 1
+            )
+            if not ok:
+                raise ValueError(f"hidden test {node.name} is not of the form got = f(...); assert got == x")
+            call = body[0].value
+            args = tuple(ast.literal_eval(a) for a in call.args)
+            expected = ast.literal_eval(body[1].test.comparators[0])
+            cases.append(HiddenCase(node.name, call.func.id, args, expected))
+    if module is None or not cases:
+        raise ValueError("hidden tests name no module or hold no test function")
+    return module, tuple(sorted(cases, key=lambda c: c.test))
+
+
+def hidden_cases(task: Task) -> tuple[str, tuple[HiddenCase, ...]]:
+    """The module under test and every hidden case of a task (host side only)."""
+    module, cases = None, []
+    for _rel, text in sorted(task.hidden_tests.items()):
+        module, more = _parse_cases(text)
+        cases += more
+    assert module is not None
+    return module, tuple(cases)
+
+
 def run_hidden_tests(task: Task, sandbox: Sandbox) -> TestReport:
-    """Copy the hidden tests to a fresh read-only directory and run them against the workspace."""
+    """Verify the workspace with the verdict computed here, on the host, never in the sandbox.
+
+    The sandboxed runner receives the inputs of the hidden cases only, imports the agent's package,
+    and sends back what each call returned over a dedicated pipe; this function compares those
+    outputs with the expected values, which never leave this process. Agent code that forges a
+    report, patches the runner or reads the runner's directory learns no expected value and can
+    only misreport its own outputs.
+    """
+    module, cases = hidden_cases(task)
+    spec = {"package": task.package, "module": module, "calls": [[c.function, list(c.args)] for c in cases]}
     hidden = Path(tempfile.mkdtemp(prefix="unipost-hidden-"))
     try:
-        for rel, text in task.hidden_tests.items():
-            (hidden / rel).write_text(text)
+        (hidden / "spec.json").write_text(json.dumps(spec))
         (hidden / "_unipost_runner.py").write_text(_RUNNER)
         os.chmod(hidden, 0o755)
         for f in hidden.iterdir():
             os.chmod(f, 0o644)
-        nonce = f"UNIPOST_RESULT_{secrets.token_hex(8)}:"
         if sandbox.isolated:
-            runner = "/hidden/_unipost_runner.py"
-            cmd = f"cd /testbed && PYTHONPATH=/hidden python3 -S {runner} {nonce} {task.package} /testbed"
-            res = sandbox.run(cmd, ro_binds={str(hidden): "/hidden"})
+            cmd = "cd /testbed && python3 -I -S /hidden/_unipost_runner.py /hidden/spec.json"
+            res = sandbox.run(cmd, ro_binds={str(hidden): "/hidden"}, channel=MAX_REPLY_BYTES)
         else:
-            runner = hidden / "_unipost_runner.py"
-            cmd = f"cd /testbed && PYTHONPATH={hidden} python3 -S {runner} {nonce} {task.package} /testbed"
-            res = sandbox.run(cmd)
+            runner, spec_path = hidden / "_unipost_runner.py", hidden / "spec.json"
+            cmd = f"cd /testbed && python3 -I -S {runner} {spec_path}"
+            res = sandbox.run(cmd, channel=MAX_REPLY_BYTES)
     finally:
         shutil.rmtree(hidden, ignore_errors=True)
-    line = next((ln for ln in res.output.splitlines()[::-1] if ln.startswith(nonce)), None)
-    if line is None:
+    return _judge(cases, res)
+
+
+def _judge(cases: tuple[HiddenCase, ...], res: CommandResult) -> TestReport:
+    """Compare the runner's reported outputs with the expected values (host side)."""
+    raw = res.output[-2000:]
+    try:
+        reply = loads_bounded(res.channel.decode("utf-8"), 64) if res.channel else None
+    except (UnicodeDecodeError, ValueError):
+        reply = None
+    if not isinstance(reply, dict) or not isinstance(reply.get("results", []), list):
         why = "timed out" if res.timed_out else f"exit code {res.exit_code}"
-        return TestReport(
-            False, f"hidden test run produced no report ({why})", 0, 0, 0, [], res.output[-2000:]
-        )
-    data = json.loads(line[len(nonce) :])
-    if data.get("import_error"):
-        return TestReport(False, data["import_error"], 0, 0, 0, [], res.output[-2000:])
-    passed = data["tests"] > 0 and data["failures"] == 0 and data["errors"] == 0
-    return TestReport(
-        passed, None, data["tests"], data["failures"], data["errors"], data["details"], res.output[-2000:]
-    )
+        return TestReport(False, f"hidden test run produced no report ({why})", 0, 0, 0, [], raw)
+    if reply.get("import_error"):
+        return TestReport(False, str(reply["import_error"])[:500], 0, 0, 0, [], raw)
+    results = reply.get("results", [])
+    failures, errors, details = 0, 0, []
+    for i, case in enumerate(cases):
+        got = results[i] if i < len(results) else None
+        if not (isinstance(got, list) and len(got) == 3 and got[0] in ("ok", "raise")):
+            errors += 1
+            details.append(f"{case.test}: no result reported")
+        elif got[0] == "raise" and got[1] != "AssertionError":
+            errors += 1
+            details.append(f"{case.test}: {got[1]}: {got[2]}"[:300])
+        elif got[0] == "raise" or got[1] != type(case.expected).__name__ or got[2] != case.expected:
+            failures += 1
+            details.append(f"{case.test}: returned {str(got[2])[:100]}, expected {case.expected!r}"[:300])
+    passed = bool(cases) and failures == 0 and errors == 0 and not res.timed_out
+    return TestReport(passed, None, len(cases), failures, errors, details[:5], raw)
 
 
-def workspace_files(root: Path) -> dict[str, str]:
-    """Text files of a workspace (relative path -> content), ignoring bytecode caches."""
+def workspace_files(root: Path, max_files: int = 5000) -> dict[str, str]:
+    """Text files of a workspace (relative path -> content), ignoring bytecode caches.
+
+    Only regular files are read, opened without following links and without blocking (a FIFO or a
+    link to a host file planted by the agent must neither hang nor leak into the verdict).
+    """
     out: dict[str, str] = {}
-    for path in sorted(Path(root).rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if "__pycache__" in path.parts or path.suffix == ".pyc" or path.is_dir() or path.is_symlink():
-            continue
-        try:
-            if path.stat().st_size > 1_000_000:
-                out[rel] = "<large file>"
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):  # os.walk does not enter symlinked directories
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if len(out) >= max_files:
+                return out
+            path = Path(dirpath) / name
+            if path.suffix == ".pyc":
                 continue
-            out[rel] = path.read_text()
-        except (UnicodeDecodeError, OSError):
-            out[rel] = "<binary file>"
+            rel = path.relative_to(root).as_posix().encode("utf-8", "surrogateescape")
+            out[rel.decode("utf-8", "backslashreplace")] = _read_regular(path)
     return out
+
+
+def _read_regular(path: Path, limit: int = 1_000_000) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return "<unreadable>"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "<not a regular file>"
+        if st.st_size > limit:
+            return "<large file>"
+        data = os.read(fd, limit + 1)
+        return data.decode("utf-8") if len(data) <= limit else "<large file>"
+    except UnicodeDecodeError:
+        return "<binary file>"
+    except OSError:
+        return "<unreadable>"
+    finally:
+        os.close(fd)
 
 
 def classify(
