@@ -1,0 +1,245 @@
+"""Training throughput on CPU: the dense-mask attention path vs the split path vs unpacked documents.
+
+One run, the same data and model, side by side: an epoch of behaviour cloning / SFT (fwd + bwd of
+``sum_t w_t * -log pi(y_t | x)`` over every label token, gradients accumulated over micro-batches,
+normalised by the epoch's label-token count) through the library's own path (``pack`` ->
+``packed_logprobs`` -> ``weighted_nll``), with only the attention changing:
+
+* dense:     ``attention="model"`` on an SDPA-loaded model: one additive [T, T] mask per micro-batch
+             (the CPU path before ``unipost_packed_sdpa``).
+* split:     ``attention="auto"``: per-document ``is_causal`` SDPA calls and per-branch calls
+             (``unipost_packed_sdpa``), the same micro-batches.
+* split@big: the split path with ``--big-tokens`` micro-batches (attention cost is now linear in the
+             number of documents, so bigger micro-batches only amortise per-call overhead).
+* unpacked:  one document per forward (a one-document pack: a single ``is_causal`` SDPA call, what
+             a plain HF forward of that document runs), no packing at all.
+
+Data (synthetic token ids; timing does not depend on their values): BC demos shaped like the
+scripted expert's, a ~300-token prompt then turns of a ~60-token action (the label, on the spine)
+and a ~150-token observation, up to ~``--doc-tokens`` tokens per document. ``--workload dagger``
+adds a DAgger-tree workload (beta 0.5: student-executed turns carry the teacher's label as a branch);
+its "unpacked" row is one (context, label) pair per forward (``per_transition``).
+
+Every mode's accumulated gradients are compared with the dense path's (max |diff| and the largest
+|gradient|). The epoch's tokens/s counts the packed tokens of the dataset (the same count for every
+mode, so the rows compare wall time for the same work). Each mode runs ``--repeats`` times,
+interleaved with the others so a change in machine load hits all of them alike; the median is
+reported with the load average and torch thread count. These CPU machines are shared: compare ratios
+within one run.
+
+    python benchmarks/bench_train.py            # the recorded configuration (tiny + wide student)
+    python benchmarks/bench_train.py --quick    # a smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from unipost.kernels import Label, PackSequence, pack, packed_logprobs, weighted_nll
+from unipost.kernels.attention import attention_implementation, set_attention
+from unipost.kernels.packing import per_transition, split_sequences
+from unipost.models import build_tiny_qwen3
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = {"tiny": (64, 2), "wide": (256, 4)}  # hidden, layers (tiny = build_tiny_qwen3's default)
+
+
+def demo(rng: random.Random, vocab: int, doc_tokens: int, beta: float | None) -> PackSequence:
+    """One trajectory: prompt, then (action, observation) turns; labels are the actions.
+
+    ``beta=None``: behaviour cloning (every action is the teacher's, its label lies on the spine).
+    Otherwise each turn is teacher-executed with probability ``beta``; a student-executed turn's
+    teacher label differs from what was executed, so it becomes a branch.
+    """
+
+    def tokens(mean: int) -> list[int]:
+        return [rng.randrange(vocab) for _ in range(max(4, int(rng.gauss(mean, mean / 4))))]
+
+    root = tokens(300)
+    labels = []
+    while len(root) < doc_tokens - 250:
+        action = tokens(60)
+        if beta is None or rng.random() < beta:
+            labels.append(Label(len(root), tuple(action)))
+        else:
+            labels.append(Label(len(root), tuple(tokens(60))))
+        root += action + tokens(150)
+    return PackSequence(root, labels)
+
+
+def epoch(model, groups: list[list[PackSequence]], normaliser: float, attention: str) -> tuple[float, float]:
+    """fwd + bwd over every micro-batch, gradients accumulated; (wall, process CPU) seconds.
+
+    Packing is inside the timed region: it is part of what a training step pays.
+    """
+    model.zero_grad(set_to_none=True)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for group in groups:
+        batch = pack(group)
+        logp = packed_logprobs(model, batch, attention=attention).logp_L
+        loss, _ = weighted_nll(logp, batch.label_weight_L, normalization="constant", constant=normaliser)
+        loss.backward()
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_size(name: str, args, workload: str) -> list[dict]:
+    hidden, layers = SIZES[name]
+    vocab = args.vocab
+    rng = random.Random(args.seed)
+    beta = None if workload == "bc" else 0.5
+    docs = [demo(rng, vocab, args.doc_tokens, beta) for _ in range(args.docs)]
+    model = build_tiny_qwen3(vocab, hidden_size=hidden, num_layers=layers, seed=args.seed)
+    params = sum(p.numel() for p in model.parameters())
+    normaliser = float(sum(len(label.token_ids) for d in docs for label in d.labels))
+    dataset_tokens = pack(docs).num_tokens
+    unpacked_docs = [d for d in docs] if workload == "bc" else per_transition(docs)
+    modes = {
+        "dense": (split_sequences(docs, args.max_tokens), "model", "sdpa"),
+        "split": (split_sequences(docs, args.max_tokens), "auto", None),
+        f"split@{args.big_tokens}": (split_sequences(docs, args.big_tokens), "auto", None),
+        "unpacked": ([[d] for d in unpacked_docs], "auto", None),
+    }
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_seconds: dict[str, list[float]] = {m: [] for m in modes}
+    mode_grads: dict[str, dict[str, torch.Tensor]] = {}
+    implementation: dict[str, str] = {}
+    for repeat in range(args.repeats + 1):  # repeat 0 warms up (allocator, thread pool) and is dropped
+        for mode, (groups, attention, load_as) in modes.items():
+            if load_as is not None:
+                set_attention(model, load_as)
+            elapsed, cpu = epoch(model, groups, normaliser, attention)
+            implementation[mode] = attention_implementation(model)
+            if repeat == 0:
+                mode_grads[mode] = grads(model)
+            else:
+                seconds[mode].append(elapsed)
+                cpu_seconds[mode].append(cpu)
+    reference = mode_grads["dense"]
+    largest = max(g.abs().max().item() for g in reference.values())
+    rows = []
+    dense_median = statistics.median(seconds["dense"])
+    dense_cpu = statistics.median(cpu_seconds["dense"])
+    for mode, (groups, _, _) in modes.items():
+        median = statistics.median(seconds[mode])
+        cpu = statistics.median(cpu_seconds[mode])
+        diff = max((mode_grads[mode][n] - reference[n]).abs().max().item() for n in reference)
+        rows.append(
+            {
+                "model": name,
+                "hidden": hidden,
+                "layers": layers,
+                "params": params,
+                "workload": workload,
+                "mode": mode,
+                "attention": implementation[mode],
+                "micro_batches": len(groups),
+                "forward_tokens": sum(pack(g).num_tokens for g in groups),
+                "dataset_tokens": dataset_tokens,
+                "label_tokens": int(normaliser),
+                "seconds_median": round(median, 3),
+                "seconds_all": [round(s, 3) for s in seconds[mode]],
+                "tokens_per_s": round(dataset_tokens / median, 1),
+                "speedup_vs_dense": round(dense_median / median, 2),
+                "cpu_seconds_median": round(cpu, 3),
+                "cpu_speedup_vs_dense": round(dense_cpu / cpu, 2),
+                "max_grad_diff_vs_dense": diff,
+                "max_abs_grad": largest,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", default="tiny,wide", help=f"comma-separated, of {sorted(SIZES)}")
+    parser.add_argument("--workloads", default="bc,dagger", help="bc (varlen packs) and/or dagger (trees)")
+    parser.add_argument("--docs", type=int, default=12)
+    parser.add_argument("--doc-tokens", type=int, default=1900)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--max-tokens", type=int, default=4096, help="micro-batch tokens (dense and split)")
+    parser.add_argument("--big-tokens", type=int, default=16384, help="micro-batch tokens of split@big")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.quick:
+        args.docs, args.doc_tokens, args.repeats, args.sizes = 4, 700, 1, "tiny"
+        args.max_tokens, args.big_tokens = 1500, 4096
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    rows = []
+    for workload in args.workloads.split(","):
+        for size in args.sizes.split(","):
+            rows += run_size(size, args, workload)
+    load_after = os.getloadavg()
+
+    table = Table(title=f"BC/SFT fwd+bwd epoch on CPU, {torch.get_num_threads()} torch threads")
+    for col in ["model", "work", "mode", "mbs", "s", "tok/s", "x dense", "cpu x", "grad diff"]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            f"{r['hidden']}x{r['layers']}",
+            r["workload"],
+            r["mode"],
+            str(r["micro_batches"]),
+            f"{r['seconds_median']:.2f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['speedup_vs_dense']:.2f}",
+            f"{r['cpu_speedup_vs_dense']:.2f}",
+            f"{r['max_grad_diff_vs_dense']:.0e}",
+        )
+    Console().print(table)
+    meta = {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "config": {k: v for k, v in vars(args).items()},
+    }
+    print(f"load average before {meta['load_average_before']} after {meta['load_average_after']}")
+    RESULTS.mkdir(exist_ok=True)
+    stem = "train-quick" if args.quick else "train"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [
+        f"torch threads {meta['torch_threads']}, load average before {meta['load_average_before']} "
+        f"after {meta['load_average_after']}",
+        "",
+        "| model | workload | mode | attention | micro-batches | fwd tokens | s (median) | tokens/s "
+        "| vs dense | CPU s (median) | CPU-time vs dense | max abs grad diff vs dense (max abs grad) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} {r['hidden']}x{r['layers']} | {r['workload']} | {r['mode']} | {r['attention']} "
+            f"| {r['micro_batches']} | {r['forward_tokens']} | {r['seconds_median']:.2f} "
+            f"| {r['tokens_per_s']:,.0f} | {r['speedup_vs_dense']:.2f}x "
+            f"| {r['cpu_seconds_median']:.2f} | {r['cpu_speedup_vs_dense']:.2f}x "
+            f"| {r['max_grad_diff_vs_dense']:.1e} ({r['max_abs_grad']:.1e}) |"
+        )
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
