@@ -298,3 +298,169 @@ def test_a_real_fix_is_still_resolved_and_the_bug_is_not():
         assert env.verify().resolved
     finally:
         env.close()
+
+
+# ------------------------------------------------------------------------------ 3. host hang
+def _within(seconds: float, fn):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it does not return in time."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"blocked for more than {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@needs_bwrap
+def test_special_files_never_block_the_host(env):
+    package = env.task.package
+    sh(env, f"mkfifo /testbed/fifo /testbed/{package}/zz.py && mkdir /testbed/d && mkfifo /testbed/d/q")
+    for action in (
+        dict(command="view", path="/testbed/fifo"),
+        dict(command="view", path="/testbed/fifo", view_range=[1, 2]),
+        dict(command="str_replace", path="/testbed/fifo", old_str="a", new_str="b"),
+        dict(command="insert", path="/testbed/fifo", insert_line=0, new_str="b"),
+        dict(command="undo_edit", path="/testbed/fifo"),
+        dict(command="create", path="/testbed/fifo", file_text="x"),
+    ):
+        r = _within(5, lambda a=action: edit(env, **a))
+        assert r.tool_error, action
+    assert (
+        "/testbed/d/q"
+        in _within(5, lambda: edit(env, command="view", path="/testbed/d")).observation[0]["content"]
+    )
+    call(env, "finish", message="done")
+    outcome = _within(20, env.verify)  # the verifier reads the workspace too
+    assert not outcome.resolved
+
+
+# ------------------------------------------------------------------------------ 5. host memory
+@needs_bwrap
+def test_huge_output_is_read_as_a_bounded_stream(tmp_path):
+    """300 MB of output must not raise the host's peak memory by more than a few MB."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import resource, sys\n"
+        "from unipost.envs.embedded import EmbeddedEnv, Limits, generate_task, tool_call_message\n"
+        "env = EmbeddedEnv(generate_task('train', 0, 'easy'), limits=Limits(timeout_s=20, cpu_s=20))\n"
+        "env.reset()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "cmd = \"head -c 300000000 /dev/zero | tr '\\\\0' a\"\n"
+        "r = env.step(tool_call_message('', 'terminal', {'command': cmd}, 'c'))\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "env.close()\n"
+        "print(after - before, len(r.observation[0]['content']))\n"
+    )
+    import subprocess
+    import sys
+
+    import unipost
+
+    here = str(Path(unipost.__file__).resolve().parents[1])  # the unipost under test, in the child too
+    env = dict(os.environ, PYTHONPATH=here)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    grown_kib, shown = map(int, out.stdout.split())
+    assert grown_kib < 64 * 1024, f"peak RSS grew by {grown_kib} KiB"
+    assert shown <= 4000 + 200
+
+
+# ------------------------------------------------------------------------------ 6. malformed actions
+DEEP = 5000
+
+
+def _deep_actions():
+    deep_list: list = []
+    cursor = deep_list
+    for _ in range(DEEP):
+        cursor.append([])
+        cursor = cursor[0]
+    deep_json = "[" * DEEP + "]" * DEEP
+    return {
+        "arguments_text": {
+            "tool_calls": [{"id": "c", "function": {"name": "terminal", "arguments": deep_json}}]
+        },
+        "argument_value": {
+            "tool_calls": [{"id": "c", "function": {"name": "terminal", "arguments": {"command": deep_list}}}]
+        },
+        "arguments_object": {
+            "tool_calls": [{"id": "c", "function": {"name": "terminal", "arguments": deep_list}}]
+        },
+        "call_id": {
+            "tool_calls": [{"id": deep_list, "function": {"name": "think", "arguments": {"thought": "x"}}}]
+        },
+        "name": {"tool_calls": [{"id": "c", "function": {"name": deep_list, "arguments": {}}}]},
+        "call_itself": {"tool_calls": [deep_list]},
+        "content": {"role": "assistant", "content": deep_list},
+        "not_a_dict": deep_list,
+        "json_in_string": {
+            "tool_calls": [
+                {"id": "c", "function": {"name": "terminal", "arguments": '{"command": ' + deep_json + "}"}}
+            ]
+        },
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_deep_actions()))
+def test_deeply_nested_actions_are_error_observations(env, kind):
+    result = env.step(_deep_actions()[kind])
+    assert result.tool_error and not result.done
+    json.dumps(result.observation)  # storable
+    assert "hello" in sh(env, "echo hello")  # the episode goes on
+
+
+@pytest.mark.parametrize("style", ["hermes", "qwen3_coder"])
+def test_deeply_nested_model_text_never_raises(style):
+    from unipost.envs.embedded import tool_schemas
+    from unipost.rendering import parse_assistant
+
+    deep = "[" * DEEP + "]" * DEEP
+    texts = [
+        '<tool_call>\n{"name": "terminal", "arguments": ' + deep + "}\n</tool_call>",
+        '<tool_call>\n{"name": "terminal", "arguments": {"command": ' + deep + "}}\n</tool_call>",
+        '<tool_call>\n{"name": "terminal", "arguments": "' + deep + '"}\n</tool_call>',
+        "<tool_call>\n<function=terminal>\n<parameter=command>\n"
+        + deep
+        + "\n</parameter>\n</function>\n</tool_call>",
+        "<tool_call>\n<function=file_editor>\n<parameter=view_range>\n" + deep + "\n</parameter>\n"
+        "</function>\n</tool_call>",
+        "<tool_call>\n<function=think>\n<parameter=x>\n" + "(" * DEEP + ")" * DEEP + "\n</parameter>\n"
+        "</function>\n</tool_call>",
+    ]
+    for tools in (None, tool_schemas()):
+        for text in texts:
+            parsed = parse_assistant(text, style, tools=tools)
+            json.dumps(parsed.message)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"command": "view", "path": "/testbed", "view_range": [True, False]},
+        {"command": "view", "path": "/testbed/x\x00y"},
+        {"command": "view", "path": 7},
+        {"command": "insert", "path": "/testbed/a", "insert_line": 1.5, "new_str": "x"},
+        {"command": "insert", "path": "/testbed/a", "insert_line": True, "new_str": "x"},
+        {"command": "create", "path": "/testbed/a", "file_text": "x" * 2_000_000},
+        {"command": "create", "path": "/testbed/\udcff", "file_text": "x"},
+        {"command": "create", "path": "/testbed/a", "file_text": "\ud800"},
+        {"command": "view", "path": "/testbed", "view_range": list(range(100))},
+        {"command": "rm", "path": "/testbed"},
+        {"command": None, "path": "/testbed"},
+        {"command": "view", "path": "/testbed", "extra": 1},
+    ],
+    ids=lambda a: repr(a)[:60],
+)
+def test_every_argument_is_checked_against_its_schema(env, args):
+    result = edit(env, **args)
+    assert result.tool_error, result.observation
+    json.dumps(result.observation, ensure_ascii=False).encode("utf-8")
