@@ -13,6 +13,10 @@ Progress is measured on held-out data and must exceed a stated margin:
 from __future__ import annotations
 
 import copy
+import json
+import math
+import threading
+from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
@@ -24,10 +28,12 @@ from unipost.envs.base import StepResult
 from unipost.objective import SFT
 from unipost.train.config import (
     OptimConfig,
+    ReferenceConfig,
     RolloutConfig,
     TeacherConfig,
     TrainConfig,
 )
+from unipost.train.optimise import lr_factor
 from unipost.train.setup import build_task_tokenizer, expert_trajectories
 from unipost.train.trainer import ConfigError, Trainer
 
@@ -220,3 +226,187 @@ def test_api_teacher_down_and_opd_refused(tmp_path, cache_dir, task_tokenizer):
         Trainer(tiny_config(tmp_path, cache_dir, "dagger", teacher=dead), tokenizer=task_tokenizer)
     with pytest.raises(RecipeError, match="log-probs"):
         Trainer(tiny_config(tmp_path, cache_dir, "opd", teacher=dead), tokenizer=task_tokenizer)
+
+
+# -- fidelity to the paper's runs (issue 12) ------------------------------------------------------
+
+
+def _write_experiment(path, config_json: str) -> None:
+    path.write_text(
+        "from unipost.train.config import TrainConfig\n\n\n"
+        f"def config():\n    return TrainConfig.model_validate_json({config_json!r})\n"
+    )
+
+
+def test_grpo_with_kl_trains_through_unipost_train(tmp_path, cache_dir):
+    """A KL-regularised recipe gets its frozen reference (the initial student) from the Trainer; it
+    used to fail after the rollouts with "GRPO needs reference log-probs"."""
+    from typer.testing import CliRunner
+
+    from unipost.cli import app
+
+    cfg = tiny_config(
+        tmp_path,
+        cache_dir,
+        "grpo",
+        recipe_kwargs={"group_size": 2, "kl_coef": 0.05},
+        iterations=1,
+        rollout=RolloutConfig(episodes_per_iteration=2, max_turns=2, context_budget=4096, max_new_tokens=8),
+        optim=OptimConfig(lr=1e-2, micro_batch_tokens=4096, epochs_per_batch=1),
+    )
+    experiment = tmp_path / "grpo_kl.py"
+    _write_experiment(experiment, cfg.to_json())
+    result = CliRunner().invoke(app, ["train", str(experiment)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "train/regularizer" in r]
+    assert trained and all(math.isfinite(r["train/regularizer"]) for r in trained)
+
+
+def test_reference_is_the_frozen_initial_student_or_refused(tmp_path, cache_dir, task_tokenizer):
+    cfg = tiny_config(
+        tmp_path,
+        cache_dir,
+        "grpo",
+        recipe_kwargs={"group_size": 2, "kl_coef": 0.05},
+        iterations=1,
+        rollout=RolloutConfig(episodes_per_iteration=2, max_turns=1, context_budget=4096, max_new_tokens=8),
+    )
+    trainer = Trainer(cfg, tokenizer=task_tokenizer, env_factory=VowelEnv, train_tasks=[0, 1])
+    initial = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    trainer.fit()
+    ref = trainer.reference
+    assert ref is not None and ref is not trainer.student
+    assert not any(p.requires_grad for p in ref.parameters())
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(v, initial[k], rtol=0, atol=0)
+    assert any(not torch.equal(v, initial[k]) for k, v in trainer.student.state_dict().items())
+    # a recipe without a KL term builds no reference; one with it and reference.kind='none' is refused
+    assert Trainer(cfg.replace(recipe_kwargs={"group_size": 2}), tokenizer=task_tokenizer).reference is None
+    with pytest.raises(ConfigError, match="reference"):
+        Trainer(cfg.replace(reference=ReferenceConfig(kind="none")), tokenizer=task_tokenizer)
+
+
+def test_lr_schedule_counts_optimiser_steps(tmp_path, cache_dir, task_tokenizer):
+    """Warmup ratio and cosine are measured in optimiser steps (App. F.2's SFT schedule), not iterations."""
+    assert lr_factor(0, 20, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1) == 0.5
+    assert lr_factor(1, 20, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1) == 1.0
+    assert lr_factor(19, 20, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1) == pytest.approx(0.1)
+    mid = lr_factor(10, 20, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    assert 0.1 < mid < 1.0
+    assert lr_factor(5, 20, warmup_steps=2) == 1.0  # constant after warmup
+    cfg = tiny_config(
+        tmp_path,
+        cache_dir,
+        "grpo",
+        recipe_kwargs={"group_size": 2},
+        iterations=2,
+        rollout=RolloutConfig(episodes_per_iteration=4, max_turns=1, context_budget=4096, max_new_tokens=8),
+        optim=OptimConfig(
+            lr=1e-2, micro_batch_tokens=64, epochs_per_batch=2, schedule="cosine", warmup_ratio=0.25
+        ),
+    )
+    trainer = Trainer(cfg, tokenizer=task_tokenizer, env_factory=VowelEnv, train_tasks=list(range(8)))
+    history = trainer.fit()
+    updates = sum(r.get("train/updates", 0) for r in history) * 2  # train/updates is the last epoch's
+    assert trainer.scheduler.last_epoch == updates > 2  # one scheduler step per optimiser step
+    assert trainer.schedule_steps == updates  # exact here: every batch packs into the same count
+    warmup = math.ceil(0.25 * updates)
+    first_lr = history[1]["train/lr"]  # mean LR of the first iteration's last epoch
+    assert first_lr < 1e-2
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        1e-2 * lr_factor(updates, updates, schedule="cosine", warmup_steps=warmup, min_lr_ratio=0.1)
+    )
+    with pytest.raises(ValueError, match="exclusive"):
+        OptimConfig(warmup_steps=1, warmup_ratio=0.1)
+
+
+def test_teacher_samples_with_the_rollout_settings(tmp_path, cache_dir, task_tokenizer):
+    """Paper App. F.1: rollout collection uses the same temperature / top-p for every method, the
+    teacher's turns included (it fell back to 1.0 / 1.0 / 1024 tokens)."""
+    from test_openai_policy import FakeOpenAI
+
+    fake = FakeOpenAI()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), fake.handler())
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        teacher = TeacherConfig(
+            kind="openai",
+            base_url=f"http://127.0.0.1:{httpd.server_address[1]}",
+            model="teacher-model",
+            max_retries=0,
+            white_box="none",
+            distill_epochs=1,
+        )
+        rollout = RolloutConfig(
+            episodes_per_iteration=1,
+            max_turns=2,
+            context_budget=4096,
+            max_new_tokens=24,
+            temperature=0.7,
+            top_p=0.9,
+        )
+        cfg = tiny_config(tmp_path, cache_dir, "sft", teacher=teacher, rollout=rollout, iterations=1)
+        trainer = Trainer(cfg, tokenizer=task_tokenizer)
+        policy = trainer.teacher_policy
+        assert (policy.temperature, policy.top_p, policy.max_tokens) == (0.7, 0.9, 24)
+        trainer.engine.collect(trainer.tasks_for(0), 0)
+        sent = [r for r in fake.requests if "messages" in r]
+        assert sent and all((r["temperature"], r["top_p"], r["max_tokens"]) == (0.7, 0.9, 24) for r in sent)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_budget_cut_never_splits_a_grpo_group(tmp_path, cache_dir, task_tokenizer):
+    from factories import make_trajectory
+
+    cfg = tiny_config(
+        tmp_path,
+        cache_dir,
+        "grpo",
+        recipe_kwargs={"group_size": 3},
+        max_effective_samples=4,
+        rollout=RolloutConfig(episodes_per_iteration=1, max_turns=1, context_budget=4096, max_new_tokens=8),
+    )
+    trainer = Trainer(cfg, tokenizer=task_tokenizer, env_factory=VowelEnv, train_tasks=[0])
+    data = [
+        make_trajectory("s", task_id=f"t{g}", seed=3 * g + j, reward=float(j == 0), meta={"group": g})
+        for g in range(3)
+        for j in range(3)
+    ]
+    kept, microbatches = trainer._fit_budget(data, trainer._microbatches(data))
+    groups = [t.meta["group"] for t in kept]
+    assert all(groups.count(g) == 3 for g in set(groups)), groups  # whole groups only
+    assert groups == [0, 0, 0, 1, 1, 1]  # the shortest whole-group prefix reaching 4 labels
+    assert sum(b.packed.num_labels for b in microbatches) == 6
+
+
+def test_offline_sft_from_a_store_runs_through_unipost_train(tmp_path, cache_dir):
+    """The paper's SFT: one stored dataset of teacher trajectories, rejection-sampled, several epochs,
+    through the same objective path (the engine refuses OfflineData; the Trainer reads it)."""
+    from typer.testing import CliRunner
+
+    from unipost.cli import app
+    from unipost.rollout.store import TrajectoryStore
+
+    demos = expert_trajectories(3, difficulty="easy", max_observation_chars=600)
+    demos[1].outcome.resolved = False  # rejected by rejection sampling
+    store = TrajectoryStore(tmp_path / "teacher.jsonl")
+    for traj in demos:
+        store.append(traj)
+    cfg = tiny_config(
+        tmp_path, cache_dir, "sft", recipe_kwargs={"data": str(tmp_path / "teacher.jsonl")}, iterations=3
+    )
+    experiment = tmp_path / "offline_sft.py"
+    _write_experiment(experiment, cfg.to_json())
+    result = CliRunner().invoke(app, ["train", str(experiment)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = len(demos[0].turns) + len(demos[2].turns)  # only the resolved ones count
+    assert [r["train/batch_labels"] for r in rows if "train/batch_labels" in r] == [per_epoch] * 3
+    assert rows[-1]["train/effective_samples"] == 3 * per_epoch
+    assert (
+        not (tmp_path / "sft" / "trajectories.jsonl").exists()
+        or not (tmp_path / "sft" / "trajectories.jsonl").read_text().strip()
+    )  # no rollouts were collected

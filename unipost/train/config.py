@@ -101,8 +101,17 @@ class EnvConfig(_Strict):
         "swe: SWE-Gym / SWE-bench instances from tasks_path, one Docker container each (needs Docker)",
     )
     difficulty: str = Field("easy", description="easy | medium | hard | expert | marathon")
-    train_tasks: int = Field(64, ge=1, description="size of the training task pool (train split)")
-    heldout_tasks: int = Field(16, ge=1, description="held-out tasks for evaluation")
+    train_tasks: int = Field(
+        64,
+        ge=1,
+        description="size of the training task pool (train split); for swe an upper bound: the pool is "
+        "the first min(train_tasks, instances in the train split) instances",
+    )
+    heldout_tasks: int = Field(
+        16,
+        ge=1,
+        description="held-out tasks for evaluation; for swe an upper bound, like train_tasks",
+    )
     max_observation_chars: int = Field(1200, ge=100)
     full_tool_descriptions: bool = Field(
         False,
@@ -114,6 +123,12 @@ class EnvConfig(_Strict):
     )
     tasks_path: str | None = Field(
         None, description="swe: JSONL of instances in the public SWE-bench / SWE-Gym format"
+    )
+    heldout_tasks_path: str | None = Field(
+        None,
+        description="swe: JSONL the held-out split is drawn from, when it is not tasks_path (the paper's "
+        "GRPO trains on SkyRL-v0 and is evaluated on SWE-Gym Holdout). Both files are split by the same "
+        "instance-id hash (or split_file), so no held-out instance is ever trained on",
     )
     split_file: str | None = Field(
         None, description='swe: JSON {"train": [ids], "heldout": [ids]}; default: split by instance-id hash'
@@ -166,6 +181,10 @@ class VLLMEngineConfig(_Strict):
 
 
 class RolloutConfig(_Strict):
+    """How training rollouts are collected. The sampling settings apply to the student AND to a model
+    teacher (paper App. F.1: "For all methods, including baselines, rollout collection uses
+    temperature [..] and top-[p]"); evaluation is greedy."""
+
     episodes_per_iteration: int = Field(8, ge=1, description="tasks per iteration (x recipe group size)")
     max_turns: int = Field(16, ge=1, description="turn budget per episode")
     context_budget: int = Field(4096, ge=64, description="max tokens of the student's prompt")
@@ -181,12 +200,34 @@ class RolloutConfig(_Strict):
     )
     vllm: VLLMEngineConfig = VLLMEngineConfig()
 
+    def sampling(self) -> dict[str, Any]:
+        """The one sampling config every rollout policy (student and model teacher) is built with."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+
 
 class OptimConfig(_Strict):
-    lr: float = Field(1e-3, gt=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The optimiser and its LR schedule. Every schedule length is in optimiser steps."""
+
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warmup: constant, or cosine down to min_lr_ratio * lr at the last step"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warmup, in optimiser steps")
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="linear warmup as a fraction of all optimiser steps of the run (the paper's SFT "
+        "'warmup ratio'); exclusive with warmup_steps",
+    )
+    total_steps: int | None = Field(
+        None,
+        ge=1,
+        description="optimiser steps of the whole run, the horizon of warmup_ratio and cosine. None: "
+        "counted exactly for offline data (iterations x epochs x steps per epoch), else estimated "
+        "from the first iteration's batch (iterations x epochs x its steps) and kept in checkpoints",
+    )
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine's final LR as a fraction of lr")
     epochs_per_batch: int = Field(1, ge=1, description="passes over each collected batch")
     micro_batch_tokens: int = Field(8192, ge=64, description="packed tokens per forward/backward")
     grad_accumulation: int = Field(
@@ -198,6 +239,32 @@ class OptimConfig(_Strict):
     )
     grad_clip: float | None = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> OptimConfig:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("optim.warmup_steps and optim.warmup_ratio are exclusive; set one of them")
+        return self
+
+
+class ReferenceConfig(_Strict):
+    """The frozen reference model of a KL regulariser (``Need.REFERENCE_LOGPROBS``, e.g. GRPO's kl_coef)."""
+
+    kind: Literal["initial", "checkpoint", "none"] = Field(
+        "initial",
+        description="initial: a frozen copy of the student as the run starts (GRPO's pi_ref); checkpoint: "
+        "a local model directory (path); none: no reference, so a recipe that needs one is refused",
+    )
+    path: str | None = Field(
+        None, description="reference model directory (kind='checkpoint'), never a hub id"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype a checkpoint is loaded in")
+
+    @model_validator(mode="after")
+    def _path(self) -> ReferenceConfig:
+        if self.kind == "checkpoint" and not self.path:
+            raise ValueError("reference.kind='checkpoint' needs reference.path (a local directory)")
+        return self
 
 
 class EvalConfig(_Strict):
@@ -233,6 +300,7 @@ class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     warm_start: WarmStartConfig = WarmStartConfig()
     teacher: TeacherConfig = TeacherConfig()
+    reference: ReferenceConfig = ReferenceConfig()
     env: EnvConfig = EnvConfig()
     rollout: RolloutConfig = RolloutConfig()
     optim: OptimConfig = OptimConfig()

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unipost.batch import group_keys
 from unipost.data import Trajectory
 from unipost.envs.embedded.expert import ScriptedExpert
 from unipost.envs.registry import make_env_factory
@@ -36,16 +37,15 @@ from unipost.rendering.chat import ChatRenderer
 from unipost.rollout.engine import RolloutEngine
 from unipost.rollout.store import TrajectoryStore
 from unipost.rollout.transformers_policy import TransformersPolicy
+from unipost.train.build import ConfigError, api_teacher, build_reference, task_pool
 from unipost.train.config import TrainConfig
 from unipost.train.distributed import Distributed
-from unipost.train.optimise import make_microbatches, optimise_epoch
+from unipost.train.optimise import lr_factor, make_microbatches, optimise_epoch, record_old_logprobs
 from unipost.train.setup import build_task_tokenizer, cached_clones
 
 logger = logging.getLogger(__name__)
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run, with what to change."""
+__all__ = ["ConfigError", "Trainer", "seed_everything", "train"]
 
 
 def seed_everything(seed: int) -> None:
@@ -70,11 +70,13 @@ class Trainer:
         tokenizer: Any | None = None,
         teacher_policy: Any | None = None,
         teacher_model: torch.nn.Module | None = None,
+        reference_model: torch.nn.Module | None = None,
     ) -> None:
         """Build everything a run needs; every component can be injected instead of built.
 
         Injection is how a user brings their own environment (``env_factory`` + task lists), a
-        pretrained student and its tokenizer, an API teacher policy, or a white-box teacher model.
+        pretrained student and its tokenizer, an API teacher policy, a white-box teacher model, or
+        the frozen reference of a KL regulariser (default: built when the recipe needs one).
         """
         self.config = cfg = config
         self.recipe = recipe or cfg.build_recipe()
@@ -95,23 +97,21 @@ class Trainer:
             self.teacher_model = teacher_model if teacher_model is not None else self._white_box_teacher()
         if teacher_model is not None:
             teacher_model.eval().requires_grad_(False)
+        # pi_ref is the initial student: copied before any update and before _resume loads weights
+        self.reference = (
+            reference_model.eval().requires_grad_(False)
+            if reference_model is not None
+            else build_reference(cfg, self.recipe, self.student)
+        )
         self.student_policy = self._student_policy()
         self._check_context_budget()
-        self.engine = RolloutEngine(
-            self.make_env,
-            student=self.student_policy if self.recipe.rollout.uses_student else None,
-            teacher=self.teacher_policy,
-            recipe=self.recipe,
-            max_turns=cfg.rollout.max_turns,
-            context_budget=cfg.rollout.context_budget,
-            count_tokens=self.renderer.count_tokens,
-            concurrency=cfg.rollout.concurrency,
-            seed=cfg.seed,
-            progress=cfg.progress,
-        )
+        self.engine = self._engine()
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        # stepped once per optimiser step; its horizon (schedule_steps) is known once data is seen
+        self.schedule_steps: int | None = cfg.optim.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self._offline_data: list[Trajectory] | None = None
         self.train_optimizer = self.optimizer  # what optimise_epoch steps: prepared under accelerate
         if self.dist is not None:
             _, self.train_optimizer = self.dist.prepare(self.student, self.optimizer)
@@ -142,15 +142,28 @@ class Trainer:
 
     # -- construction -------------------------------------------------------------------------------
 
+    def _engine(self) -> RolloutEngine | None:
+        """The rollout engine; None when the recipe replays stored data (offline SFT collects nothing)."""
+        cfg = self.config
+        if not self.recipe.rollout.collects:
+            return None
+        return RolloutEngine(
+            self.make_env,
+            student=self.student_policy if self.recipe.rollout.uses_student else None,
+            teacher=self.teacher_policy,
+            recipe=self.recipe,
+            max_turns=cfg.rollout.max_turns,
+            context_budget=cfg.rollout.context_budget,
+            count_tokens=self.renderer.count_tokens,
+            concurrency=cfg.rollout.concurrency,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
+
     def _student_policy(self) -> Any:
         """TransformersPolicy on the trained module, or a vLLM engine fed its weights after each step."""
         cfg = self.config
-        sampling = dict(
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            seed=cfg.seed,
-        )
+        sampling = dict(**cfg.rollout.sampling(), seed=cfg.seed)
         if cfg.rollout.backend == "transformers" or not self.is_main:  # only the main process rolls out
             return TransformersPolicy(self.student, self.tokenizer, **sampling)
         from unipost.rollout.vllm_policy import VLLMPolicy
@@ -254,20 +267,11 @@ class Trainer:
         cfg = self.config
         needs_teacher = self.recipe.rollout.uses_teacher or Need.TEACHER_ACTIONS in self.recipe.needs
         if cfg.teacher.kind == "openai":
-            from unipost.rollout.openai_policy import OpenAIChatPolicy
-
             # OPD with an API teacher and no local white-box weights is refused here
             self.recipe.check_teacher(white_box=cfg.teacher.white_box != "none")
             if not needs_teacher:  # e.g. GRPO, or OPD scoring with the local white-box weights
                 return None
-            policy = OpenAIChatPolicy(
-                cfg.teacher.base_url,
-                cfg.teacher.model,
-                api_key_env=cfg.teacher.api_key_env,
-                max_retries=cfg.teacher.max_retries,
-                timeout_s=cfg.teacher.timeout_s,
-                backoff_s=0.2,
-            )
+            policy = api_teacher(cfg)  # samples with the rollout's temperature / top-p / max tokens
             policy.check()  # fail fast when the endpoint does not answer
             return policy
         return ScriptedExpert() if needs_teacher else None
@@ -329,29 +333,43 @@ class Trainer:
                 f"({n} tokens with the tool schemas); raise rollout.context_budget above {n + 256}"
             )
 
-    def _lr_factor(self, iteration: int) -> float:
+    def _lr_factor(self, step: int) -> float:
+        """LambdaLR's multiplier at optimiser step ``step`` (:func:`unipost.train.optimise.lr_factor`)."""
         o = self.config.optim
-        if o.warmup_steps and iteration < o.warmup_steps:
-            return (iteration + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, iteration / max(1, self.config.iterations - 1))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        total = self.schedule_steps or 1  # before the horizon is known no step has been taken
+        warmup = o.warmup_steps or (math.ceil(o.warmup_ratio * total) if self.schedule_steps else 0)
+        return lr_factor(step, total, schedule=o.schedule, warmup_steps=warmup, min_lr_ratio=o.min_lr_ratio)
+
+    def _set_schedule_steps(self, microbatches: list) -> None:
+        """Fix the LR schedule's horizon in optimiser steps from the first batch (exact for offline data,
+        where every epoch is the same batch), unless ``optim.total_steps`` fixed it."""
+        if self.schedule_steps is not None or not microbatches:
+            return
+        o = self.config.optim
+        per_epoch = math.ceil(len(microbatches) / o.grad_accumulation)
+        self.schedule_steps = self.config.iterations * o.epochs_per_batch * per_epoch
+        step = self.scheduler.last_epoch
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * self._lr_factor(step)
 
     # -- the loop -----------------------------------------------------------------------------------
 
     def tasks_for(self, iteration: int) -> list[Any]:
         """This iteration's training tasks: a seeded draw from the train pool (same for every method)."""
         rng = np.random.default_rng([self.config.seed, iteration, 7])
-        pool = self._train_tasks or [("train", i) for i in range(self.config.env.train_tasks)]
+        if self._train_tasks is None:  # capped by what a file-backed split holds
+            self._train_tasks = task_pool(self.config.env, "train")
+        pool = self._train_tasks
         n = self.config.rollout.episodes_per_iteration
         picks = rng.choice(len(pool), size=n, replace=n > len(pool))
         return [pool[int(i)] for i in picks]
 
     def heldout_tasks(self) -> list[Any]:
-        if self._heldout_tasks is not None:
-            return list(self._heldout_tasks)
-        return [("heldout", i) for i in range(self.config.env.heldout_tasks)]
+        """The evaluation tasks; built on first use, so a run that never evaluates never reads the
+        held-out instance file."""
+        if self._heldout_tasks is None:
+            self._heldout_tasks = task_pool(self.config.env, "heldout")
+        return list(self._heldout_tasks)
 
     def fit(self, initial_eval: dict[str, float] | None = None) -> list[dict[str, float]]:
         """Run the remaining iterations; returns the metrics history (one dict per logged step).
@@ -378,20 +396,24 @@ class Trainer:
         """Keep the shortest prefix of the batch whose labels reach the remaining effective-sample budget.
 
         Labels are counted exactly as ``train/effective_samples`` counts them (one per labelled
-        transition), so a run ends on the budget in one iteration and overshoots it by less than one
-        trajectory's labels; trajectories are in task order, so trailing GRPO groups are dropped first.
+        transition of a kept trajectory), so a run ends on the budget in one iteration. The batch is
+        cut between groups, never inside one: a GRPO group's baseline needs all its samples, so the
+        overshoot is under one group's labels (one trajectory's when group_size is 1).
         """
         budget = self.config.max_effective_samples
         if budget is None:
             return data, microbatches
         remaining = budget - self.effective_samples
-        kept = list(data)
-        while len(kept) > 1:
-            fewer = self._microbatches(kept[:-1])
+        groups: dict[str, list[Trajectory]] = {}
+        for traj, key in zip(data, group_keys(data), strict=True):
+            groups.setdefault(key, []).append(traj)
+        members = list(groups.values())
+        while len(members) > 1:
+            fewer = self._microbatches([t for group in members[:-1] for t in group])
             if sum(b.packed.num_labels for b in fewer) < remaining:
                 break
-            kept, microbatches = kept[:-1], fewer
-        return kept, microbatches
+            members, microbatches = members[:-1], fewer
+        return [t for group in members for t in group], microbatches
 
     def _microbatches(self, data: list[Trajectory]) -> list:
         return make_microbatches(
@@ -408,14 +430,18 @@ class Trainer:
         self.student_policy.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
         self.student.eval()
         batch, data = self._collect(i)
-        metrics: dict[str, float] = {f"rollout/{k}": v for k, v in _floats(batch.stats.to_dict()).items()}
+        rollout = _floats(batch.stats.to_dict()) if batch is not None else {}  # None: offline data
+        metrics: dict[str, float] = {f"rollout/{k}": v for k, v in rollout.items()}
         microbatches = self._microbatches(data)
         data, microbatches = self._fit_budget(data, microbatches)
+        self._set_schedule_steps(microbatches)
         labels = sum(b.packed.num_labels for b in microbatches)
         metrics["train/batch_labels"] = float(labels)
-        metrics["train/kept_trajectories"] = float(sum(len(b.trajectories) for b in microbatches))
+        metrics["train/kept_trajectories"] = float(sum(b.num_sequences for b in microbatches))
         if not microbatches:
             logger.warning("iteration %d: no trajectory has a label to train on (all filtered); skipping", i)
+        if self.recipe.ratio_clip is not None:  # pi_old of the importance ratio: before any update
+            record_old_logprobs(self.student, microbatches)
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + i)
         for _ in range(cfg.optim.epochs_per_batch):
             stats = optimise_epoch(
@@ -427,14 +453,15 @@ class Trainer:
                 grad_accumulation=cfg.optim.grad_accumulation,
                 grad_clip=cfg.optim.grad_clip,
                 teacher=self.teacher_model,
+                reference=self.reference,
                 dist=self.dist,
+                scheduler=self.scheduler,
             )
             metrics.update({f"train/{k}": v for k, v in stats.items()})
-        self.scheduler.step()
         self._sync_student_policy()
         self.effective_samples += labels
         metrics["train/effective_samples"] = float(self.effective_samples)
-        metrics["train/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["train/optimizer_steps"] = float(self.scheduler.last_epoch)
         metrics["time/iteration_s"] = time.perf_counter() - started
         last = i + 1 == cfg.iterations or self.budget_spent
         if cfg.eval.every and ((i + 1) % cfg.eval.every == 0 or last):
@@ -451,6 +478,7 @@ class Trainer:
                     "store_position": list(self.store.position()),
                     "history": self.history,
                     "effective_samples": self.effective_samples,
+                    "schedule_steps": self.schedule_steps,
                     "config": cfg.model_dump(mode="json"),
                 },
             )
@@ -464,12 +492,24 @@ class Trainer:
         each optimiser step's global normaliser (unipost.train.distributed).
         """
         batch, data = None, None
-        if self.is_main:
+        if self.is_main and self.engine is None:  # offline data: every iteration is one epoch over it
+            data = self.offline_trajectories()
+        elif self.is_main:
             batch = self.engine.collect(self.tasks_for(i), i, store=self.store)
             data = self.store_trajectories(upto_iteration=i) if self.config.aggregate else batch.trajectories
         if self.dist is not None:
             batch, data = self.dist.broadcast((batch, data))
         return batch, data
+
+    def offline_trajectories(self) -> list[Trajectory]:
+        """The recipe's stored dataset (``OfflineData``, e.g. teacher rollouts of every training task),
+        read once. The paper's SFT trains several epochs on one such dataset (App. F.2): here each
+        iteration is one epoch over it, through the same filter, packing and objective as online data."""
+        if self._offline_data is None:
+            self._offline_data = list(self.recipe.rollout.trajectories())  # type: ignore[attr-defined]
+            if not self._offline_data:
+                raise ConfigError(f"{self.recipe.rollout!r} holds no trajectories")
+        return self._offline_data
 
     def store_trajectories(self, upto_iteration: int) -> list[Trajectory]:
         """D_1 u ... u D_i: every stored trajectory of this run up to ``upto_iteration``."""
@@ -554,6 +594,7 @@ class Trainer:
             self.store.truncate_to(tuple(state["store_position"]))
         self.history = list(state["history"])
         self.effective_samples = int(state["effective_samples"])
+        self.schedule_steps = state.get("schedule_steps", self.schedule_steps)
         self.start_iteration = int(state["iteration"]) + 1
         return self.start_iteration  # metrics logged at steps > this belong to the lost iteration
 
