@@ -22,7 +22,9 @@ from typing import Any
 from unipost.envs.base import Environment
 
 
-def embedded_env_factory(difficulty: str, max_observation_chars: int) -> Callable[[Any], Environment]:
+def embedded_env_factory(
+    difficulty: str, max_observation_chars: int, *, prompt_tools: bool = True
+) -> Callable[[Any], Environment]:
     """``(split, index) -> EmbeddedEnv``: one fresh sandboxed world per episode.
 
     It sits here, in the envs layer, so the registry, run set-up and notebooks share one factory
@@ -32,7 +34,9 @@ def embedded_env_factory(difficulty: str, max_observation_chars: int) -> Callabl
 
     def make(task: tuple[str, int]) -> Environment:
         split, index = task
-        return EmbeddedEnv.from_split(split, index, difficulty, max_observation_chars=max_observation_chars)
+        return EmbeddedEnv.from_split(
+            split, index, difficulty, max_observation_chars=max_observation_chars, prompt_tools=prompt_tools
+        )
 
     return make
 
@@ -40,7 +44,7 @@ def embedded_env_factory(difficulty: str, max_observation_chars: int) -> Callabl
 def make_env_factory(env: Any) -> Callable[[Any], Environment]:
     """Build the factory for ``env`` (a :class:`unipost.train.config.EnvConfig`)."""
     if env.name == "embedded":
-        return embedded_env_factory(env.difficulty, env.max_observation_chars)
+        return embedded_env_factory(env.difficulty, env.max_observation_chars, prompt_tools=env.prompt_tools)
     if env.name == "openhands":
         from unipost.envs.openhands import OpenHandsEnv
 

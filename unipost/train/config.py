@@ -118,6 +118,12 @@ class EnvConfig(_Strict):
         description="openhands/swe: offer OpenHands' own ~4k-character tool descriptions (the paper's action "
         "space) instead of the compact ones small models' contexts can hold",
     )
+    prompt_tools: bool = Field(
+        True,
+        description="embedded: render the tool schemas into the system prompt (~900 tokens). The tiny lab "
+        "sets False: a from-scratch student cannot read JSON schemas, learns the call format from demos, and "
+        "the constant block would double every episode's tokens (and quadruple causal attention pairs)",
+    )
     openhands_venv: str | None = Field(
         None, description="openhands: the Python >= 3.12 venv with openhands-sdk (default .venv-openhands)"
     )

@@ -52,12 +52,15 @@ class EmbeddedEnv:
         limits: Limits | None = None,
         unsafe_local: bool = False,
         full_tool_descriptions: bool = False,
+        prompt_tools: bool = True,
     ) -> None:
         self.task = task
         self.max_observation_chars = max_observation_chars
         self.limits = limits or Limits()
         self.unsafe_local = unsafe_local
-        self.tools: list[dict[str, Any]] = tool_schemas(full=full_tool_descriptions)
+        # ``tools`` is what the prompt advertises; calls are validated against the full schemas either
+        # way, so prompt_tools=False (the tiny lab: students learn the format from demos) changes no rule
+        self.tools: list[dict[str, Any]] = tool_schemas(full=full_tool_descriptions) if prompt_tools else []
         self.workspace: Path | None = None
         self.sandbox: Sandbox | None = None
         self._reset_state()
