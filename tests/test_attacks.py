@@ -464,3 +464,109 @@ def test_every_argument_is_checked_against_its_schema(env, args):
     result = edit(env, **args)
     assert result.tool_error, result.observation
     json.dumps(result.observation, ensure_ascii=False).encode("utf-8")
+
+
+# ------------------------------------------------------------------------------ 4. lost rollouts
+class PoisonPolicy:
+    """Student whose actions the environment echoes back as text a UTF-8 store cannot hold."""
+
+    name = "poison"
+    white_box = False
+
+    def __init__(self, kinds: dict[int, str]):
+        self.kinds = kinds  # episode (task index) -> poison
+
+    def act(self, states, *, greedy=False):
+        from unipost.data import PolicyOutput
+
+        outs = []
+        for state in states:
+            kind = self.kinds.get(state.env.task.index, "clean")
+            if state.turn == 0 and kind == "undecodable_name":
+                message = tool_call_message(
+                    "", "terminal", {"command": "touch $'/testbed/bad\\xff\\xfe'"}, "c"
+                )
+            elif state.turn == 1 and kind == "undecodable_name":
+                message = tool_call_message("", "file_editor", {"command": "view", "path": "/testbed"}, "c")
+            elif state.turn == 0 and kind == "surrogate_action":
+                message = {"role": "assistant", "content": "lone \udcff surrogate \ud800"}
+            elif state.turn == 0 and kind == "deep_action":
+                deep: list = []
+                for _ in range(3000):
+                    deep = [deep]
+                message = {"role": "assistant", "content": "", "tool_calls": [{"id": "x", "function": deep}]}
+            else:
+                message = tool_call_message("", "finish", {"message": "done"}, "f")
+            outs.append(PolicyOutput(message=message))
+        return outs
+
+
+@needs_bwrap
+@pytest.mark.parametrize("kind", ["undecodable_name", "surrogate_action", "deep_action"])
+def test_a_poisoned_episode_never_loses_the_others(tmp_path, kind):
+    from unipost.objective import OwnSamples, Recipe, StudentRollout
+    from unipost.rollout.engine import RolloutEngine
+    from unipost.rollout.store import TrajectoryStore, load
+
+    engine = RolloutEngine(
+        lambda task: EmbeddedEnv.from_split(*task, limits=Limits(timeout_s=3, cpu_s=3)),
+        student=PoisonPolicy({1: kind}),
+        teacher=None,
+        recipe=Recipe(StudentRollout(), OwnSamples()),
+        max_turns=4,
+        concurrency=3,
+        progress=False,
+    )
+    tasks = [("train", i, "easy") for i in range(3)]
+    path = tmp_path / "store.jsonl"
+    with TrajectoryStore(path) as store:
+        batch = engine.collect(tasks, 0, store=store)
+        quarantined = store.quarantined
+    assert len(batch.trajectories) == 3
+    stored = load(path).trajectories
+    assert len(stored) + quarantined == 3 and len(stored) >= 2
+    assert {t.task_id for t in stored} >= {batch.trajectories[0].task_id, batch.trajectories[2].task_id}
+    if kind != "deep_action":  # text is always storable: escaped, never dropped
+        assert len(stored) == 3
+        poisoned = next(t for t in stored if t.task_id == batch.trajectories[1].task_id)
+        if kind == "undecodable_name":  # the listing names the file with escapes, the host's bytes kept
+            assert "/testbed/bad\\xff\\xfe" in poisoned.turns[1].observation[0]["content"]
+        else:  # the store escapes lone surrogates (documented: \\xXX for an escaped byte, else \\uXXXX)
+            assert poisoned.turns[0].action["content"] == "lone \\xff surrogate \\ud800"
+    else:
+        quarantine = (tmp_path / "store.jsonl.quarantine.jsonl").read_text()
+        assert batch.trajectories[1].task_id in quarantine
+
+
+def _record(i: int):
+    from unipost.data import Outcome, Trajectory
+
+    return Trajectory(task_id=f"t{i}", prompt=[{"role": "user", "content": f"issue {i}"}], outcome=Outcome())
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"garbage\nmore garbage\n",  # two complete garbage lines
+        b'{"task_id": "x"}\n',  # a complete, valid-JSON but invalid record as the last line
+        b'{"task_id": "t9", "prompt": [',  # a torn write
+        b"garbage\n" + b"X" * 10 + b"\n\n",
+    ],
+)
+def test_reopen_never_counts_garbage_and_never_deletes_a_line(tmp_path, tail, caplog):
+    from unipost.rollout.store import TrajectoryStore, load
+
+    path = tmp_path / "s.jsonl"
+    with TrajectoryStore(path) as store:
+        store.extend([_record(0), _record(1)])
+    good = path.read_bytes()
+    with path.open("ab") as fh:
+        fh.write(tail)
+    with TrajectoryStore(path) as store:
+        assert len(store) == 2
+        store.append(_record(2))
+    assert [t.task_id for t in load(path).trajectories] == ["t0", "t1", "t2"]
+    assert path.read_bytes().startswith(good)
+    corrupt = path.with_name(path.name + ".corrupt")
+    assert corrupt.read_bytes() == tail  # moved, byte for byte, not deleted
+    assert "corrupt" in caplog.text

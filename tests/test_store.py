@@ -168,12 +168,17 @@ def test_position_and_truncate_to_restore_a_checkpoint(tmp_path):
     store.close()
 
 
-def test_refuses_credentials_in_meta(tmp_path):
+def test_credentials_in_meta_are_redacted_not_stored(tmp_path):
+    """A credential in meta is replaced by *** (the trajectory itself is kept: refusing it would lose
+    the episode and abort a collect)."""
     traj = make_traj(0)
-    traj.meta["teacher"] = {"model": "m", "api_key": "sk-123"}
-    with TrajectoryStore(tmp_path / "t.jsonl") as store, pytest.raises(ValueError, match="credential"):
+    traj.meta["teacher"] = {"model": "m", "api_key": "sk-123", "headers": [{"Authorization": "Bearer x"}]}
+    with TrajectoryStore(tmp_path / "t.jsonl") as store:
         store.append(traj)
-    assert b"sk-123" not in (tmp_path / "t.jsonl").read_bytes()
+    raw = (tmp_path / "t.jsonl").read_bytes()
+    assert b"sk-123" not in raw and b"Bearer x" not in raw
+    (stored,) = load(tmp_path / "t.jsonl").trajectories
+    assert stored.meta["teacher"] == {"model": "m", "api_key": "***", "headers": [{"Authorization": "***"}]}
 
 
 _WRITER = textwrap.dedent(

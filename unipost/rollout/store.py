@@ -10,21 +10,39 @@ record before it, and reports it (a ``logging`` warning plus ``LoadResult.trunca
 silently dropping it or refusing to load. A bad line anywhere *else* is not a crash artefact but real
 corruption (or a foreign file), so it raises a :class:`StoreCorruptError` naming the file and line.
 
+Reopening a store for appending keeps exactly its longest prefix of valid records: from the first line
+that is not a valid record (a torn write, garbage, a record that no longer validates) to the end, the
+bytes are *moved* to ``<store>.corrupt`` (appended there, never deleted) with a warning, so garbage is
+never counted as records and new records never follow it.
+
+Everything an environment can produce is storable. Text with lone surrogates (undecodable bytes
+decoded with ``surrogateescape``, or a lone surrogate in a model's action), which UTF-8 JSON cannot
+hold, is written with backslash escapes: a surrogate-escaped byte ``U+DCXX`` becomes the four
+characters ``\\xXX`` (the byte it stands for, as ``backslashreplace`` writes it) and any other lone
+surrogate becomes ``\\uXXXX``; nothing else changes. A trajectory that still cannot be written (e.g.
+nested deeper than the serializer allows) is *quarantined*: a line with the reason and a bounded,
+scrubbed description goes to ``<store>.quarantine.jsonl``, ``append`` returns without raising, and
+the collect goes on (``TrajectoryStore.quarantined`` counts them).
+
 The trainer's checkpoint records :meth:`TrajectoryStore.position` and, on resume, calls
 :meth:`TrajectoryStore.truncate_to` so the store holds exactly what the checkpoint saw: no torn tail,
 no episodes written after the checkpoint (they would otherwise be trained on twice).
 
-Secrets: trajectories carry messages, actions and outcomes, never credentials. As a guard against a
-caller stuffing a policy's configuration into ``meta``, :meth:`TrajectoryStore.append` refuses
-``meta`` keys that look like credentials (``api_key``, ``authorization``, ``password``, ``secret``).
+Secrets: trajectories carry messages, actions and outcomes, never credentials. Every record goes
+through :mod:`unipost._secrets` before it is written: credential-named ``meta`` values (``api_key``,
+``authorization``, ``hf_token``, at any depth, in dicts and lists) become ``***``, and in all the text
+the values of configured keys (plain and base64), URL passwords, ``Authorization`` headers and
+``--api-key``-style argv values are replaced by ``***``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +50,12 @@ from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
+from unipost._secrets import scrub, scrub_data
 from unipost.data import Trajectory
 
 log = logging.getLogger(__name__)
 
-_SECRET_KEY = re.compile(r"api[_-]?key|authorization|password|secret|bearer", re.IGNORECASE)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class StoreCorruptError(ValueError):
@@ -71,6 +90,112 @@ class LoadResult:
 
 def _parse(line: bytes) -> Trajectory:
     return Trajectory.model_validate_json(line)
+
+
+def encode(trajectory: Trajectory) -> bytes:
+    """One store line for a trajectory: scrubbed of credentials, valid UTF-8 JSON, checked to load back.
+
+    Raises when the trajectory cannot be stored faithfully (the caller quarantines it).
+    """
+    meta = scrub_data(trajectory.meta)
+    if meta != trajectory.meta:
+        trajectory = trajectory.model_copy(update={"meta": meta})
+    try:
+        text = trajectory.model_dump_json()
+    except ValueError as exc:  # PydanticSerializationError: lone surrogates are not UTF-8
+        if "surrogates not allowed" not in str(exc):
+            raise
+        text = json.dumps(_escape_surrogates(trajectory.model_dump(mode="json")), ensure_ascii=False)
+    text = scrub(text, named=False)
+    data = text.encode("utf-8") + b"\n"  # JSON escapes newlines: one line
+    _parse(data)  # what we write must load back; otherwise quarantine it rather than corrupt the store
+    return data
+
+
+def _escape_surrogates(data: Any) -> Any:
+    """A copy with lone surrogates in every string written as ``\\xXX`` / ``\\uXXXX`` (iterative)."""
+
+    def fix(text: str) -> str:
+        def one(m: re.Match[str]) -> str:
+            code = ord(m.group())
+            return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+        return _SURROGATE.sub(one, text)
+
+    root: list[Any] = [None]
+    todo: list[tuple[Any, Any, Any]] = [(data, root, 0)]
+    while todo:
+        value, parent, slot = todo.pop()
+        if isinstance(value, dict):
+            out: dict[Any, Any] = {}
+            parent[slot] = out
+            for k, v in value.items():
+                key = fix(k) if isinstance(k, str) else k
+                out[key] = None
+                todo.append((v, out, key))
+        elif isinstance(value, list):
+            items: list[Any] = [None] * len(value)
+            parent[slot] = items
+            todo.extend((v, items, i) for i, v in enumerate(value))
+        else:
+            parent[slot] = fix(value) if isinstance(value, str) else value
+    return root[0]
+
+
+def _describe(value: Any, limit: int) -> str:
+    """A bounded, scrubbed, storable description of anything (for the quarantine file)."""
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except Exception as exc:
+        text = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
+    text = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+    return scrub(text)
+
+
+def _keep_valid_prefix(path: Path, fsync: bool) -> tuple[int, int]:
+    """(records, offset) of the longest run of valid records at the start of ``path``; whatever
+    follows (a torn write, garbage, an invalid record, and anything after it) is moved to
+    ``<path>.corrupt`` with a warning, never deleted."""
+    records = offset = 0
+    bad_line: int | None = None
+    for lineno, line, _last in _lines(path):
+        if not line.strip():
+            if not line.endswith(b"\n"):
+                bad_line = lineno
+                break
+            offset += len(line)
+            continue
+        if not line.endswith(b"\n"):
+            bad_line = lineno
+            break
+        try:
+            _parse(line)
+        except (ValidationError, ValueError):
+            bad_line = lineno
+            break
+        records += 1
+        offset += len(line)
+    size = path.stat().st_size
+    if size != offset:
+        corrupt = path.with_name(path.name + ".corrupt")
+        with path.open("rb") as src, corrupt.open("ab") as dst:
+            src.seek(offset)
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            if fsync:
+                os.fsync(dst.fileno())
+        log.warning(
+            "%s: from line %s on, %d bytes are not valid records (a torn write, garbage or a foreign "
+            "file); they were moved to %s, and the %d valid records before them are kept",
+            path,
+            bad_line,
+            size - offset,
+            corrupt,
+            records,
+        )
+        os.truncate(path, offset)
+    return records, offset
 
 
 def _scan(path: Path, *, parse: bool, strict: bool) -> LoadResult:
@@ -169,16 +294,9 @@ class TrajectoryStore:
         self.fsync = fsync
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.quarantined = 0
         if self.path.exists():
-            scanned = _scan(self.path, parse=False, strict=True)
-            if scanned.truncated_tail or self.path.stat().st_size != scanned.position.offset:
-                log.warning(
-                    "%s: cutting a torn trailing record left by an earlier crash (%d complete records kept)",
-                    self.path,
-                    scanned.position.records,
-                )
-                os.truncate(self.path, scanned.position.offset)
-            self._records, self._offset = scanned.position
+            self._records, self._offset = _keep_valid_prefix(self.path, self.fsync)
         else:
             self._records = self._offset = 0
         self._fh = self.path.open("ab")
@@ -192,11 +310,18 @@ class TrajectoryStore:
     # -- writing ------------------------------------------------------------------------------------
 
     def append(self, trajectory: Trajectory) -> StorePosition:
-        """Write one finished trajectory and make it durable before returning; returns the new end."""
+        """Write one finished trajectory and make it durable before returning; returns the new end.
+
+        Never raises for the trajectory's content: one that cannot be stored is quarantined (see the
+        module docstring) and the position is returned unchanged.
+        """
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"TrajectoryStore.append takes a Trajectory, got {type(trajectory).__name__}")
-        _check_no_secrets(trajectory.meta)
-        data = trajectory.model_dump_json().encode() + b"\n"  # JSON escapes newlines: one line
+        try:
+            data = encode(trajectory)
+        except Exception as exc:
+            self._quarantine(trajectory, exc)
+            return self.position()
         with self._lock:
             self._check_open()
             self._fh.write(data)
@@ -206,6 +331,35 @@ class TrajectoryStore:
             self._records += 1
             self._offset += len(data)
             return StorePosition(self._records, self._offset)
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".quarantine.jsonl")
+
+    def _quarantine(self, trajectory: Trajectory, exc: BaseException) -> None:
+        reason = scrub(f"{type(exc).__name__}: {exc}")[:2000]
+        record = {
+            "time": time.time(),
+            "task_id": _describe(getattr(trajectory, "task_id", None), 500),
+            "reason": reason,
+            "turns": len(getattr(trajectory, "turns", []) or []),
+            "trajectory": _describe(trajectory, 100_000),
+        }
+        line = json.dumps(record, ensure_ascii=True) + "\n"
+        with self._lock:
+            with self.quarantine_path.open("a", encoding="ascii") as fh:
+                fh.write(line)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            self.quarantined += 1
+        log.warning(
+            "%s: trajectory %s could not be stored (%s); quarantined to %s",
+            self.path,
+            record["task_id"],
+            reason[:200],
+            self.quarantine_path,
+        )
 
     def extend(self, trajectories: Iterable[Trajectory]) -> StorePosition:
         """Append several, each made durable on its own (a crash keeps every earlier one)."""
@@ -286,14 +440,3 @@ def _scan_prefix(path: Path, offset: int) -> int:
             if seen == offset:
                 return records if line.endswith(b"\n") else -1
     return records if seen == offset else -1
-
-
-def _check_no_secrets(meta: dict[str, Any], where: str = "meta") -> None:
-    for key, value in meta.items():
-        if _SECRET_KEY.search(str(key)):
-            raise ValueError(
-                f"refusing to store trajectory {where}[{key!r}]: it looks like a credential, and "
-                "credentials must never be written to trajectories"
-            )
-        if isinstance(value, dict):
-            _check_no_secrets(value, f"{where}[{key!r}]")
