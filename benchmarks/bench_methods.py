@@ -198,7 +198,7 @@ def recipe_for(method: str, size: BenchSize):
     if method == "opd":
         return OPD(filter_unsubmitted=False)
     if method == "dagger":
-        # paper: beta_i = max(0.2, 1 - 0.1 i) over many iterations; here the same floor reached in 3 steps
+        # DAgger()'s default (ours) beta_i = max(0.2, 1 - 0.1 i); here the same floor reached in 3 steps
         return DAgger(LinearDecay(1.0, 0.4, 0.2), filter_unsubmitted=False)
     if method == "aggrevate":
         return AggreVaTe(ShiftingPrefix(1, max(2, size.max_turns - 2), 0.5), filter_unsubmitted=False)

@@ -1,5 +1,5 @@
-"""DAgger (paper §3.2): turn-level teacher/student mixture with beta_i = max(0.2, 1 - 0.1 i),
-expert labels at every visited state.
+"""DAgger (paper §3.2): turn-level teacher/student mixture with beta decayed linearly to a floor
+(our numbers: beta_i = max(0.2, 1 - 0.1 i); the paper's were lost), expert labels at every visited state.
 
 CPU-sized: a tiny Qwen3 student warm-started by brief behaviour cloning, the embedded mini-SWE
 environment (easy), the scripted expert as teacher. Run: `unipost train experiments/cpu_dagger.py`.

@@ -18,8 +18,8 @@
 # turn t iff z_t ~ Bernoulli(beta_i), the student otherwise, and the teacher's action is recorded as
 # the label at **every** visited state. beta_i only moves the context distribution d_C: beta = 1 gives
 # the teacher's own trajectories (SFT's contexts, with the same labels), beta = 0 the student's own
-# states (pure on-policy contexts with expert labels). The paper decays it linearly to a floor,
-# beta_i = max(0.2, 1.0 - 0.1 i) (Appendix F).
+# states (pure on-policy contexts with expert labels). The paper decays it linearly to a floor
+# (Appendix F; its numbers were lost in extraction): DAgger()'s default is our beta_i = max(0.2, 1.0 - 0.1 i).
 #
 # Compared here, each a one-line `Recipe` (labels and score are the same for all: `TeacherLabels()`,
 # `Uniform()`):

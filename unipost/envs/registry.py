@@ -64,7 +64,7 @@ def make_env_factory(env: Any) -> Callable[[Any], Environment]:
 
         def make_swe(task: tuple[str, int]) -> Environment:
             split, index = _key(task)
-            instances = swe_split(env.tasks_path, split, env.heldout_fraction, env.split_file)
+            instances = swe_instances(env, split)
             if not 0 <= index < len(instances):
                 raise IndexError(
                     f"task ({split!r}, {index}) but {env.tasks_path} has {len(instances)} {split} instances; "
@@ -81,6 +81,18 @@ def make_env_factory(env: Any) -> Callable[[Any], Environment]:
 
         return make_swe
     raise ValueError(f"unknown env.name {env.name!r}; choose embedded | openhands | swe")
+
+
+def swe_instances(env: Any, split: str) -> tuple[Any, ...]:
+    """The instances of ``split`` for an EnvConfig: held-out ones from ``env.heldout_tasks_path`` when set
+    (GRPO trains on SkyRL-v0 and is evaluated on SWE-Gym Holdout), else from ``env.tasks_path``."""
+    heldout_path = getattr(env, "heldout_tasks_path", None)
+    if heldout_path and split == "train" and env.split_file:  # the split file names the other file's ids
+        held_out = swe_split(heldout_path, "heldout", env.heldout_fraction, env.split_file)
+        held = {i.instance_id for i in held_out}
+        return tuple(i for i in swe_split(env.tasks_path, "all", 0.0, None) if i.instance_id not in held)
+    path = heldout_path if split == "heldout" and heldout_path else env.tasks_path
+    return swe_split(path, split, env.heldout_fraction, env.split_file)
 
 
 @cache

@@ -154,7 +154,7 @@ class TurnMixture:
 
     The z_t are independent across turns and drawn lazily from the episode's own generator. ``beta``
     is a float (constant) or a :class:`~unipost.objective.schedules.Schedule`; the paper decays it
-    with ``LinearDecay(1.0, 0.1, 0.2)``.
+    linearly to a floor, ``DAgger()`` with our numbers ``LinearDecay(1.0, 0.1, 0.2)``.
     """
 
     beta: Schedule | float = 0.5

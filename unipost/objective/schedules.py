@@ -4,10 +4,12 @@ Both rollout protocols of paper §3.2 are "early training leans on the teacher, 
 student". The schedule objects below are what moves them along: plain, frozen values so a recipe is a
 hashable, printable config, and pure functions of the iteration so a resumed run reproduces them.
 
-Paper App. F: beta_i = max(floor, beta_0 - i * step) with beta_0 = 1.0, step = 0.1, floor = 0.2
-(:class:`LinearDecay`); the prefix length k is drawn from a law over {low..high} whose mass shifts
-toward longer student prefixes across iterations (:class:`ShiftingPrefix`). The paper's exact prefix
-support and shift were lost in the text extraction, so the defaults there are ours.
+Paper App. F: beta starts high and decays linearly per iteration to a floor, beta_i = max(floor,
+beta_0 - i * step) (:class:`LinearDecay`); the prefix length k is drawn from a law over {low..high}
+whose mass shifts toward longer student prefixes across iterations (:class:`ShiftingPrefix`). The
+text extraction lost the paper's numbers for both, so every default here is ours: beta_0 = 1.0,
+step = 0.1, floor = 0.2 in ``DAgger()``, and the prefix law's support and shift
+(experiments/README.md lists each value with its source).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ class Constant:
 
 @dataclass(frozen=True)
 class LinearDecay:
-    """beta_i = max(floor, start - i * step): paper App. F's DAgger schedule (1.0, 0.1, 0.2).
+    """beta_i = max(floor, start - i * step): the shape of paper App. F's DAgger schedule.
+
+    ``DAgger()`` uses (1.0, 0.1, 0.2); those numbers are ours (the paper's were lost in extraction).
 
     The floor keeps some teacher-executed turns forever, so late iterations still see the teacher's
     recoveries instead of collapsing to pure on-policy rollouts.

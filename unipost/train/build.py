@@ -79,10 +79,9 @@ def split_size(env: EnvConfig, split: str) -> int | None:
     """Instances in ``split`` of a file-backed environment (swe), None for generated worlds."""
     if env.name != "swe":
         return None
-    from unipost.envs.registry import swe_split
+    from unipost.envs.registry import swe_instances
 
-    path = env.heldout_tasks_path if split == "heldout" and env.heldout_tasks_path else env.tasks_path
-    return len(swe_split(path, split, env.heldout_fraction, env.split_file))
+    return len(swe_instances(env, split))
 
 
 def task_pool(env: EnvConfig, split: str) -> list[tuple[str, int]]:

@@ -357,12 +357,16 @@ class Trainer:
     def tasks_for(self, iteration: int) -> list[Any]:
         """This iteration's training tasks: a seeded draw from the train pool (same for every method)."""
         rng = np.random.default_rng([self.config.seed, iteration, 7])
-        if self._train_tasks is None:  # capped by what a file-backed split holds
-            self._train_tasks = task_pool(self.config.env, "train")
-        pool = self._train_tasks
+        pool = self.train_tasks()
         n = self.config.rollout.episodes_per_iteration
         picks = rng.choice(len(pool), size=n, replace=n > len(pool))
         return [pool[int(i)] for i in picks]
+
+    def train_tasks(self) -> list[Any]:
+        """The training task pool (injected, or ``env.train_tasks`` capped by a file-backed split)."""
+        if self._train_tasks is None:
+            self._train_tasks = task_pool(self.config.env, "train")
+        return list(self._train_tasks)
 
     def heldout_tasks(self) -> list[Any]:
         """The evaluation tasks; built on first use, so a run that never evaluates never reads the
