@@ -110,6 +110,7 @@ def test_hf_trainer_with_fused_loss_matches_plain_trainer(tokenizer, tmp_path):
 
 
 def test_trl_sft_trainer_with_fused_loss(tokenizer, tmp_path):
+    pytest.importorskip("trl", reason="TRL is an extra: pip install 'unipost[trl]' (dev includes it)")
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 

@@ -4,21 +4,21 @@
 
 The four parts (rollout protocol -> context distribution d_C, label source d_L, score w, regulariser
 R) are objects in ``unipost.objective``; every method feeds one fused packed-sequence log-likelihood
-kernel in ``unipost.kernels``. The flat public API is re-exported here lazily so ``import unipost``
-stays cheap and never imports an optional GPU package.
+kernel in ``unipost.kernels``. The names a user needs first are re-exported here, flat, and imported
+on first use (PEP 562), so ``import unipost`` stays cheap and never imports torch or an optional GPU
+package. README.md's "Public names" table lists them with the module each lives in; everything else
+is imported from its module (e.g. ``unipost.rollout.vllm_server.VLLMServer``,
+``unipost.rollout.ray_envs.RayEnvPool``).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from unipost._optional import lazy_exports
 
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    # data model
-    **dict.fromkeys(["Trajectory", "Turn", "Outcome"], "unipost.data"),
-    # the objective: four parts, schedules, recipes
+    # a method is a Recipe of four parts (+ schedules); the named ones are compositions of them
     **dict.fromkeys(
         [
             "Recipe",
@@ -52,11 +52,41 @@ _EXPORTS: dict[str, str] = {
         ],
         "unipost.objective",
     ),
-    # the kernel
+    # training: one Trainer for every recipe, configured by one TrainConfig. The ``train(config)``
+    # function stays ``unipost.train.train``: here the name is the subpackage ``unipost.train``.
+    **dict.fromkeys(["Trainer", "TrainConfig", "ConfigError"], "unipost.train"),
+    # data and the two protocols the engine talks to
+    **dict.fromkeys(["Trajectory", "Turn", "Outcome"], "unipost.data"),
+    **dict.fromkeys(["Environment", "StepResult"], "unipost.envs"),
+    **dict.fromkeys(["Policy", "AgentState", "PolicyOutput"], "unipost.rollout"),
+    # environments
+    "EmbeddedEnv": "unipost.envs.embedded",
+    "make_env_factory": "unipost.envs.registry",
+    "OpenHandsEnv": "unipost.envs.openhands",
+    "DockerSWEEnv": "unipost.envs.swe",
+    # rollouts: the engine, policies, sampling, the trajectory store and its HF datasets bridge
+    **dict.fromkeys(
+        [
+            "RolloutEngine",
+            "TransformersPolicy",
+            "VLLMPolicy",
+            "OpenAIChatPolicy",
+            "SamplingConfig",
+            "TrajectoryStore",
+            "to_hf_dataset",
+            "from_hf_dataset",
+        ],
+        "unipost.rollout",
+    ),
+    # evaluation
+    **dict.fromkeys(
+        ["evaluate_policy", "EvalResult", "collect_student_states", "reverse_kl_on_student_states"],
+        "unipost.eval",
+    ),
+    # the kernel's entry points (DESIGN.md) and the HF / TRL adapter
     **dict.fromkeys(
         [
             "token_logprobs",
-            "token_logprobs_reference",
             "pack",
             "PackSequence",
             "Label",
@@ -70,26 +100,7 @@ _EXPORTS: dict[str, str] = {
     ),
     # trajectories -> packed batch -> Eq. 14 loss
     **dict.fromkeys(["build_batch", "objective_loss", "TrainingBatch"], "unipost.batch"),
-    **dict.fromkeys(["ChatRenderer", "trajectory_sequences"], "unipost.rendering.chat"),
-    # environments beyond the embedded one (docs/openhands.md)
-    "make_env_factory": "unipost.envs.registry",
-    "OpenHandsEnv": "unipost.envs.openhands",
-    **dict.fromkeys(["DockerSWEEnv", "load_instances", "evaluate_predictions"], "unipost.envs.swe"),
-    # scale: data-parallel training and environment workers on Ray (docs/scaling.md)
-    "Distributed": "unipost.train.distributed",
-    **dict.fromkeys(["RayEnvPool", "RemoteExpert"], "unipost.rollout.ray_envs"),
-    # vLLM: the student's engine (weights synced each step) and a `vllm serve` teacher
-    "VLLMPolicy": "unipost.rollout.vllm_policy",
-    "VLLMServer": "unipost.rollout.vllm_server",
+    "ChatRenderer": "unipost.rendering.chat",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'unipost' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

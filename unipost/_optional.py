@@ -9,8 +9,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -86,3 +89,26 @@ def require(name: str):
 def report() -> dict[str, bool]:
     """Which optional pieces are present: ``python -m unipost.doctor`` prints this."""
     return {name: available(name) for name in EXTRAS}
+
+
+def lazy_exports(
+    package: str, exports: dict[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """PEP 562 ``__getattr__`` and ``__dir__`` for a package whose public names live in submodules.
+
+    ``exports`` maps each public name to the module defining it; that module is imported the first
+    time the name is used, so ``import unipost`` (or ``unipost.rollout``) stays cheap and never pulls
+    torch, transformers or an optional GPU package. The value is then cached on the package.
+    """
+
+    def get_attribute(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name]), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def list_names() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(exports))
+
+    return get_attribute, list_names

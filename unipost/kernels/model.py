@@ -54,6 +54,24 @@ def head_params(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     return head.weight, getattr(head, "bias", None)
 
 
+def _check_token_ids(model: torch.nn.Module, batch: PackedBatch) -> None:
+    """A token id outside the model's embedding table is a tokenizer/model mismatch: say so, instead of
+    the embedding's bare ``IndexError`` (or, on CUDA, a device-side assert)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    ids = batch.input_ids_T
+    if vocab is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        bad = high if high >= vocab else low
+        raise ValueError(
+            f"the packed batch holds token id {bad} but the model's embedding has {vocab} ids "
+            f"(0..{vocab - 1}); tokenize with the model's own tokenizer, or pack(..., vocab_size=<model "
+            "vocabulary>) to catch this when packing"
+        )
+
+
 def hidden_states(model: torch.nn.Module, batch: PackedBatch, *, attention: str = "auto") -> torch.Tensor:
     """Final hidden states [T, H] of the packed tokens (one row, explicit positions and mask).
 
@@ -64,6 +82,7 @@ def hidden_states(model: torch.nn.Module, batch: PackedBatch, *, attention: str 
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     backbone, _ = split_causal_lm(model)
+    _check_token_ids(model, batch)
     device = next(model.parameters()).device
     batch = batch.to(device)
     if attention == "auto":

@@ -23,9 +23,9 @@ from unipost.objective.needs import Need
 from unipost.objective.schedules import (
     PrefixSchedule,
     Schedule,
-    _check_iteration,
     as_prefix_schedule,
     as_schedule,
+    check_iteration,
 )
 
 Executor = Literal["teacher", "student"]
@@ -122,7 +122,7 @@ class TeacherRollout:
 
     def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan:
         """Plan one episode of this iteration; draws only from ``rng``."""
-        meta = {"iteration": _check_iteration(iteration), "beta": 1.0, "prefix_k": None}
+        meta = {"iteration": check_iteration(iteration), "beta": 1.0, "prefix_k": None}
         _check_rng(rng)
         return EpisodePlan(lambda t: "teacher", meta)
 
@@ -143,7 +143,7 @@ class StudentRollout:
 
     def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan:
         """Plan one episode of this iteration; draws only from ``rng``."""
-        meta = {"iteration": _check_iteration(iteration), "beta": 0.0, "prefix_k": None}
+        meta = {"iteration": check_iteration(iteration), "beta": 0.0, "prefix_k": None}
         _check_rng(rng)
         return EpisodePlan(lambda t: "student", meta)
 
@@ -178,7 +178,7 @@ class TurnMixture:
 
     def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan:
         """Plan one episode of this iteration; draws only from ``rng``."""
-        beta = self.beta_at(_check_iteration(iteration))
+        beta = self.beta_at(check_iteration(iteration))
         seed = int(_check_rng(rng).integers(2**63 - 1))
         meta = {"iteration": int(iteration), "beta": beta, "prefix_k": None, "plan_seed": seed}
         return EpisodePlan(_LazyBernoulli(beta, np.random.default_rng(seed)), meta)
@@ -206,7 +206,7 @@ class PrefixSwitch:
 
     def plan(self, iteration: int, rng: np.random.Generator) -> EpisodePlan:
         """Plan one episode of this iteration; draws only from ``rng``."""
-        i = _check_iteration(iteration)
+        i = check_iteration(iteration)
         k = int(self.k(i, _check_rng(rng)))  # type: ignore[operator]
         if k < 0:
             raise ValueError(f"PrefixSwitch.k drew a negative prefix length {k} at iteration {i}")

@@ -21,7 +21,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 
-def _check_iteration(iteration: int) -> int:
+def check_iteration(iteration: int) -> int:
+    """``iteration`` as an int, or a ValueError: schedules and rollout protocols index by it."""
     if isinstance(iteration, bool) or not isinstance(iteration, (int, np.integer)) or iteration < 0:
         raise ValueError(f"iteration must be a non-negative integer, got {iteration!r}")
     return int(iteration)
@@ -58,7 +59,7 @@ class Constant:
         _check_unit("Constant", "value", self.value)
 
     def __call__(self, iteration: int) -> float:
-        _check_iteration(iteration)
+        check_iteration(iteration)
         return float(self.value)
 
 
@@ -87,7 +88,7 @@ class LinearDecay:
             )
 
     def __call__(self, iteration: int) -> float:
-        i = _check_iteration(iteration)
+        i = check_iteration(iteration)
         return max(float(self.floor), float(self.start) - i * float(self.step))
 
 
@@ -110,7 +111,7 @@ class Cosine:
             raise ValueError(f"Cosine.iterations must be a positive integer, got {self.iterations!r}")
 
     def __call__(self, iteration: int) -> float:
-        i = min(_check_iteration(iteration), self.iterations)
+        i = min(check_iteration(iteration), self.iterations)
         return float(
             self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * i / self.iterations))
         )
@@ -199,7 +200,7 @@ class FixedPrefix(_PrefixLaw):
 
     def probs(self, iteration: int) -> np.ndarray:
         """P_i(k = low + j) for j = 0..high-low; sums to 1."""
-        _check_iteration(iteration)
+        check_iteration(iteration)
         return np.ones(1)
 
 
@@ -215,7 +216,7 @@ class UniformPrefix(_PrefixLaw):
 
     def probs(self, iteration: int) -> np.ndarray:
         """P_i(k = low + j) for j = 0..high-low; sums to 1."""
-        _check_iteration(iteration)
+        check_iteration(iteration)
         n = self.high - self.low + 1
         return np.full(n, 1.0 / n)
 
@@ -252,7 +253,7 @@ class ShiftingPrefix(_PrefixLaw):
 
     def tilt(self, iteration: int) -> float:
         """tau_i, the log-odds slope of the law at this iteration."""
-        return float(self.initial_tilt) + float(self.shift_per_iter) * _check_iteration(iteration)
+        return float(self.initial_tilt) + float(self.shift_per_iter) * check_iteration(iteration)
 
     def probs(self, iteration: int) -> np.ndarray:
         """P_i(k = low + j) for j = 0..high-low; sums to 1."""

@@ -24,6 +24,8 @@ CONTEXT_OVERFLOW = "context_overflow"
 
 
 class ChatPolicyBase(SamplingAttributes):
+    """Rendering, encoding, parsing and scoring pairs shared by the local chat policies (see module)."""
+
     tokenizer: Any
     style: Any
     end_of_turn: str
@@ -77,7 +79,12 @@ class ChatPolicyBase(SamplingAttributes):
             require_call=self.require_call,
             id_prefix=f"call_t{state.turn}",
         )
-        return PolicyOutput(parsed.message, token_ids, logprobs, parsed.error, text)
+        # no end-of-turn token and the whole budget used: generation was cut at max_new_tokens (a backend
+        # that drops the stop token from its output still ends below the budget when it stopped there)
+        truncated = len(body) == len(token_ids) >= self.max_new_tokens
+        return PolicyOutput(
+            parsed.message, token_ids, logprobs, parsed.error, text, parsed.kind, truncated=truncated
+        )
 
     def scoring_pairs(
         self,
