@@ -413,24 +413,26 @@ def test_verify_without_submission_or_without_grading_runs_no_tests(repo_instanc
     outcome = env.verify(ended_by="turn_budget")
     assert (outcome.resolved, outcome.failure_mode, env.grade_report) == (False, "no_edit", None)
     env.grading = None  # DockerSWEEnv(grade=False) / env.swe_grading='none'
+    (repo / "calc" / "ops.py").write_text(FIX)  # a non-empty patch: an empty one is no submission
     _act(env, "finish", {"message": "done"})
     outcome = env.verify()
     assert (outcome.resolved, outcome.submitted, outcome.failure_mode) == (False, True, None)
     assert not any("eval.sh" in " ".join(c) for c in container.calls)
 
 
-def test_a_submission_without_edits_is_wrong_file_without_running_tests(repo_instance, tmp_path):
+def test_finish_without_edits_is_no_submission_and_runs_no_tests(repo_instance, tmp_path):
+    """`finish` with an empty patch submits nothing (issue 12): the right block's no_edit, not wrong_file."""
     repo, instance = repo_instance
     env, container = _env(repo, instance, tmp_path)
     _act(env, "finish", {"message": "nothing to do"})
     outcome = env.verify()
     assert (outcome.resolved, outcome.submitted, outcome.failure_mode, outcome.detail) == (
         False,
-        True,
-        "wrong_file",
+        False,
+        "no_edit",
         "",
     )
-    assert env.grade_report is not None and env.grade_report.status == "empty_patch"
+    assert env.grade_report is None
     assert not any("eval.sh" in " ".join(c) for c in container.calls)
 
 

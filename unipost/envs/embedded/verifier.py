@@ -271,16 +271,25 @@ def classify(
         else:
             mode, detail = "wrong_solution", "; ".join(report.details)
         return Outcome(resolved=False, submitted=True, reward=0.0, failure_mode=mode, detail=detail)
+    mode = unsubmitted_mode(turn_tool_errors, actions, ended_by, edited=bool(edited))
+    detail = f"not submitted after {len(turn_tool_errors)} turns (ended_by={ended_by})"
+    return Outcome(resolved=False, submitted=False, reward=0.0, failure_mode=mode, detail=detail)
+
+
+def unsubmitted_mode(
+    turn_tool_errors: list[bool], actions: list[str], ended_by: EndedBy, *, edited: bool
+) -> str:
+    """The right block of paper Table 4 for an episode without a submission, by the rules above.
+
+    Shared with the SWE Docker environment, so both worlds assign the same five categories.
+    """
     n = len(turn_tool_errors)
     if n and sum(turn_tool_errors) * 2 > n:
-        mode = "tool_use_error"
-    elif len(actions) >= REPEAT_WINDOW and len(set(actions[-REPEAT_WINDOW:])) == 1:
-        mode = "repetitive_loop"
-    elif ended_by == "context_budget":
-        mode = "context_overflow"
-    elif not edited:
-        mode = "no_edit"
-    else:
-        mode = "budget_exhaustion"
-    detail = f"not submitted after {n} turns (ended_by={ended_by})"
-    return Outcome(resolved=False, submitted=False, reward=0.0, failure_mode=mode, detail=detail)
+        return "tool_use_error"
+    if len(actions) >= REPEAT_WINDOW and len(set(actions[-REPEAT_WINDOW:])) == 1:
+        return "repetitive_loop"
+    if ended_by == "context_budget":
+        return "context_overflow"
+    if not edited:
+        return "no_edit"
+    return "budget_exhaustion"

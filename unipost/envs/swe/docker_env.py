@@ -31,7 +31,7 @@ from unipost.data import Message, Outcome
 from unipost.envs.embedded.env import EmbeddedEnv
 from unipost.envs.embedded.sandbox import WORKSPACE, CommandResult, Limits
 from unipost.envs.embedded.tools import FileEditor, Terminal
-from unipost.envs.embedded.verifier import EndedBy
+from unipost.envs.embedded.verifier import EndedBy, unsubmitted_mode
 from unipost.envs.swe.grading import GradeReport, GradingSpec, grade_in_container, grading_spec
 from unipost.envs.swe.instances import ImageScheme, SWEInstance
 
@@ -151,10 +151,9 @@ class DockerSWEEnv(EmbeddedEnv):
             raise RuntimeError("DockerSWEEnv.verify() called before reset().")
         self.patch = self.extract_patch()
         self.grade_report = None
-        if not self.submitted:
-            mode = "context_overflow" if ended_by == "context_budget" else "budget_exhaustion"
-            if not self.patch.strip():
-                mode = "no_edit"
+        edited = bool(self.patch.strip())
+        if not self.submitted or not edited:  # `finish` with an empty patch submits nothing
+            mode = unsubmitted_mode(self.turn_tool_errors, self.actions, ended_by, edited=edited)
             return Outcome(resolved=False, submitted=False, failure_mode=mode, detail=self.patch)
         if self.grading is None:  # the harness decides later
             return Outcome(resolved=False, submitted=True, detail=self.patch)
