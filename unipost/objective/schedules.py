@@ -126,7 +126,13 @@ def as_schedule(value: Schedule | float, *, owner: str = "schedule") -> Schedule
         return Constant(float(value))
     if isinstance(value, Schedule):
         return value
-    raise ValueError(f"{owner} must be a float in [0, 1] or a Schedule (iteration -> float), got {value!r}")
+    if isinstance(value, dict) and set(value) <= {"start", "step", "floor"}:
+        # the JSON form a TrainConfig's recipe_kwargs can carry (and a saved config reproduces)
+        return LinearDecay(**value)
+    raise ValueError(
+        f"{owner} must be a float in [0, 1], a Schedule (iteration -> float) or a LinearDecay as a dict "
+        f"{{'start', 'step', 'floor'}}, got {value!r}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""The tiny lab: the shipped warm start (hash-checked, rebuildable by its script) and the lab config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unipost.train.warm_start import ASSETS, MANIFEST, load_manifest, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_build(tmp_path_factory):
+    """``scripts/build-warm-start.py --quick``: the same code path as the shipped build, seconds long."""
+    out = tmp_path_factory.mktemp("ws") / "tiny-lab"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build-warm-start.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return out
+
+
+def test_quick_build_produces_a_working_student_and_teacher(quick_build):
+    manifest = load_manifest(quick_build)
+    assert set(manifest["snapshots_at_step"]) == {"student", "teacher"}
+    assert manifest["snapshots_at_step"]["student"] <= manifest["snapshots_at_step"]["teacher"]
+    assert 0.0 <= manifest["validation"]["eval/resolve_rate"] <= 1.0  # validation ran (train split)
+    for which in ("student", "teacher"):
+        model, tokenizer = load_model(quick_build / which)
+        assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+        # the tool template travels with the tokenizer: a rendered turn has the tool-call markup
+        from unipost.rollout.transformers_policy import TransformersPolicy
+
+        policy = TransformersPolicy(model, tokenizer, max_new_tokens=8)
+        assert policy.style is not None
+
+
+def test_a_changed_file_is_refused_with_the_rebuild_command(quick_build, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ws"
+    shutil.copytree(quick_build, copy)
+    weights = copy / "student" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="build-warm-start"):
+        load_manifest(copy)
+    (copy / MANIFEST).unlink()
+    with pytest.raises(FileNotFoundError, match="build-warm-start"):
+        load_manifest(copy)
+
+
+def test_the_shipped_warm_start_matches_its_manifest():
+    manifest = load_manifest(ASSETS)
+    spec = manifest["spec"]
+    config = json.loads((ASSETS / "student" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (spec["hidden_size"], spec["num_layers"])
+    size = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20, f"shipped warm start is {size / 2**20:.1f} MB (limit 20 MB)"
+    assert "build-warm-start.py" in manifest["command"]
+
+
+def test_lab_config_round_trips_with_the_dagger_schedule(tmp_path):
+    from unipost.train.config import TrainConfig
+    from unipost.train.lab import LAB_BETA, tiny_config
+
+    cfg = tiny_config(str(tmp_path), recipe="dagger")
+    assert cfg.env.prompt_tools is False and cfg.model.kind == "pretrained"
+    recipe = cfg.build_recipe()
+    beta = recipe.rollout.beta
+    assert [beta(i) for i in range(4)] == pytest.approx([0.6, 0.4, 0.2, 0.2])
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json())
+    again = TrainConfig.from_file(path)
+    assert again == cfg and again.recipe_kwargs["beta"] == LAB_BETA
+    assert tiny_config(str(tmp_path), recipe="sft").recipe_kwargs == {}
+
+
+def test_schedule_dict_is_a_linear_decay_and_bad_keys_are_named():
+    from unipost.objective.schedules import LinearDecay, as_schedule
+
+    assert as_schedule({"start": 0.6, "step": 0.2, "floor": 0.2}) == LinearDecay(0.6, 0.2, 0.2)
+    with pytest.raises(ValueError, match="LinearDecay"):
+        as_schedule({"begin": 0.6})
+
+
+def test_prompt_tools_off_leaves_schemas_out_but_still_validates_calls():
+    from unipost.envs.embedded import EmbeddedEnv
+    from unipost.envs.embedded.expert import tool_call_message
+
+    env = EmbeddedEnv.from_split("train", 0, "easy", prompt_tools=False)
+    try:
+        env.reset()
+        assert env.tools == []
+        bad = tool_call_message("", "file_editor", {"command": "explode", "path": "/testbed"}, "c0")
+        result = env.step(bad)
+        assert result.tool_error and not result.done
+    finally:
+        env.close()
