@@ -50,6 +50,33 @@ def test_every_public_name_has_a_docstring():
     assert not missing, f"{len(missing)} public names without a docstring: {missing}"
 
 
+def _config_fields_without_description() -> list[str]:
+    import typing
+
+    from pydantic import BaseModel
+
+    from unipost.train.config import TrainConfig
+
+    missing, todo, seen = [], [("", TrainConfig)], set()
+    while todo:
+        prefix, model = todo.pop()
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(f"{prefix}{name}")
+            for t in (field.annotation, *typing.get_args(field.annotation)):
+                if isinstance(t, type) and issubclass(t, BaseModel) and t not in seen:
+                    seen.add(t)
+                    todo.append((f"{prefix}{name}.", t))
+    return missing
+
+
+def test_every_config_field_is_described():
+    """config.py promises that every field says what it is for; `unipost train --help`-style tools and
+    the JSON schema show these descriptions."""
+    missing = _config_fields_without_description()
+    assert not missing, f"{len(missing)} TrainConfig fields without a description: {missing}"
+
+
 def _readme_table() -> list[tuple[str, str]]:
     section = README.split("## Public names", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^\| `(\w+)` \| `([\w.]+)` \|", section, flags=re.M)

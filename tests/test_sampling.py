@@ -69,3 +69,16 @@ def test_setting_a_sampling_field_on_a_policy_is_validated_and_leaves_copies_alo
     assert warmer.sampling.temperature == 0.7 and policy.temperature == 1.0
     with pytest.raises(ValueError, match="temperature must be > 0"):
         warmer.temperature = 0
+
+
+def test_rollout_config_hands_the_policies_one_sampling_config_and_refuses_in_their_words():
+    from pydantic import ValidationError
+
+    from unipost.train.config import RolloutConfig
+
+    sampling = RolloutConfig(temperature=0.7, top_p=0.9, max_new_tokens=64).sampling()
+    assert sampling == SamplingConfig(max_new_tokens=64, temperature=0.7, top_p=0.9)
+    with pytest.raises(ValidationError, match="temperature must be > 0"):
+        RolloutConfig(temperature=0)
+    with pytest.raises(ValidationError, match=r"top_p must be in \(0, 1\]"):
+        RolloutConfig(top_p=1.5)

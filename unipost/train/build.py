@@ -69,9 +69,9 @@ def api_teacher(config: TrainConfig) -> Any:
         timeout_s=t.timeout_s,
         backoff_s=0.2,
         concurrency=config.rollout.concurrency,
-        temperature=sampling["temperature"],
-        top_p=sampling["top_p"],
-        max_tokens=sampling["max_new_tokens"],
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_new_tokens,
     )
 
 
@@ -95,3 +95,21 @@ def task_pool(env: EnvConfig, split: str) -> list[tuple[str, int]]:
         logger.info("env.%s_tasks=%d but the %s split holds %d: using all", split, wanted, split, available)
         wanted = available
     return [(split, i) for i in range(wanted)]
+
+
+def failure_judge(config: TrainConfig) -> Any:
+    """The LLM judge of failure modes when ``eval.judge_model`` is set (else None: the env's rules).
+
+    Its verdicts are cached in the run directory, so re-evaluating a run never asks twice.
+    """
+    e = config.eval
+    if not e.judge_model:
+        return None
+    from unipost.eval.judge import FailureJudge
+
+    return FailureJudge(
+        e.judge_base_url,  # type: ignore[arg-type]  # validated together with judge_model
+        e.judge_model,
+        api_key_env=e.judge_api_key_env,
+        cache_path=config.run_dir / "judge.jsonl",
+    )

@@ -6,32 +6,64 @@ fails at construction with a message naming the field and what to change.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+if TYPE_CHECKING:
+    from unipost.rollout.sampling import SamplingConfig
+
 
 class _Strict(BaseModel):
+    """Frozen, and an unknown field is an error that names the closest known one ("did you mean ...?").
+
+    A misspelt field would otherwise be silently ignored (a run with the default instead of the value
+    meant) or, with pydantic's plain ``extra="forbid"``, refused without saying what was meant.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if isinstance(k, str) and k not in cls.model_fields]
+            if unknown:
+                raise ValueError(unknown_field_message(cls.__name__, unknown[0], list(cls.model_fields)))
+        return data
+
+
+def unknown_field_message(owner: str, name: str, known: list[str]) -> str:
+    """``"TrainConfig has no field 'iteratons'; did you mean 'iterations'?"`` (or the list of fields)."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}?" if close else f"its fields are: {', '.join(known)}"
+    return f"{owner} has no field {name!r}; {hint}"
 
 
 class ModelConfig(_Strict):
     """The student: a tiny Qwen3 built from a config (CPU), or a local pretrained directory."""
 
-    kind: Literal["tiny", "pretrained"] = "tiny"
+    kind: Literal["tiny", "pretrained"] = Field(
+        "tiny",
+        description="'tiny': a Qwen3-architecture model built from the sizes below (random init, "
+        "then the warm start); 'pretrained': a local HF model directory (path)",
+    )
     path: str | None = Field(
         None, description="pretrained model directory (kind='pretrained'); never a hub id"
     )
     hidden_size: int = Field(128, ge=8, description="tiny model width")
     num_layers: int = Field(2, ge=1, description="tiny model depth")
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1, description="tiny model attention heads (must divide hidden_size)")
+    num_kv_heads: int = Field(2, ge=1, description="tiny model key/value heads (grouped-query attention)")
     tokenizer_vocab: int = Field(2048, ge=300, description="size of the locally trained BPE tokenizer")
     lora_rank: int | None = Field(None, ge=1, description="train a PEFT LoRA adapter of this rank instead")
-    lora_alpha: int = 16
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora_alpha: int = Field(16, description="LoRA scaling numerator (the update is scaled by alpha / rank)")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the student's parameter dtype (bfloat16 halves memory on GPU)"
+    )
 
     @model_validator(mode="after")
     def _path_for_pretrained(self) -> ModelConfig:
@@ -52,21 +84,25 @@ class WarmStartConfig(_Strict):
     """
 
     demos: int = Field(24, ge=0, description="expert trajectories (train split) to clone; 0 = random init")
-    epochs: int = Field(6, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    epochs: int = Field(6, ge=1, description="behaviour-cloning epochs over the demos")
+    lr: float = Field(3e-3, gt=0, description="behaviour-cloning learning rate (AdamW)")
 
 
 class TeacherConfig(_Strict):
     """Who labels and executes teacher turns."""
 
-    kind: Literal["expert", "openai"] = "expert"
+    kind: Literal["expert", "openai"] = Field(
+        "expert",
+        description="'expert': the embedded env's scripted expert; 'openai': an OpenAI-compatible "
+        "endpoint (base_url + model), e.g. `vllm serve`",
+    )
     base_url: str | None = Field(
         None, description="OpenAI-compatible endpoint (kind='openai'), e.g. vllm serve"
     )
-    model: str | None = None
+    model: str | None = Field(None, description="the endpoint's model name (kind='openai')")
     api_key_env: str = Field("UNIPOST_TEACHER_API_KEY", description="env var holding the key; never stored")
     max_retries: int = Field(4, ge=0, description="retries (with backoff) before the teacher counts as down")
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0, description="seconds one teacher request may take")
     white_box: Literal["none", "distilled", "pretrained"] = Field(
         "distilled",
         description="white-box teacher LM for OPD and the reverse-KL diagnostic: 'distilled' = the "
@@ -112,7 +148,9 @@ class EnvConfig(_Strict):
         ge=1,
         description="held-out tasks for evaluation; for swe an upper bound, like train_tasks",
     )
-    max_observation_chars: int = Field(1200, ge=100)
+    max_observation_chars: int = Field(
+        1200, ge=100, description="tool observations are cut to this many characters"
+    )
     full_tool_descriptions: bool = Field(
         False,
         description="openhands/swe: offer OpenHands' own ~4k-character tool descriptions (the paper's action "
@@ -194,21 +232,32 @@ class RolloutConfig(_Strict):
     episodes_per_iteration: int = Field(8, ge=1, description="tasks per iteration (x recipe group size)")
     max_turns: int = Field(16, ge=1, description="turn budget per episode")
     context_budget: int = Field(4096, ge=64, description="max tokens of the student's prompt")
-    max_new_tokens: int = Field(160, ge=8)
-    temperature: float = Field(1.0, gt=0, description="rollout sampling temperature (eval is greedy)")
-    top_p: float = Field(1.0, gt=0, le=1)
-    concurrency: int = Field(8, ge=1)
+    max_new_tokens: int = Field(160, ge=8, description="generation budget per turn (tokens)")
+    temperature: float = Field(1.0, description="rollout sampling temperature, > 0 (eval is greedy)")
+    top_p: float = Field(1.0, description="rollout nucleus sampling mass in (0, 1]; 1 = off")
+    concurrency: int = Field(8, ge=1, description="episodes in flight (the student's generation batch)")
     backend: Literal["transformers", "vllm"] = Field(
         "transformers",
         description="who generates the student's turns: 'transformers' (model.generate, the CPU path) or "
         "'vllm' (an in-process vLLM engine, the trainer's weights pushed into it after every "
         "optimisation step; needs vllm, see scripts/setup-vllm-venv.sh for CPU)",
     )
-    vllm: VLLMEngineConfig = VLLMEngineConfig()
+    vllm: VLLMEngineConfig = Field(
+        VLLMEngineConfig(), description="engine settings when backend='vllm' (ignored otherwise)"
+    )
 
-    def sampling(self) -> dict[str, Any]:
+    @model_validator(mode="after")
+    def _sampling_is_valid(self) -> RolloutConfig:
+        self.sampling()  # the policies' own checks (SamplingConfig), in their words, at config time
+        return self
+
+    def sampling(self) -> SamplingConfig:
         """The one sampling config every rollout policy (student and model teacher) is built with."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+        from unipost.rollout.sampling import SamplingConfig
+
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
+        )
 
 
 class OptimConfig(_Strict):
@@ -243,8 +292,8 @@ class OptimConfig(_Strict):
         "the same updates on 1 or N processes (unipost.train.distributed); with N processes use a "
         "multiple of N so none runs zero-weighted padding",
     )
-    grad_clip: float | None = Field(1.0, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; None = no clipping")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
 
     @model_validator(mode="after")
     def _one_warmup(self) -> OptimConfig:
@@ -274,6 +323,8 @@ class ReferenceConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    """Held-out evaluation during training: greedy episodes and the reverse-KL diagnostic."""
+
     every: int = Field(
         1, ge=0, description="evaluate before training, every N iterations and after the last; 0 = never"
     )
@@ -283,15 +334,30 @@ class EvalConfig(_Strict):
         description="also ask the scripted expert (embedded env) for its action at every greedy held-out "
         "student state: secondary metrics eval/expert_agreement, eval/expert_prefix and eval/expert_nll",
     )
+    judge_base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible endpoint of an LLM judge of failure modes (paper §4.5: one primary "
+        "Table-4 mode per unresolved episode, unipost.eval.judge); None = the environment's rules",
+    )
+    judge_model: str | None = Field(None, description="the judge model's name at judge_base_url")
+    judge_api_key_env: str = Field("UNIPOST_JUDGE_API_KEY", description="env var holding the judge's key")
+
+    @model_validator(mode="after")
+    def _judge(self) -> EvalConfig:
+        if bool(self.judge_base_url) != bool(self.judge_model):
+            raise ValueError("eval.judge_base_url and eval.judge_model go together (or neither)")
+        return self
 
 
 class TrainConfig(_Strict):
     """One training run: a recipe, a student, a teacher, an environment, and the loop's knobs."""
 
-    name: str = "run"
+    name: str = Field("run", description="the run's folder name under output_dir")
     recipe: str = Field("dagger", description="sft | grpo | opd | dagger | aggrevate")
     recipe_kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments of the named recipe")
-    iterations: int = Field(6, ge=1)
+    iterations: int = Field(
+        6, ge=1, description="collect -> optimise iterations (an upper bound under a budget)"
+    )
     max_effective_samples: int | None = Field(
         None,
         ge=1,
@@ -301,17 +367,17 @@ class TrainConfig(_Strict):
         "stays the upper bound",
     )
     aggregate: bool = Field(False, description="classic DAgger D = D_1 u ... u D_i instead of a fresh batch")
-    seed: int = Field(0, ge=0)
-    output_dir: str = "runs"
-    model: ModelConfig = ModelConfig()
-    warm_start: WarmStartConfig = WarmStartConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    reference: ReferenceConfig = ReferenceConfig()
-    env: EnvConfig = EnvConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    optim: OptimConfig = OptimConfig()
-    eval: EvalConfig = EvalConfig()
-    progress: bool = True
+    seed: int = Field(0, ge=0, description="seeds the model init, task sampling, rollouts and batching")
+    output_dir: str = Field("runs", description="runs are written to output_dir/name")
+    model: ModelConfig = Field(ModelConfig(), description="the student")
+    warm_start: WarmStartConfig = Field(WarmStartConfig(), description="the student's initialisation")
+    teacher: TeacherConfig = Field(TeacherConfig(), description="who labels and executes teacher turns")
+    reference: ReferenceConfig = Field(ReferenceConfig(), description="the frozen model a KL term pulls to")
+    env: EnvConfig = Field(EnvConfig(), description="the environment and its task splits")
+    rollout: RolloutConfig = Field(RolloutConfig(), description="how training rollouts are collected")
+    optim: OptimConfig = Field(OptimConfig(), description="the optimiser and its LR schedule")
+    eval: EvalConfig = Field(EvalConfig(), description="held-out evaluation during training")
+    progress: bool = Field(True, description="progress bars and per-iteration lines on the terminal")
     cache_dir: str | None = Field(None, description="where warm starts / distilled teachers are cached")
 
     @field_validator("recipe")

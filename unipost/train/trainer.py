@@ -37,7 +37,7 @@ from unipost.rendering.chat import ChatRenderer
 from unipost.rollout.engine import RolloutEngine
 from unipost.rollout.store import TrajectoryStore
 from unipost.rollout.transformers_policy import TransformersPolicy
-from unipost.train.build import ConfigError, api_teacher, build_reference, task_pool
+from unipost.train.build import ConfigError, api_teacher, build_reference, failure_judge, task_pool
 from unipost.train.config import TrainConfig
 from unipost.train.distributed import Distributed
 from unipost.train.optimise import lr_factor, make_microbatches, optimise_epoch, record_old_logprobs
@@ -163,7 +163,7 @@ class Trainer:
     def _student_policy(self) -> Any:
         """TransformersPolicy on the trained module, or a vLLM engine fed its weights after each step."""
         cfg = self.config
-        sampling = dict(**cfg.rollout.sampling(), seed=cfg.seed)
+        sampling = dict(sampling=cfg.rollout.sampling(), seed=cfg.seed)
         if cfg.rollout.backend == "transformers" or not self.is_main:  # only the main process rolls out
             return TransformersPolicy(self.student, self.tokenizer, **sampling)
         from unipost.rollout.vllm_policy import VLLMPolicy
@@ -542,12 +542,17 @@ class Trainer:
         """Greedy held-out evaluation and the reverse-KL diagnostic on student-visited states."""
         if not self.is_main:  # the main process evaluates and logs; the others only train
             return {}
-        from unipost.eval import collect_student_states, reverse_kl_on_student_states
+        from unipost.eval import EvalResult, collect_student_states, reverse_kl_on_student_states
 
         cfg = self.config
         self.student.eval()
         expert = (self.teacher_policy or ScriptedExpert()) if cfg.eval.expert_labels else None
         result = self.evaluate_heldout(expert=expert)
+        judge = failure_judge(cfg)
+        if judge is not None:  # the paper's LLM judge instead of the environment's rules (§4.5)
+            result = EvalResult.from_trajectories(
+                judge.relabel(result.trajectories), stats=result.stats, iteration=result.iteration
+            )
         out = _floats(result.to_dict())
         if cfg.eval.expert_labels:
             from unipost.eval.imitation import expert_label_nll
