@@ -103,3 +103,17 @@ def test_llm_judge_assigns_one_primary_mode_per_unresolved_episode(judge_server,
     result = EvalResult.from_trajectories(relabelled)
     assert result.submitted_unresolved_modes["wrong_file"] == 1.0
     assert result.no_submission_modes["repetitive_loop"] == 1.0
+
+
+def test_the_judge_is_opt_in_through_the_eval_config(tmp_path):
+    from unipost.train.build import failure_judge
+    from unipost.train.config import EvalConfig, TrainConfig
+
+    assert failure_judge(TrainConfig(output_dir=str(tmp_path))) is None  # the rules stay the default
+    cfg = TrainConfig(
+        output_dir=str(tmp_path), eval=EvalConfig(judge_base_url="http://127.0.0.1:9", judge_model="opus")
+    )
+    judge = failure_judge(cfg)
+    assert isinstance(judge, FailureJudge) and judge.cache_path == cfg.run_dir / "judge.jsonl"
+    with pytest.raises(ValueError, match="together"):
+        EvalConfig(judge_model="opus")
