@@ -10,7 +10,7 @@ to fp32 rounding):
 * One optimiser step consumes ``grad_accumulation`` micro-batches *in total*, whatever the number of
   processes. Every rank holds the same micro-batches (the trajectories are collected on the main
   process and broadcast, then packed identically everywhere), so every rank knows the step's global
-  normaliser (label tokens for ``token_mean``, labels for ``sequence_mean``) *before* the step is
+  normaliser (label tokens for ``token_mean``, trajectories for ``sequence_mean``) *before* the step is
   sharded: each micro-batch loss is scaled by ``n_b / n_step`` exactly as in one process.
 * Rank r takes the step's micro-batches r, r + N, ... (largest first, for balance). A GRPO group never
   straddles micro-batches (:func:`~unipost.train.optimise.make_microbatches`), so group statistics are
