@@ -570,3 +570,143 @@ def test_reopen_never_counts_garbage_and_never_deletes_a_line(tmp_path, tail, ca
     corrupt = path.with_name(path.name + ".corrupt")
     assert corrupt.read_bytes() == tail  # moved, byte for byte, not deleted
     assert "corrupt" in caplog.text
+
+
+# ------------------------------------------------------------------------------ partial items
+@needs_bwrap
+def test_observations_name_only_testbed_paths(env):
+    host = str(env.workspace)
+    texts = [
+        sh(env, "cat /proc/self/mountinfo; cat /proc/mounts; readlink -f /proc/self/cwd; pwd -P"),
+        sh(env, "python3 -c \"import os; print(os.getcwd(), os.path.realpath('.'))\""),
+        sh(env, "ls -la /testbed/nope; cd /nonexistent"),
+        sh(env, "findmnt 2>/dev/null; df 2>/dev/null | tail -3"),
+    ]
+    sh(env, "mkdir -p /testbed/dir && mkfifo /testbed/p")
+    for args in (
+        dict(command="view", path="/testbed/dir/missing.txt"),
+        dict(command="create", path="/testbed/dir", file_text="x"),
+        dict(command="create", path="/testbed/p/x", file_text="x"),
+        dict(command="view", path="/testbed/p"),
+        dict(command="str_replace", path="/testbed/dir", old_str="a", new_str="b"),
+        dict(command="insert", path="/testbed/dir/../dir", insert_line=0, new_str="b"),
+        dict(command="view", path="/testbed", view_range=[1, 2]),
+    ):
+        texts.append(edit(env, **args).observation[0]["content"])
+    for text in texts:
+        assert host not in text and "unipost-ws-" not in text, text
+
+
+def test_damaged_checkpoint_manifests_are_skipped_not_raised(tmp_path):
+    from unipost.train.checkpoint import CheckpointManager
+
+    root = tmp_path / "ckpt"
+    ok = {n: {"size": 2, "sha256": "x"} for n in ("state.json", "model.safetensors", "rng.pt")}
+    bad_manifests = [
+        {"iteration": 1, "files": {"state.json": 5, "model.safetensors": None, "rng.pt": []}},
+        {"iteration": 2, "files": {**ok, "/etc/passwd": {"size": 1, "sha256": "x"}}},
+        {"iteration": 3, "files": {**ok, "../../x": {"size": 1}}},
+        {"iteration": 4, "files": []},
+        ["not", "an", "object"],
+        "a string",
+    ]
+    for i, manifest in enumerate(bad_manifests, start=1):
+        d = root / f"iter-{i:06d}"
+        d.mkdir(parents=True)
+        for name in ("state.json", "model.safetensors", "rng.pt"):
+            (d / name).write_text("{}")
+        (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="no valid checkpoint"):
+        assert CheckpointManager(root).latest() is None  # every one is invalid; none raises
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"runs": [{"name": "a"}, {"name": "b", "api_key": "sk-live-123456789"}]},
+        {"endpoints": ["https://user:hunter2hunter2@example.com/v1"]},
+        {"argv": ["unipost", "train", "--api-key", "sk-live-123456789"]},
+        {"argv": ["unipost", "train", "--teacher-token=hf_abcdefghijklmnop"]},
+        {"headers": "Authorization: Bearer abcdefghijklmnop"},
+        {"nested": [[{"Authorization": "Basic dXNlcjpwYXNz"}]]},
+    ],
+    ids=["key-in-list", "url-userinfo", "argv-flag", "argv-equals", "auth-header", "auth-in-lists"],
+)
+def test_one_credential_check_for_checkpoints_and_metrics(state):
+    from unipost.train.checkpoint import check_no_secrets
+
+    with pytest.raises(ValueError, match="credential"):
+        check_no_secrets(state)
+
+
+def test_configuration_that_only_mentions_credentials_is_fine():
+    from unipost.train.checkpoint import check_no_secrets
+
+    check_no_secrets(
+        {
+            "api_key_env": "OPENAI_API_KEY",
+            "eos_token": "<|im_end|>",
+            "max_tokens": 512,
+            "token": None,
+            "base_url": "http://localhost:8000/v1",
+            "argv": ["unipost", "train", "--config", "c.json"],
+        }
+    )
+
+
+def test_a_key_echoed_base64_never_reaches_errors_logs_or_the_store(tmp_path, caplog):
+    """A server that echoes the key back, plainly and base64-encoded (alone and inside a Basic blob)."""
+    import base64
+    import logging
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from unipost.data import Trajectory
+    from unipost.rollout.openai_policy import OpenAIChatPolicy
+    from unipost.rollout.store import TrajectoryStore
+
+    key = "sk-attack-" + secrets.token_hex(12)
+    forms = [
+        key,
+        base64.b64encode(key.encode()).decode(),
+        base64.b64encode(f"user:{key}".encode()).decode(),
+        base64.urlsafe_b64encode(f"xy{key}z".encode()).decode(),
+    ]
+
+    class Echo(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self):
+            body = json.dumps(
+                {"error": {"message": " | ".join(forms), "auth": self.headers.get("Authorization")}}
+            )
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        do_GET = do_POST = _answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    caplog.set_level(logging.DEBUG)
+    texts = []
+    try:
+        policy = OpenAIChatPolicy(
+            f"http://127.0.0.1:{server.server_port}/v1", "m", api_key=key, max_retries=0
+        )
+        with pytest.raises(Exception) as err:
+            policy.check()
+        texts += [str(err.value), repr(err.value)]
+        policy.close()
+    finally:
+        server.shutdown()
+    traj = Trajectory(task_id="t", prompt=[{"role": "user", "content": "server said: " + " ".join(forms)}])
+    with TrajectoryStore(tmp_path / "s.jsonl") as store:
+        store.append(traj)
+    texts.append((tmp_path / "s.jsonl").read_text())
+    texts += [r.getMessage() for r in caplog.records]
+    for text in texts:
+        for form in forms:
+            assert form not in text
+        assert key[10:] not in text

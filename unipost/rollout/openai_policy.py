@@ -28,8 +28,9 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
+from unipost._secrets import register_secret, scrub
 from unipost.data import Message
-from unipost.rendering.toolcalls import ToolCallStyle, make_tool_call, parse_assistant, validate_calls
+from unipost.rendering.toolcalls import ToolCallStyle, call_error, make_tool_call, parse_assistant
 from unipost.rollout.policy import AgentState, PolicyOutput
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class OpenAIChatPolicy:
         for env in (api_key_env, *DEFAULT_KEY_ENVS):
             key = key or os.environ.get(env) or None
         self._api_key = SecretStr(key) if key else None
+        register_secret(key)  # so stores, checkpoints and logs scrub it wherever it shows up
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -155,10 +157,9 @@ class OpenAIChatPolicy:
         }
 
     def _scrub(self, text: str) -> str:
-        if self._api_key:
-            secret = self._api_key.get_secret_value()
-            text = text.replace(secret, "***")
-        return text
+        # the shared scrubber: the key plain and base64-encoded, Authorization headers, URL userinfo
+        extra = {self._api_key.get_secret_value()} if self._api_key else set()
+        return scrub(text, extra)
 
     def _headers(self) -> dict[str, str]:
         if self._api_key is None:
@@ -291,7 +292,10 @@ class OpenAIChatPolicy:
             raise TeacherRequestError(
                 self._scrub(f"teacher response has no choices[0].message: {json.dumps(data)[:300]}")
             ) from None
-        return self._to_output(message, state)
+        output = self._to_output(message, state)
+        # the server stopped at max_tokens: an incomplete call is a "truncated" tool error, not a bad one
+        output.truncated = data["choices"][0].get("finish_reason") == "length"
+        return output
 
     def _to_output(self, message: dict[str, Any], state: AgentState) -> PolicyOutput:
         content = message.get("content") or ""
@@ -311,7 +315,7 @@ class OpenAIChatPolicy:
             out = dict(parsed.message)
             if message.get("reasoning_content"):
                 out["reasoning_content"] = message["reasoning_content"]
-            return PolicyOutput(out, tool_error=parsed.error, raw=content)
+            return PolicyOutput(out, tool_error=parsed.error, raw=content, tool_error_kind=parsed.kind)
         calls, ids = [], []
         for i, call in enumerate(wire_calls, start=1):
             fn = call.get("function") or {}
@@ -328,9 +332,9 @@ class OpenAIChatPolicy:
                 return self._failed(content, wire_calls, f"tool call {i}: needs a name and object arguments")
             calls.append((name, args))
             ids.append(call.get("id") or f"call_t{state.turn}_{i - 1}")
-        error = validate_calls(calls, tools, max_calls=self.max_calls)
-        if error is not None:
-            return self._failed(content, wire_calls, error)
+        problem = call_error(calls, tools, max_calls=self.max_calls)
+        if problem is not None:
+            return self._failed(content, wire_calls, *problem)
         out: Message = {
             "role": "assistant",
             "content": content,
@@ -341,9 +345,13 @@ class OpenAIChatPolicy:
         return PolicyOutput(out, raw=content)
 
     @staticmethod
-    def _failed(content: str, wire_calls: Sequence[dict[str, Any]], error: str) -> PolicyOutput:
+    def _failed(
+        content: str, wire_calls: Sequence[dict[str, Any]], error: str, kind: str = "unparseable"
+    ) -> PolicyOutput:
         raw = content + ("\n" if content else "") + json.dumps(wire_calls, ensure_ascii=False)
-        return PolicyOutput({"role": "assistant", "content": raw}, tool_error=error, raw=raw)
+        return PolicyOutput(
+            {"role": "assistant", "content": raw}, tool_error=error, raw=raw, tool_error_kind=kind
+        )
 
 
 def _wire_message(message: Message) -> dict[str, Any]:

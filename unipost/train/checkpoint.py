@@ -54,6 +54,8 @@ import torch
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
+from unipost._secrets import check_no_secrets
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointManager", "CheckpointWarning", "check_no_secrets"]
@@ -103,92 +105,9 @@ class Checkpoint:
 
 
 # --------------------------------------------------------------------------------------------- secrets
-
-# A key is a credential when one of its words is one of these (``openai_api_key``, ``db_password``,
-# ``client_secret``, ``Authorization``) ...
-_SECRET_WORDS = {
-    "apikey",
-    "password",
-    "passwd",
-    "secret",
-    "authorization",
-    "bearer",
-    "credential",
-    "credentials",
-}
-# ... or it is a ``token`` that is not a tokenizer's special token or a count (``pad_token``,
-# ``eos_token``, ``max_tokens`` are configuration, not secrets; ``token``, ``hf_token``,
-# ``access_token`` are).
-_SPECIAL_TOKEN_PREFIXES = {
-    "pad",
-    "eos",
-    "bos",
-    "unk",
-    "sep",
-    "cls",
-    "mask",
-    "start",
-    "end",
-    "stop",
-    "special",
-}
-
-
-def _key_words(key: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key)
-    words = [w for w in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if w]
-    # "api_key" / "api-key" / "apiKey" all become one word so they match "apikey".
-    merged: list[str] = []
-    for word in words:
-        if word == "key" and merged and merged[-1] == "api":
-            merged[-1] = "apikey"
-        else:
-            merged.append(word)
-    return merged
-
-
-# A key that *names where* a secret lives (``api_key_env="OPENAI_API_KEY"``, ``token_file``) is not one.
-_REFERENCE_SUFFIXES = {"env", "var", "envvar", "variable", "file", "path", "name"}
-
-
-def _looks_like_secret(key: str) -> bool:
-    words = _key_words(key)
-    if len(words) > 1 and words[-1] in _REFERENCE_SUFFIXES:
-        return False
-    if any(w in _SECRET_WORDS for w in words):
-        return True
-    for i, word in enumerate(words):
-        if word == "token" and not (i > 0 and words[i - 1] in _SPECIAL_TOKEN_PREFIXES):
-            return True
-    return False
-
-
-def _non_empty(value: Any) -> bool:
-    # Credentials are strings (or bytes). ``use_auth_token=True`` or ``token=None`` carry no secret.
-    return isinstance(value, (str, bytes)) and len(value) > 0
-
-
-def check_no_secrets(data: Any, where: str = "state") -> None:
-    """Raise ``ValueError`` if ``data`` holds a credential-looking key with a non-empty string value.
-
-    Why: checkpoints and metric logs get copied, uploaded and shared; an API key that slipped into a
-    config dict would travel with them. Nested dicts and lists are searched; the message names the
-    full key path so the caller knows what to remove.
-    """
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            path = f"{where}[{key!r}]"
-            if _looks_like_secret(str(key)) and _non_empty(value):
-                raise ValueError(
-                    f"refusing to write {path}: the key looks like a credential (api key / token / "
-                    "password / secret) and credentials must never be written to checkpoints or logs; "
-                    "remove it or set it to None (read secrets from the environment instead)"
-                )
-            check_no_secrets(value, path)
-    elif isinstance(data, (list, tuple)):
-        for i, value in enumerate(data):
-            check_no_secrets(value, f"{where}[{i}]")
-
+# One scrubber for stores, checkpoints, metrics and logs (unipost/_secrets.py): nested dicts and lists,
+# URL userinfo, Authorization headers, argv flags and configured key values are all refused here.
+# Re-exported: ``from unipost.train.checkpoint import check_no_secrets`` keeps working.
 
 # ------------------------------------------------------------------------------------------ filesystem
 
@@ -569,6 +488,8 @@ def _inspect(path: Path, iteration: int, *, full: bool) -> Checkpoint:
         if required not in files:
             return bad(f"manifest.json does not list {required}")
     for fname, meta in files.items():
+        if not isinstance(meta, dict) or fname in ("", ".", "..") or "/" in fname or "\\" in fname:
+            return bad(f"manifest.json entry {fname!r} is not a file record of this directory")
         fpath = path / fname
         if not fpath.is_file():
             return bad(f"missing file {fname}")
