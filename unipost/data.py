@@ -65,6 +65,17 @@ FailureMode = Literal[
     "no_edit",
 ]
 
+TOOL_ERROR_KINDS = (
+    "unparseable",  # no valid tool call in the model's text: malformed <tool_call> markup, bad JSON, none
+    "unknown_tool",  # a well-formed call to a tool that does not exist
+    "invalid_arguments",  # a schema violation: missing required / unexpected / mistyped argument
+    "truncated",  # generation hit max_new_tokens before the end-of-turn token (so the call is incomplete)
+    "tool_failure",  # a valid call that the tool ran and reported failed (missing path, old_str not found)
+    "other",  # anything else (an environment fault, an environment that does not say the kind)
+)
+"""Why a turn was a tool-use error, recorded where it is detected (policy parser, engine, environment),
+so evaluation can say *why* a student fails without anyone reading its trajectories."""
+
 
 class Turn(BaseModel):
     """One agent step t: state s_t -> executed action a_t -> observation o_t."""
@@ -80,6 +91,8 @@ class Turn(BaseModel):
     action_logprobs: list[float] | None = None  # log pi_old of those tokens at sampling time
     teacher_logprobs: list[float] | None = None  # log pi_T of the action's tokens (OPD), when collected
     tool_error: bool = False  # the action's tool call was malformed or invalid
+    # which of TOOL_ERROR_KINDS when tool_error (None on turns stored before kinds were recorded)
+    tool_error_kind: str | None = None
 
     @property
     def label_equals_action(self) -> bool:
@@ -165,6 +178,8 @@ class StepResult:
     observation: list[Message]  # tool messages (role "tool", with tool_call_id), as OpenHands returns them
     done: bool = False  # the agent called `finish` (or the environment ended the episode)
     tool_error: bool = False  # malformed/unknown tool call or invalid arguments
+    # environment-specific extras; ``info["tool_error_kind"]`` (one of TOOL_ERROR_KINDS) says why a
+    # ``tool_error`` turn failed, set where the environment detected it (an absent kind reads as "other")
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -208,6 +223,10 @@ class PolicyOutput:
     logprobs: list[float] | None = None  # log-probs of those tokens at sampling time
     tool_error: str | None = None  # why the raw output did not parse into a valid tool call
     raw: str | None = None  # raw generated text, for debugging
+    tool_error_kind: str | None = None  # which of TOOL_ERROR_KINDS ``tool_error`` is (None: unparseable)
+    # generation stopped at max_new_tokens, not at the end-of-turn token: a call it left incomplete is
+    # a "truncated" tool error, which a longer budget (not more training) fixes
+    truncated: bool = False
 
 
 @runtime_checkable

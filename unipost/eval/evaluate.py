@@ -8,6 +8,12 @@ over the submitted-and-unresolved episodes, "no submission" (tool-use error / re
 context overflow / budget exhaustion / no edit) over the unsubmitted ones. Reading a block as a share
 of all episodes would hide that, e.g., SFT's 2.4% unsubmitted episodes are mostly context overflows.
 
+Tool-use errors are broken down by kind (``unipost.data.TOOL_ERROR_KINDS``: unparseable call, unknown
+tool, invalid arguments, truncated at max_new_tokens, tool-reported failure, other), each a fraction of
+all turns, so "80% tool errors" says whether the student cannot write the format, runs out of tokens,
+or writes good calls against a world it misreads, without anyone reading its trajectories. The kind is
+the one recorded on each turn where the error was detected (parser, engine, environment).
+
 Held-out sets are small (tens to hundreds of tasks), so the resolve rate comes with a Wilson 95%
 interval: two methods whose intervals overlap widely have not been told apart.
 
@@ -23,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from unipost.data import FAILURE_MODES, Trajectory
+from unipost.data import FAILURE_MODES, TOOL_ERROR_KINDS, Trajectory
 from unipost.envs.base import Environment
 from unipost.objective import OwnSamples, Recipe, StudentRollout
 from unipost.rollout.engine import CountTokens, RolloutBatch, RolloutEngine
@@ -60,6 +66,18 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _tool_error_fractions(trajectories: Sequence[Trajectory], turns: int) -> dict[str, float]:
+    """Per kind in ``TOOL_ERROR_KINDS``: tool-error turns of that kind / all turns (sums to the tool-error
+    rate). A tool-error turn without a recorded kind (stored before kinds were) counts as "other"."""
+    counts = dict.fromkeys(TOOL_ERROR_KINDS, 0)
+    for t in trajectories:
+        for turn in t.turns:
+            if turn.tool_error:
+                kind = turn.tool_error_kind
+                counts[kind if kind in counts else "other"] += 1
+    return {k: (v / turns if turns else 0.0) for k, v in counts.items()}
 
 
 def _block_fractions(modes: Sequence[str | None], allowed: tuple[str, ...]) -> tuple[dict[str, float], int]:
@@ -100,6 +118,8 @@ class EvalResult:
     no_submission_other: int = 0
     mean_turns: float = 0.0
     tool_error_rate: float = 0.0  # per executed turn
+    # per TOOL_ERROR_KINDS kind: fraction of all executed turns (the values sum to tool_error_rate)
+    tool_errors: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TOOL_ERROR_KINDS, 0.0))
     env_errors: int = 0
     expert_agreement: float | None = None  # student turns whose tool call equals the expert's label
     expert_prefix: float | None = None  # mean turns the student follows the expert before a first deviation
@@ -142,6 +162,7 @@ class EvalResult:
             no_submission_other=right_other,
             mean_turns=turns / n if n else 0.0,
             tool_error_rate=tool_errors / turns if turns else 0.0,
+            tool_errors=_tool_error_fractions(trajectories, turns),
             env_errors=sum(bool(t.meta.get("env_error")) for t in trajectories),
             **_expert_agreement(trajectories),
             iteration=iteration,
@@ -170,23 +191,32 @@ class EvalResult:
             "env_errors": float(self.env_errors),
         }
         out.update({f"failure/{mode}": frac for mode, frac in self.failure_modes.items()})
+        out.update({f"tool_errors/{kind}": frac for kind, frac in self.tool_errors.items()})
         if self.expert_agreement is not None:
             out["expert_agreement"] = self.expert_agreement
             out["expert_prefix"] = float(self.expert_prefix or 0.0)
         return {f"{prefix}{k}": float(v) for k, v in out.items()}
 
+    def top_tool_errors(self, k: int = 3) -> list[tuple[str, float]]:
+        """The ``k`` most frequent tool-error kinds (fraction of turns), most frequent first (ties in
+        ``TOOL_ERROR_KINDS`` order); kinds that never occurred are left out."""
+        ranked = sorted(self.tool_errors.items(), key=lambda kv: -kv[1])  # stable: ties keep kind order
+        return [(kind, frac) for kind, frac in ranked[:k] if frac > 0]
+
     def summary(self, name: str | None = None) -> str:
-        """One line for logs: resolve rate with its interval, submission rate, turns, top failure mode."""
+        """One line for logs: resolve rate with its interval, submission rate, turns, tool errors with
+        their top kinds, top failure mode."""
         lo, hi = self.resolve_ci
         counts = {m: f * self.submitted_unresolved for m, f in self.submitted_unresolved_modes.items()}
         counts.update({m: f * self.no_submission for m, f in self.no_submission_modes.items()})
         worst = max(counts.items(), key=lambda kv: kv[1], default=(None, 0.0))  # by episodes, not share
         top = f", top failure {worst[0]} ({round(worst[1])}/{self.n})" if worst[1] > 0 else ""
         head = f"{name}: " if name else ""
+        kinds = ", ".join(f"{kind} {frac:.1%}" for kind, frac in self.top_tool_errors())
         return (
             f"{head}resolve {self.resolve_rate:.1%} [{lo:.1%}, {hi:.1%}] (n={self.n}), "
             f"submit {self.submission_rate:.1%}, {self.mean_turns:.1f} turns, "
-            f"tool errors {self.tool_error_rate:.1%}/turn{top}"
+            f"tool errors {self.tool_error_rate:.1%}/turn{f' ({kinds})' if kinds else ''}{top}"
         )
 
 

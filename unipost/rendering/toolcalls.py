@@ -49,10 +49,17 @@ class ParsedAction:
 
     message: Message
     error: str | None = None
+    # which of ``unipost.data.TOOL_ERROR_KINDS`` the error is ("unparseable", "unknown_tool",
+    # "invalid_arguments"), decided here where it is detected rather than guessed later from its wording
+    kind: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class _InvalidArguments(str):
+    """A body parser's error that is about argument values (well-formed markup, wrong arguments)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,18 +162,31 @@ def validate_calls(
     Shared by the text parsers and the black-box policy (whose server already parsed the calls), so a
     teacher and a student are held to the same rules.
     """
+    problem = call_error(calls, tools, max_calls=max_calls)
+    return None if problem is None else problem[0]
+
+
+def call_error(
+    calls: Sequence[tuple[str, dict[str, Any]]],
+    tools: Sequence[dict[str, Any]] | None = None,
+    *,
+    max_calls: int | None = None,
+) -> tuple[str, str] | None:
+    """``validate_calls`` with the error's kind: (why, "unparseable" | "unknown_tool" |
+    "invalid_arguments"), or None. More calls than allowed is "unparseable": the text is not one action."""
     if max_calls is not None and len(calls) > max_calls:
-        return f"{len(calls)} tool calls in one turn, but at most {max_calls} allowed"
+        return f"{len(calls)} tool calls in one turn, but at most {max_calls} allowed", "unparseable"
     index = _tool_index(tools)
     if index is None:
         return None
     for name, args in calls:
         if name not in index:
-            return f"unknown tool {name!r} (available: {', '.join(sorted(index))})"
+            return f"unknown tool {name!r} (available: {', '.join(sorted(index))})", "unknown_tool"
         required = index[name].get("parameters", {}).get("required", [])
         missing = [r for r in required if r not in args]
         if missing:
-            return f"tool {name!r} is missing required argument(s): {', '.join(map(repr, missing))}"
+            why = f"tool {name!r} is missing required argument(s): {', '.join(map(repr, missing))}"
+            return why, "invalid_arguments"
     return None
 
 
@@ -283,7 +303,9 @@ def _parse_hermes_body(body: str, i: int) -> tuple[str, dict[str, Any]] | str:
             name = obj["name"]
             return f"tool call {i} ({name}): arguments are a string, not a JSON object: {_snippet(args)}"
     if not isinstance(args, dict):
-        return f"tool call {i} ({obj['name']}): arguments must be a JSON object, got {_snippet(str(args))}"
+        return _InvalidArguments(
+            f"tool call {i} ({obj['name']}): arguments must be a JSON object, got {_snippet(str(args))}"
+        )
     return obj["name"], args
 
 
@@ -364,11 +386,13 @@ def _parse_xml_body(body: str, i: int, tools: dict[str, dict[str, Any]] | None) 
         raw = raw[1:] if raw.startswith("\n") else raw  # the template adds exactly one newline each side
         raw = raw[:-1] if raw.endswith("\n") else raw
         if key in args:
-            return f"tool call {i} ({name}): parameter {key!r} given twice"
+            return _InvalidArguments(f"tool call {i} ({name}): parameter {key!r} given twice")
         ok, value = _decode_xml_value(raw, props.get(key))
         if not ok:
             want = props.get(key, {}).get("type")
-            return f"tool call {i} ({name}): argument {key!r} should be of type {want}, got {_snippet(raw)}"
+            return _InvalidArguments(
+                f"tool call {i} ({name}): argument {key!r} should be of type {want}, got {_snippet(raw)}"
+            )
         args[key] = value
         pos = end + len(_PARAM_CLOSE)
 
@@ -399,8 +423,8 @@ def parse_assistant(
     split = _reasoning_end(text)
     head, tail = text[:split], text[split:]
 
-    def failed(error: str) -> ParsedAction:
-        return ParsedAction({"role": "assistant", "content": text}, error)
+    def failed(error: str, kind: str = "unparseable") -> ParsedAction:
+        return ParsedAction({"role": "assistant", "content": text}, str(error), kind)
 
     outside, bodies, error = _split_blocks(tail)
     if error is None and style == "qwen3_coder" and "<function=" in "".join(outside):
@@ -412,13 +436,15 @@ def parse_assistant(
     for i, body in enumerate(bodies, start=1):
         parsed = _parse_hermes_body(body, i) if style == "hermes" else _parse_xml_body(body, i, index)
         if isinstance(parsed, str):
-            return failed(parsed)
+            return failed(
+                parsed, "invalid_arguments" if isinstance(parsed, _InvalidArguments) else "unparseable"
+            )
         calls.append(parsed)
     if require_call and not calls:
         return failed(f"no tool call found (expected {CALL_OPEN}...{CALL_CLOSE})")
-    error = validate_calls(calls, tools, max_calls=max_calls)
-    if error is not None:
-        return failed(error)
+    problem = call_error(calls, tools, max_calls=max_calls)
+    if problem is not None:
+        return failed(*problem)
     content = (head + "".join(outside)).strip() if calls else text.strip()
     message: Message = {"role": "assistant", "content": content}
     if calls:

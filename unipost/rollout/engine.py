@@ -22,7 +22,10 @@ Robustness rules (a rollout run is hours long; one bad episode must not end it):
 
 * a ``PolicyOutput`` with ``tool_error`` (a malformed tool call) is executed as a message *without* tool
   calls, so the environment's own error path records a tool-use error, and the observation starts with
-  ``ERROR: ...`` saying what was wrong; the action is recorded with ``tool_error=True``;
+  ``ERROR: ...`` saying what was wrong; the action is recorded with ``tool_error=True`` and a
+  ``tool_error_kind`` (``unipost.data.TOOL_ERROR_KINDS``) from whoever detected it: the policy's parser
+  (``PolicyOutput.tool_error_kind``, "truncated" when generation hit max_new_tokens) or the environment
+  (``StepResult.info["tool_error_kind"]``);
 * an exception inside one environment (factory, reset, step, verify) ends that episode only, with
   ``meta["env_error"]`` saying what happened;
 * the turn budget (``max_turns``) and the context budget (tokens of the rendered student prompt, via
@@ -47,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from unipost.data import Message, Outcome, Trajectory, Turn
+from unipost.data import TOOL_ERROR_KINDS, Message, Outcome, Trajectory, Turn
 from unipost.envs.base import Environment, StepResult
 from unipost.objective import EpisodePlan, Need, Recipe, RolloutProtocol
 from unipost.rollout.chat_policy import CONTEXT_OVERFLOW  # a policy refused an overlong prompt
@@ -391,6 +394,9 @@ class _Run:
                 action_token_ids=out.token_ids if who == "student" else None,
                 action_logprobs=out.logprobs if who == "student" else None,
                 tool_error=out.tool_error is not None,
+                tool_error_kind=None
+                if out.tool_error is None
+                else _tool_error_kind(out.tool_error_kind, "unparseable", out.truncated),
             )
             stepping.append((ep, turn, out))
         return stepping
@@ -411,6 +417,9 @@ class _Run:
             observation = _with_error_note(observation, out.tool_error)
         turn.observation = observation
         turn.tool_error = turn.tool_error or bool(result.tool_error)
+        if turn.tool_error_kind is None and result.tool_error:  # the policy parsed it; the env refused it
+            info = result.info if isinstance(result.info, dict) else {}
+            turn.tool_error_kind = _tool_error_kind(info.get("tool_error_kind"), "other", out.truncated)
         ep.turns.append(turn)
         ep.messages += [turn.action, *observation]
         ep.done = bool(result.done)
@@ -467,6 +476,18 @@ def _executed_message(out: PolicyOutput) -> Message:
     if out.tool_error is not None:
         message.pop("tool_calls", None)
     return message
+
+
+def _tool_error_kind(reported: Any, absent: str, truncated: bool) -> str:
+    """A tool-error turn's kind, as its detector (the policy's parser, else the env) reported it.
+
+    ``absent`` stands in for a detector that names no kind (a policy's parse error is "unparseable", an
+    env's unexplained error "other"); a kind outside ``TOOL_ERROR_KINDS`` is "other". A missing or
+    malformed call from a generation cut at max_new_tokens is "truncated" (a longer budget fixes that,
+    not training); a well-formed call the env refused keeps its own kind.
+    """
+    kind = absent if reported is None else reported if reported in TOOL_ERROR_KINDS else "other"
+    return "truncated" if truncated and kind == "unparseable" else kind
 
 
 def _with_error_note(observation: list[Message], reason: str) -> list[Message]:

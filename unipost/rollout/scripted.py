@@ -156,5 +156,7 @@ class RandomToolPolicy:
                 require_call=True,
                 id_prefix=f"call_t{state.turn}",
             )
-            outputs.append(PolicyOutput(parsed.message, tool_error=parsed.error, raw=text))
+            outputs.append(
+                PolicyOutput(parsed.message, tool_error=parsed.error, raw=text, tool_error_kind=parsed.kind)
+            )
         return outputs

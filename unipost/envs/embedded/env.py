@@ -122,29 +122,32 @@ class EmbeddedEnv:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------------
-    def _execute(self, call: Any, i: int) -> tuple[str, str, bool, str]:
+    def _execute(self, call: Any, i: int) -> tuple[str, str, str | None, str]:
+        """(observation text, tool name, tool-error kind or None, call id) of one call."""
         call_id = call_id_of(call, i)
         raw_name = _raw_name(call)
+        parsed = None
         try:
             parsed = parse_tool_call(call)
             if parsed.name == "finish":
                 self.done = self.submitted = True
-                return parsed.arguments.get("message", ""), raw_name, False, call_id
+                return parsed.arguments.get("message", ""), raw_name, None, call_id
             if parsed.name == "think":
-                return "Your thought has been logged.", raw_name, False, call_id
+                return "Your thought has been logged.", raw_name, None, call_id
             if parsed.name == "file_editor":
-                return self.editor(parsed.arguments), raw_name, False, call_id
-            text, _code = self.terminal(parsed.arguments)
-            return text, raw_name, False, call_id
-        except ToolError as exc:
-            return f"ERROR:\n{exc}", raw_name, True, call_id
+                return self.editor(parsed.arguments), raw_name, None, call_id
+            text, _code = self.terminal(parsed.arguments)  # a non-zero exit is an answer, not an error
+            return text, raw_name, None, call_id
+        except ToolError as exc:  # refused by the schema check (not parsed yet) or by the tool that ran
+            kind = exc.kind or ("tool_failure" if parsed is not None else "invalid_arguments")
+            return f"ERROR:\n{exc}", raw_name, kind, call_id
         except Exception as exc:  # an environment fault must not crash the rollout
             text = f"ERROR:\n{type(exc).__name__}: {exc}"
             if self.sandbox is not None:
                 text = self.sandbox.hide_host_paths(text)
             if self.workspace is not None:  # never a host path, even in an unexpected error
                 text = text.replace(str(self.workspace), WORKSPACE)
-            return text, raw_name, True, call_id
+            return text, raw_name, "other", call_id
 
     def host_path(self, path: str) -> Path:
         """The host file behind an agent-visible /testbed path (privileged; used by the scripted expert)."""
@@ -157,39 +160,49 @@ def execute_tool_calls(env: Any, action: Message) -> StepResult:
 
     Shared by every environment with the embedded tool semantics (EmbeddedEnv, DockerSWEEnv,
     OpenHandsEnv), so a malformed turn is an error observation and a tool-use error the same way in all
-    of them. ``env`` provides ``workspace``, ``done``, ``turn_tool_errors``, ``actions`` and ``_execute``.
+    of them. ``env`` provides ``workspace``, ``done``, ``turn_tool_errors``, ``actions`` and ``_execute``;
+    ``_execute``'s third element is the call's tool-error kind (None: no error; an environment that only
+    knows *that* a call failed returns True, recorded as "other"). The turn's first error kind goes to
+    ``StepResult.info["tool_error_kind"]``.
     """
     if env.workspace is None:
         raise RuntimeError(f"{type(env).__name__}.step() called before reset().")
     if env.done:
-        return StepResult([_user("The episode has ended; no more actions are executed.")], True, True)
+        ended = [_user("The episode has ended; no more actions are executed.")]
+        return StepResult(ended, True, True, info={"tool_error_kind": "other"})
     calls = (action.get("tool_calls") or []) if isinstance(action, dict) else []
     if not isinstance(calls, list) or not calls:
         env.turn_tool_errors.append(True)
         content = action.get("content", "") if isinstance(action, dict) else action
         env.actions.append(json.dumps(["<no tool call>", _bounded_text(content)]))
-        return StepResult([_user(NO_TOOL_CALL)], done=False, tool_error=True, info={"tools": []})
+        info = {"tools": [], "tool_error_kind": "unparseable"}  # the model's text held no tool call
+        return StepResult([_user(NO_TOOL_CALL)], done=False, tool_error=True, info=info)
     observation: list[Message] = []
-    any_error, names = False, []
+    any_error, names, kinds = False, [], []
     for i, call in enumerate(calls):
         if nesting_depth(call, MAX_ACTION_DEPTH) > MAX_ACTION_DEPTH:
             text, name, error = (
                 f"ERROR:\nTool call nested more than {MAX_ACTION_DEPTH} levels deep.",
                 "unknown",
-                True,
+                "invalid_arguments",
             )
             call_id = f"call_{i}"
         else:
             text, name, error, call_id = env._execute(call, i)
         text = printable(text)  # undecodable bytes echoed back become escapes, never lone surrogates
-        any_error |= error
+        any_error |= bool(error)
+        if error:
+            kinds.append(error if isinstance(error, str) else "other")
         names.append(name)
         observation.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": text})
         if env.done:
             break
     env.turn_tool_errors.append(any_error)
     env.actions.append(json.dumps([_canonical(c) for c in calls]))
-    return StepResult(observation, done=env.done, tool_error=any_error, info={"tools": names})
+    info: dict[str, Any] = {"tools": names}
+    if kinds:
+        info["tool_error_kind"] = kinds[0]
+    return StepResult(observation, done=env.done, tool_error=any_error, info=info)
 
 
 def _user(text: str) -> Message:

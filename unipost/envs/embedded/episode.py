@@ -50,6 +50,7 @@ def play_expert(
                     label=label,
                     observation=result.observation,
                     tool_error=result.tool_error,
+                    tool_error_kind=result.info.get("tool_error_kind") if result.tool_error else None,
                 )
             )
             messages += [action, *result.observation]

@@ -91,7 +91,27 @@ def tool_schemas(full: bool = False) -> list[dict[str, Any]]:
 
 
 class ToolError(Exception):
-    """Bad tool call or arguments: becomes an error observation and ``StepResult.tool_error``."""
+    """Bad tool call or arguments: becomes an error observation and ``StepResult.tool_error``.
+
+    ``kind`` (one of ``unipost.data.TOOL_ERROR_KINDS``) is set by the subclasses below where the raise
+    site knows it; None lets the environment decide by where it was raised: while validating the call
+    against its schema (``invalid_arguments``) or while the tool ran (``tool_failure``).
+    """
+
+    kind: str | None = None
+
+
+class UnknownToolError(ToolError):
+    """The call names a tool that does not exist."""
+
+    kind = "unknown_tool"
+
+
+class InvalidArgumentsError(ToolError):
+    """The arguments are wrong whatever the workspace holds (a missing per-command parameter, a
+    relative path, a malformed range): the model's call is at fault, not the world it acts on."""
+
+    kind = "invalid_arguments"
 
 
 @dataclass
@@ -149,7 +169,7 @@ def parse_tool_call(call: Any) -> ToolCall:
     canonical = TOOL_ALIASES.get(name, name)
     schemas = _full_schemas()
     if canonical not in schemas:
-        raise ToolError(f"Tool {name[:100]!r} does not exist. Available tools: {', '.join(schemas)}.")
+        raise UnknownToolError(f"Tool {name[:100]!r} does not exist. Available tools: {', '.join(schemas)}.")
     args = fn.get("arguments", {})
     if isinstance(args, str):
         if len(args) > MAX_ARGUMENT_JSON_CHARS:
@@ -260,7 +280,7 @@ class FileEditor:
             return self.view(path, parts, args.get("view_range"))
         if command == "create":
             if args.get("file_text") is None:
-                raise ToolError("Parameter `file_text` is required for command: create.")
+                raise InvalidArgumentsError("Parameter `file_text` is required for command: create.")
             self.create(path, parts, args["file_text"])
             return f"File created successfully at: {path}"
         if command == "str_replace":
@@ -275,7 +295,9 @@ class FileEditor:
             previous = stack.pop()
             self.write(path, parts, previous)
             return f"Last edit to {path} undone successfully. {self._snippet_all(path, previous)}"
-        raise ToolError(f"Unrecognized command {command}. Allowed commands: {', '.join(EDITOR_COMMANDS)}.")
+        raise InvalidArgumentsError(
+            f"Unrecognized command {command}. Allowed commands: {', '.join(EDITOR_COMMANDS)}."
+        )
 
     # -- paths --------------------------------------------------------------------------------------
     def resolve(self, path: str) -> list[str]:
@@ -284,11 +306,11 @@ class FileEditor:
         Lexical only (``..`` is applied to the text); symlinks are resolved later, by :meth:`_open`.
         """
         if not isinstance(path, str) or not path.startswith("/"):
-            raise ToolError(
+            raise InvalidArgumentsError(
                 f"Invalid `path` parameter: {path}. The path should be an absolute path, starting with `/`."
             )
         if "\x00" in path:
-            raise ToolError(f"Invalid `path` parameter: {path!r}. It contains a NUL character.")
+            raise InvalidArgumentsError(f"Invalid `path` parameter: {path!r}. It contains a NUL character.")
         parts = _normalise(path.split("/"))
         if parts is None or parts[:1] != [WORKSPACE.strip("/")]:
             raise ToolError(_OUTSIDE.format(path=path))
@@ -476,7 +498,9 @@ class FileEditor:
         start = 1
         if view_range:
             if len(view_range) != 2 or not all(type(i) is int for i in view_range):
-                raise ToolError("Invalid `view_range` parameter. It should be a list of two integers.")
+                raise InvalidArgumentsError(
+                    "Invalid `view_range` parameter. It should be a list of two integers."
+                )
             start, end = view_range
             n = len(lines)
             if not 1 <= start <= n:
@@ -522,7 +546,7 @@ class FileEditor:
 
     def str_replace(self, path: str, parts: list[str], old: Any, new: Any) -> str:
         if old is None:
-            raise ToolError("Parameter `old_str` is required for command: str_replace.")
+            raise InvalidArgumentsError("Parameter `old_str` is required for command: str_replace.")
         new = "" if new is None else new
         content = self.read(path, parts)
         count = content.count(old) if old else 0
@@ -537,7 +561,9 @@ class FileEditor:
                 "Please ensure it is unique."
             )
         if new == old:
-            raise ToolError("No replacement was performed. `new_str` and `old_str` must be different.")
+            raise InvalidArgumentsError(
+                "No replacement was performed. `new_str` and `old_str` must be different."
+            )
         at = content.index(old)
         updated = content.replace(old, new, 1)
         self.write(path, parts, updated)
@@ -552,9 +578,9 @@ class FileEditor:
 
     def insert(self, path: str, parts: list[str], line: Any, new: Any) -> str:
         if line is None:
-            raise ToolError("Parameter `insert_line` is required for command: insert.")
+            raise InvalidArgumentsError("Parameter `insert_line` is required for command: insert.")
         if new is None:
-            raise ToolError("Parameter `new_str` is required for command: insert.")
+            raise InvalidArgumentsError("Parameter `new_str` is required for command: insert.")
         content = self.read(path, parts)
         lines = content.split("\n") if content else []
         if not 0 <= line <= len(lines):
@@ -632,7 +658,7 @@ class Terminal:
             and math.isfinite(timeout)
             and 1 <= timeout <= top
         ):
-            raise ToolError(
+            raise InvalidArgumentsError(
                 f"Invalid `timeout` parameter: {timeout!r}. It should be a number in [1, {top:g}]."
             )
         marker = f"__UNIPOST_CWD_{secrets.token_hex(6)}__"
