@@ -710,3 +710,50 @@ def test_a_key_echoed_base64_never_reaches_errors_logs_or_the_store(tmp_path, ca
         for form in forms:
             assert form not in text
         assert key[10:] not in text
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_swe_grading_removes_the_agents_import_hooks(tmp_path):
+    """conftest.py / sitecustomize.py / usercustomize.py / *.pth the agent added are removed and the
+    tracked ones it edited restored before the tests run (a conftest hook can mark every test passed)."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from unipost.envs.swe.grading import reset_test_files_commands
+
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "conftest.py").write_text("# the repo's own\n")
+    (repo / "pkg" / "mod.py").write_text("x = 1\n")
+    (repo / ".gitignore").write_text("*.pth\nbuild/\n")
+    git = ["git", "-C", str(repo), "-c", "user.email=a@b", "-c", "user.name=a"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], check=True)
+    base = subprocess.run(
+        [*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    hook = "def pytest_runtest_makereport(item, call):\n    pass  # forge\n"
+    (repo / "conftest.py").write_text(hook)
+    (repo / "pkg" / "conftest.py").write_text(hook)
+    (repo / "sitecustomize.py").write_text("import os\n")
+    (repo / "pkg" / "usercustomize.py").write_text("import os\n")
+    (repo / "evil.pth").write_text("import os\n")  # ignored by .gitignore: still removed
+    (repo / "build").mkdir()
+    (repo / "build" / "conftest.py").write_text(hook)
+    (repo / "pkg" / "mod.py").write_text("x = 2\n")  # the agent's actual fix stays
+    (repo / "weird name conftest.py").write_text("kept: not a hook name\n")
+    instance = SimpleNamespace(base_commit=base, test_patch="")
+    lines = [ln for ln in reset_test_files_commands(instance, str(repo)) if "--global" not in ln]
+    subprocess.run(["bash", "-c", "\n".join(lines)], check=True)
+    assert (repo / "conftest.py").read_text() == "# the repo's own\n"
+    for gone in (
+        "pkg/conftest.py",
+        "sitecustomize.py",
+        "pkg/usercustomize.py",
+        "evil.pth",
+        "build/conftest.py",
+    ):
+        assert not (repo / gone).exists(), gone
+    assert (repo / "pkg" / "mod.py").read_text() == "x = 2\n"
+    assert (repo / "weird name conftest.py").exists()

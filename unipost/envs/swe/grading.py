@@ -218,12 +218,29 @@ class GradingSpec:
     timeout_s: float = 1800.0
 
 
+# Files Python or pytest import by themselves, before any test runs: an agent that adds or edits one can
+# rewrite the verdict (a conftest.py hook that marks every test passed). They are put back as they were
+# at the base commit before grading; the test patch is applied afterwards, so its own conftest.py stays.
+HOOK_FILE_CASES = "conftest.py|sitecustomize.py|usercustomize.py|*.pth"
+
+
 def reset_test_files_commands(instance: SWEInstance, workdir: str = WORKSPACE) -> list[str]:
-    """Undo the agent's edits to the test patch's files: back to the base commit, or gone if new."""
+    """Undo the agent's edits to the test patch's files (back to the base commit, or gone if new) and
+    to every import hook in the repository (conftest.py, sitecustomize.py, usercustomize.py, *.pth:
+    agent-added ones removed, tracked ones restored), so no code of the agent's runs before the tests
+    do. What this does not cover is documented in docs/sandbox.md."""
     base = shlex.quote(instance.base_commit)
     where = shlex.quote(workdir)
     # the mounted tree belongs to the host user: without this, git in the container refuses to touch it
     lines = [f"cd {where}", f"git config --global --add safe.directory {where}"]
+    hook = f'case "${{f##*/}}" in {HOOK_FILE_CASES})'
+    lines.append(  # untracked (and ignored) hook files the agent added
+        f"git ls-files -z --others | while IFS= read -r -d '' f; do {hook} rm -f -- \"$f\";; esac; done"
+    )
+    lines.append(  # tracked hook files the agent edited or deleted
+        f"git diff -z --name-only {base} | while IFS= read -r -d '' f; do {hook} "
+        f'git checkout -q {base} -- "$f" 2>/dev/null || rm -f -- "$f";; esac; done'
+    )
     for path in patch_files(instance.test_patch):
         q = shlex.quote(path)
         lines.append(f"git checkout -q {base} -- {q} 2>/dev/null || rm -f -- {q}")
