@@ -18,15 +18,31 @@ Both are recorded by logits processors while generating, one (batch, vocab) tens
 than through ``output_scores``/``output_logits``, which keep a (steps, batch, vocab) tensor: 40 GB for a
 32 x 2048-token batch of a 150k-vocabulary model. We therefore apply temperature and top-p with our own
 processors (and pin transformers' ones off), so the order raw -> temperature -> top-p -> record is ours.
+
+KV reuse across an episode's turns (``prefix_cache_mb``, on by default): turn t+1's prompt is turn t's
+prompt + the action + the observation, so after each ``generate`` the policy keeps every row's keys and
+values (prompt + generated tokens) in a :class:`PrefixKVCache`. A later prompt looks up the entry with
+the longest common *token* prefix (checked token by token, so an edited history, a template that
+re-renders earlier turns differently, or a different tokenisation at the boundary just shortens the
+reused part; no match means a full encode) and only its new suffix is encoded. Entries are dropped
+when the model's weights change (a training step between rollouts), so a stale cache is never read.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from unipost.data import Message
 from unipost.rendering.toolcalls import (
@@ -66,6 +82,82 @@ class _LogprobRecorder(LogitsProcessor):
         return torch.stack(self.steps, dim=1).cpu()
 
 
+@dataclass
+class _PrefixEntry:
+    tokens: torch.Tensor  # (n,) int64 on CPU
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (kv_heads, n, head_dim)
+    nbytes: int
+
+
+class PrefixKVCache:
+    """An LRU of (token sequence -> per-layer keys/values) for one model, bounded in bytes.
+
+    ``match`` finds the entry sharing the longest token prefix with a prompt (compared token by token,
+    never assumed); ``add`` stores a sequence's keys/values and drops entries it covers (an episode's
+    previous turn) and, least recently used first, whatever exceeds ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[int, _PrefixEntry] = OrderedDict()
+        self.nbytes = 0
+        self._next_key = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
+
+    def match(self, prompt: torch.Tensor) -> tuple[int | None, int]:
+        """(entry key, length of the longest common prefix with ``prompt``); (None, 0) without any."""
+        best_key, best = None, 0
+        for key, entry in self.entries.items():
+            n = min(len(entry.tokens), len(prompt))
+            if n <= best:
+                continue
+            differ = (entry.tokens[:n] != prompt[:n]).nonzero()
+            common = int(differ[0]) if len(differ) else n
+            if common > best:
+                best_key, best = key, common
+        if best_key is not None:
+            self.entries.move_to_end(best_key)
+        return best_key, best
+
+    def add(self, tokens: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for key in [k for k, e in self.entries.items() if _covers(tokens, e.tokens)]:
+            self._drop(key)
+        self._store(tokens, kv)
+
+    def discard(self, entries: Sequence[_PrefixEntry]) -> None:
+        """Drop these entries (by identity) if still held: turns that a later entry has replaced."""
+        for key in [k for k, e in self.entries.items() if any(e is x for x in entries)]:
+            self._drop(key)
+
+    def _store(self, tokens: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if nbytes > self.max_bytes:
+            return
+        self.entries[self._next_key] = _PrefixEntry(tokens, kv, nbytes)
+        self._next_key += 1
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: int) -> None:
+        self.nbytes -= self.entries.pop(key).nbytes
+
+
+def _covers(tokens: torch.Tensor, prefix: torch.Tensor) -> bool:
+    return len(prefix) <= len(tokens) and bool(torch.equal(tokens[: len(prefix)], prefix))
+
+
+def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values) of a transformers ``DynamicCache``, each (batch, kv_heads, length, dim)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
 class TransformersPolicy(ChatPolicyBase):
     """A local causal LM (any transformers model with a chat template) as a batched policy.
 
@@ -86,7 +178,14 @@ class TransformersPolicy(ChatPolicyBase):
         max_calls, require_call: passed to ``parse_assistant`` (one call per turn, as OpenHands).
         score_batch_size: sequences per forward pass in ``score``.
         end_of_turn: the token that ends an assistant turn (generation stops there).
+        prefix_cache_mb: memory for keys/values kept between ``act`` calls so a turn encodes only what
+            is new since an earlier prompt (see the module docstring); 0 turns KV reuse off. Models with
+            sliding-window layers never reuse.
     """
+
+    # reuse a cached prefix only if it saves at least this many tokens (else the row is encoded fresh,
+    # in the same batch as other fresh rows)
+    min_reuse_tokens = 16
 
     white_box = True
 
@@ -109,6 +208,7 @@ class TransformersPolicy(ChatPolicyBase):
         require_call: bool = False,
         score_batch_size: int = 8,
         end_of_turn: str = "<|im_end|>",
+        prefix_cache_mb: float = 1024.0,
     ):
         self.sampling = SamplingConfig.resolve(
             sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs
@@ -133,6 +233,9 @@ class TransformersPolicy(ChatPolicyBase):
         self.eot_id = eot_id = self.token_id(end_of_turn)
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else eot_id
+        self.prefix_cache = PrefixKVCache(int(prefix_cache_mb * 2**20))
+        self.kv_stats = {"prompt_tokens": 0, "reused_tokens": 0, "generate_calls": 0}
+        self._weights_key: tuple | None = None
 
     def __repr__(self) -> str:
         return (
@@ -169,20 +272,118 @@ class TransformersPolicy(ChatPolicyBase):
     def act(
         self, states: list[AgentState], *, greedy: bool = False, seed: int | None = None
     ) -> list[PolicyOutput]:
-        """One assistant turn per state, generated as one left-padded batch."""
+        """One assistant turn per state, generated as one left-padded batch.
+
+        With KV reuse on, rows whose prompt extends a cached sequence form one batch that encodes only
+        the new suffixes, and the other rows a second batch encoded in full.
+        """
         outputs, batch = self.prompts_within_budget(states)
-        if batch:
+        if not batch:
+            return outputs  # type: ignore[return-value]
+        seed = self._draw_seed(seed)
+        reuse = self._reuse_enabled()
+        groups: list[list[tuple[int, list[int], _PrefixEntry | None, int]]] = [[], []]
+        for i, ids in batch:
+            entry, usable = self._match(ids) if reuse else (None, 0)
+            groups[entry is not None].append((i, ids, entry, usable))
+            self.kv_stats["prompt_tokens"] += len(ids)
+        for group in groups:
+            if not group:
+                continue
             tokens, logps = self._generate(
-                [ids for _, ids in batch], greedy=greedy, seed=self._draw_seed(seed)
+                [ids for _, ids, _, _ in group],
+                greedy=greedy,
+                seed=seed,
+                prefixes=[(entry, usable) for _, _, entry, usable in group] if reuse else None,
             )
-            for (i, _), toks, lps in zip(batch, tokens, logps, strict=True):
+            for (i, _, _, _), toks, lps in zip(group, tokens, logps, strict=True):
                 outputs[i] = self._to_output(states[i], toks, lps)
         return outputs  # type: ignore[return-value]
 
+    # -- KV reuse -----------------------------------------------------------------------------------
+
+    def _reuse_enabled(self) -> bool:
+        """KV reuse is on, the model has only full-attention layers, and cached entries are still valid."""
+        layer_types = getattr(getattr(self.model, "config", None), "layer_types", None) or []
+        if self.prefix_cache.max_bytes <= 0 or any(t != "full_attention" for t in layer_types):
+            return False
+        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if key != self._weights_key:  # an optimizer step (in place) or new weights: old K/V are stale
+            self.prefix_cache.clear()
+            self._weights_key = key
+        return True
+
+    def _match(self, ids: list[int]) -> tuple[_PrefixEntry | None, int]:
+        key, common = self.prefix_cache.match(torch.tensor(ids, dtype=torch.long))
+        usable = min(common, len(ids) - 1)  # the last prompt token must be fed: it yields the next logits
+        if key is None or usable < self.min_reuse_tokens:
+            return None, 0
+        return self.prefix_cache.entries[key], usable
+
+    def _prefilled_cache(
+        self, prompts: list[list[int]], prefixes: list[tuple[_PrefixEntry | None, int]], width: int
+    ) -> tuple[DynamicCache, int]:
+        """A left-padded batch cache holding each row's reusable keys/values, and its length.
+
+        Rows are left-padded to ``width``; the part to encode is as wide as the longest new suffix, so a
+        row with a shorter suffix re-encodes a few of its cached tokens (its cache is cut to fit).
+        """
+        suffix = max(len(ids) - usable for ids, (_, usable) in zip(prompts, prefixes, strict=True))
+        length = width - suffix
+        template = next(e for e, _ in prefixes if e is not None).kv
+        layers = []
+        for layer, (k0, v0) in enumerate(template):
+            keys = k0.new_zeros((len(prompts), k0.shape[0], length, k0.shape[2]))
+            values = v0.new_zeros((len(prompts), v0.shape[0], length, v0.shape[2]))
+            for row, (ids, (entry, _)) in enumerate(zip(prompts, prefixes, strict=True)):
+                keep = length - (width - len(ids))  # cached tokens of this row inside the cache region
+                if entry is not None and keep > 0:
+                    keys[row, :, length - keep :] = entry.kv[layer][0][:, :keep]
+                    values[row, :, length - keep :] = entry.kv[layer][1][:, :keep]
+            layers.append((keys, values))
+        return DynamicCache(ddp_cache_data=layers), length
+
+    def _remember(
+        self, prompts: list[list[int]], new_BS: torch.Tensor, tokens: list[list[int]], cache: Any, width: int
+    ) -> None:
+        """Keep each row's keys/values of prompt + generated tokens (the last token was never fed).
+
+        The entries these rows continued from are then dropped: each row's new entry holds all of the
+        old one that its episode can still use (an action that was not executed as generated, e.g.
+        re-rendered from its parsed tool call, is not in the next prompt).
+        """
+        layers = _cache_layers(cache)
+        for row, (ids, toks) in enumerate(zip(prompts, tokens, strict=True)):
+            start = width - len(ids)
+            n = len(ids) + len(toks) - 1
+            if n <= 0 or start + n > layers[0][0].shape[2]:
+                continue
+            span = slice(start, start + n)
+            kv = [(k[row, :, span].clone(), v[row, :, span].clone()) for k, v in layers]
+            seq = torch.tensor(ids + new_BS[row, : len(toks) - 1].tolist(), dtype=torch.long)
+            self.prefix_cache.add(seq, kv)
+
+    @staticmethod
+    def _cache_kwarg() -> str:
+        """Recent transformers call generate's cache argument ``cache``; earlier ones ``past_key_values``."""
+        try:
+            from transformers.generation.utils import ALL_CACHE_NAMES
+        except ImportError:
+            return "past_key_values"
+        return "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+
+    # -- generate -----------------------------------------------------------------------------------
+
     def _generate(
-        self, prompts: list[list[int]], *, greedy: bool, seed: int | None
+        self,
+        prompts: list[list[int]],
+        *,
+        greedy: bool,
+        seed: int | None,
+        prefixes: list[tuple[_PrefixEntry | None, int]] | None = None,
     ) -> tuple[list[list[int]], list[list[float]]]:
         ids_BL, mask_BL = self._left_pad(prompts)
+        width = ids_BL.shape[1]
         raw = _LogprobRecorder(self.temperature)
         sampled = _LogprobRecorder(1.0)
         processors = [raw, TemperatureLogitsWarper(self.temperature)]
@@ -200,6 +401,10 @@ class TransformersPolicy(ChatPolicyBase):
             use_cache=True,
             return_dict_in_generate=True,
         )
+        self.kv_stats["generate_calls"] += 1
+        if prefixes is not None and any(entry is not None for entry, _ in prefixes):
+            kwargs[self._cache_kwarg()], reused = self._prefilled_cache(prompts, prefixes, width)
+            self.kv_stats["reused_tokens"] += int(mask_BL[:, :reused].sum())
         if not greedy:
             # pinned so that the model's generation_config (Qwen3: temperature 0.6, top_k 20) cannot add
             # warpers after our recorders; ours above implement temperature and top-p
@@ -221,6 +426,13 @@ class TransformersPolicy(ChatPolicyBase):
             n = row.index(self.eot_id) + 1 if self.eot_id in row else len(row)
             tokens.append(row[:n])
             logps.append(lp[:n])
+        if prefixes is not None:
+            cache = getattr(out, "cache", None)
+            if cache is None:
+                cache = getattr(out, "past_key_values", None)
+            if cache is not None:
+                self._remember(prompts, new_BS, tokens, cache, width)
+                self.prefix_cache.discard([entry for entry, _ in prefixes if entry is not None])
         return tokens, logps
 
     # -- score --------------------------------------------------------------------------------------
