@@ -15,6 +15,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from unipost.train.config import (
     EnvConfig,
     EvalConfig,
@@ -24,7 +26,7 @@ from unipost.train.config import (
     TeacherConfig,
     TrainConfig,
 )
-from unipost.train.warm_start import ASSETS, load_manifest
+from unipost.train.warm_start import ASSETS, MAX_NEW_TOKENS, MAX_TURNS, load_manifest
 
 # DAgger's beta_i = max(0.2, 0.6 - 0.2 i) in the lab (ours; the paper's numbers were lost in
 # extraction): the warm start already acts sensibly, so student-executed turns start at 40% and the
@@ -56,7 +58,9 @@ def tiny_config(
         quick: seconds-long budgets for tests (same student and teacher).
         assets: a warm-start directory other than the shipped one (e.g. a ``--quick`` build in a test).
         overrides: top-level TrainConfig fields to replace, e.g. ``iterations=2`` or
-            ``rollout=RolloutConfig(...)`` (validated like any config).
+            ``rollout=RolloutConfig(...)`` (validated like any config). A dict for a section updates
+            only the fields it names (``rollout={"max_turns": 4}`` keeps the lab's other rollout
+            settings), so callers state what differs from the lab instead of copying the rest.
     """
     root = warm_start(assets)["root"]
     recipe_kwargs = {"beta": dict(LAB_BETA)} if recipe.lower() == "dagger" else {}
@@ -79,13 +83,17 @@ def tiny_config(
         ),
         rollout=RolloutConfig(
             episodes_per_iteration=2 if quick else 16,
-            max_turns=8 if quick else 12,  # the expert needs 6 turns on easy tasks
+            max_turns=8 if quick else MAX_TURNS,
             context_budget=3072,
-            max_new_tokens=24 if quick else 200,
+            max_new_tokens=24 if quick else MAX_NEW_TOKENS,
             temperature=0.7,
             concurrency=16,
         ),
         optim=OptimConfig(lr=3e-4, epochs_per_batch=1 if quick else 2, micro_batch_tokens=4096),
         eval=EvalConfig(every=1 if quick else 2, kl_tasks=1 if quick else 4),
     )
+    for key, value in overrides.items():  # a dict for a section: only the fields it names change
+        section = getattr(config, key, None)
+        if isinstance(value, dict) and isinstance(section, BaseModel):
+            overrides[key] = {**dict(section), **value}
     return config.replace(**overrides) if overrides else config

@@ -39,6 +39,9 @@ def main_config(
         seed=seed,
         iterations=1 if quick else 6,
         max_effective_samples=None if quick else MATCHED_EFFECTIVE_SAMPLES,
+        # evaluate the warm start and each method when its budget is spent: each held-out evaluation
+        # costs about a minute, and the whole job has ten (bench_methods draws the full curves)
+        eval={"every": 1 if quick else 99},
     )
 
 

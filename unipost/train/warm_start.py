@@ -42,6 +42,8 @@ from unipost.data import Trajectory
 DEMO_START = 20_000  # train-split indices of the demos (the RL task pool uses 0..train_tasks)
 VALIDATION_START = 900_000  # train-split indices used to choose the build's settings (never held-out)
 MANIFEST = "manifest.json"
+MAX_TURNS = 10  # the expert needs 6 turns on easy tasks; 4 more to recover
+MAX_NEW_TOKENS = 128  # the expert's longest turn is 104 tokens
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny-lab"
 
 
@@ -72,7 +74,29 @@ class WarmStartSpec:
 
 
 def expert_demos(spec: WarmStartSpec, *, progress: bool = False) -> list[Trajectory]:
-    """Scripted-expert trajectories on the demo tasks, rendered without tool schemas (prompt_tools=False)."""
+    """Scripted-expert trajectories on the demo tasks, no tool schemas in the prompt (prompt_tools=False).
+
+    Cached under the unipost cache as JSONL (keyed by what determines them), since a build that only
+    changes the model or the epochs should not re-run thousands of sandboxed episodes.
+    """
+    from unipost.data import cache_root
+
+    key = hashlib.sha256(
+        json.dumps(["demos-v1", DEMO_START, spec.difficulty, spec.max_observation_chars]).encode()
+    ).hexdigest()[:16]
+    path = cache_root() / f"warm-start-demos-{key}.jsonl"  # task DEMO_START + i on line i
+    cached = []
+    if path.is_file():
+        cached = [Trajectory.model_validate_json(line) for line in path.read_text().splitlines() if line]
+    if len(cached) < spec.demos:
+        cached += _collect_demos(spec, range(len(cached), spec.demos), progress=progress)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(t.model_dump_json() + "\n" for t in cached))
+        os.replace(tmp, path)
+    return cached[: spec.demos]
+
+
+def _collect_demos(spec: WarmStartSpec, indices: range, *, progress: bool) -> list[Trajectory]:
     from unipost.envs.embedded.expert import ScriptedExpert
     from unipost.envs.registry import embedded_env_factory
     from unipost.objective import SFT
@@ -87,7 +111,7 @@ def expert_demos(spec: WarmStartSpec, *, progress: bool = False) -> list[Traject
         concurrency=8,
         progress=progress,
     )
-    tasks = [("train", DEMO_START + i) for i in range(spec.demos)]
+    tasks = [("train", DEMO_START + i) for i in indices]
     return engine.collect(tasks, iteration=0).trajectories
 
 
@@ -242,14 +266,14 @@ def validate(model_dir: str | Path, spec: WarmStartSpec, *, progress: bool = Fal
     from unipost.rollout.transformers_policy import TransformersPolicy
 
     model, tokenizer = load_model(model_dir)
-    policy = TransformersPolicy(model, tokenizer, max_new_tokens=200)
+    policy = TransformersPolicy(model, tokenizer, max_new_tokens=MAX_NEW_TOKENS)
     tasks = [("train", VALIDATION_START + i) for i in range(spec.validation_tasks)]
     with torch.no_grad():
         result = evaluate_policy(
             embedded_env_factory(spec.difficulty, spec.max_observation_chars, prompt_tools=False),
             policy,
             tasks,
-            max_turns=12,
+            max_turns=MAX_TURNS,
             concurrency=min(32, len(tasks)),
             progress=progress,
         )
