@@ -410,3 +410,21 @@ def test_offline_sft_from_a_store_runs_through_unipost_train(tmp_path, cache_dir
         not (tmp_path / "sft" / "trajectories.jsonl").exists()
         or not (tmp_path / "sft" / "trajectories.jsonl").read_text().strip()
     )  # no rollouts were collected
+
+
+def test_offline_sft_needs_no_live_teacher(tmp_path, cache_dir, task_tokenizer):
+    """Training on a stored dataset must not require the teacher endpoint that produced it."""
+    from factories import make_trajectory
+
+    from unipost.rollout.store import TrajectoryStore
+
+    TrajectoryStore(tmp_path / "teacher.jsonl").append(make_trajectory("tt"))
+    dead = TeacherConfig(
+        kind="openai", base_url="http://127.0.0.1:9", model="teacher", max_retries=0, timeout_s=2.0,
+        white_box="none", distill_epochs=1,
+    )  # fmt: skip
+    cfg = tiny_config(
+        tmp_path, cache_dir, "sft", recipe_kwargs={"data": str(tmp_path / "teacher.jsonl")}, teacher=dead
+    )
+    trainer = Trainer(cfg, tokenizer=task_tokenizer)
+    assert trainer.teacher_policy is None and trainer.engine is None

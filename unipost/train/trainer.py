@@ -265,7 +265,10 @@ class Trainer:
 
     def _teacher_policy(self):
         cfg = self.config
-        needs_teacher = self.recipe.rollout.uses_teacher or Need.TEACHER_ACTIONS in self.recipe.needs
+        # a live teacher policy acts or labels during rollouts; stored data (offline SFT) needs none
+        needs_teacher = self.recipe.rollout.collects and (
+            self.recipe.rollout.uses_teacher or Need.TEACHER_ACTIONS in self.recipe.needs
+        )
         if cfg.teacher.kind == "openai":
             # OPD with an API teacher and no local white-box weights is refused here
             self.recipe.check_teacher(white_box=cfg.teacher.white_box != "none")
