@@ -524,18 +524,18 @@ def test_a_poisoned_episode_never_loses_the_others(tmp_path, kind):
         quarantined = store.quarantined
     assert len(batch.trajectories) == 3
     stored = load(path).trajectories
-    assert len(stored) + quarantined == 3 and len(stored) >= 2
-    assert {t.task_id for t in stored} >= {batch.trajectories[0].task_id, batch.trajectories[2].task_id}
-    if kind != "deep_action":  # text is always storable: escaped, never dropped
-        assert len(stored) == 3
-        poisoned = next(t for t in stored if t.task_id == batch.trajectories[1].task_id)
-        if kind == "undecodable_name":  # the listing names the file with escapes, the host's bytes kept
-            assert "/testbed/bad\\xff\\xfe" in poisoned.turns[1].observation[0]["content"]
-        else:  # the store escapes lone surrogates (documented: \\xXX for an escaped byte, else \\uXXXX)
-            assert poisoned.turns[0].action["content"] == "lone \\xff surrogate \\ud800"
-    else:
-        quarantine = (tmp_path / "store.jsonl.quarantine.jsonl").read_text()
-        assert batch.trajectories[1].task_id in quarantine
+    assert quarantined == 0 and len(stored) == 3  # every trajectory is stored, none is lost
+    assert sorted(t.task_id for t in stored) == sorted(t.task_id for t in batch.trajectories)
+    poisoned = next(t for t in stored if t.task_id == batch.trajectories[1].task_id)
+    if kind == "undecodable_name":  # the listing names the file with escapes, the host's bytes kept
+        assert "/testbed/bad\\xff\\xfe" in poisoned.turns[1].observation[0]["content"]
+    elif (
+        kind == "surrogate_action"
+    ):  # the store escapes lone surrogates (\\xXX for an escaped byte, else \\uXXXX)
+        assert poisoned.turns[0].action["content"] == "lone \\xff surrogate \\ud800"
+    else:  # a part nested deeper than any serializer goes is stored as a marker, the rest as it was
+        assert "nested deeper than 64 levels" in poisoned.model_dump_json()
+        assert poisoned.turns[0].tool_error and len(poisoned.turns) >= 1
 
 
 def _record(i: int):
@@ -757,3 +757,91 @@ def test_swe_grading_removes_the_agents_import_hooks(tmp_path):
         assert not (repo / gone).exists(), gone
     assert (repo / "pkg" / "mod.py").read_text() == "x = 2\n"
     assert (repo / "weird name conftest.py").exists()
+
+
+# ------------------------------------------------------------------------------ fuzzing and soak
+try:  # the dev extra installs hypothesis; without it only the fuzz test is skipped
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    st = None
+
+if st is not None:
+    _TOOL_TEXT = st.one_of(
+        st.text(max_size=300),
+        st.builds(
+            lambda name, args: (
+                '<tool_call>\n{"name": "' + name + '", "arguments": ' + args + "}\n</tool_call>"
+            ),
+            st.sampled_from(["terminal", "file_editor", "think", "finish", "x"]),
+            st.one_of(
+                st.text(max_size=200),
+                st.recursive(
+                    st.one_of(st.none(), st.booleans(), st.floats(), st.integers(), st.text(max_size=20)),
+                    lambda inner: (
+                        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+                    ),
+                    max_leaves=20,
+                ).map(lambda v: json.dumps(v)),
+            ),
+        ),
+        st.builds(
+            lambda name, key, value: (
+                f"<tool_call>\n<function={name}>\n<parameter={key}>\n{value}\n</parameter>\n"
+                "</function>\n</tool_call>"
+            ),
+            st.sampled_from(["terminal", "file_editor", "think"]),
+            st.sampled_from(["command", "path", "timeout", "view_range", "insert_line", "x"]),
+            st.text(max_size=100),
+        ),
+    )
+
+    @needs_bwrap
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(text=_TOOL_TEXT, style=st.sampled_from(["hermes", "qwen3_coder"]))
+    def test_fuzzed_tool_call_text_never_raises_and_is_storable(text, style):
+        from unipost.data import Trajectory, Turn
+        from unipost.envs.embedded import tool_schemas
+        from unipost.rendering import parse_assistant
+        from unipost.rollout.store import encode
+
+        env = _FUZZ_ENV.get("env")
+        if env is None:
+            env = _FUZZ_ENV["env"] = mk(7)
+        parsed = parse_assistant(text, style, tools=tool_schemas(), max_calls=1)
+        result = env.step(parsed.message)
+        if result.done:
+            env.reset()
+        turn = Turn(index=0, executor="student", action=parsed.message, observation=result.observation)
+        encode(Trajectory(task_id="fuzz", prompt=[{"role": "user", "content": text}], turns=[turn]))
+else:  # pragma: no cover
+
+    @pytest.mark.skip(reason="hypothesis is not installed (pip install -e '.[dev]')")
+    def test_fuzzed_tool_call_text_never_raises_and_is_storable():
+        pass
+
+
+_FUZZ_ENV: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_fuzz_env():
+    yield
+    if _FUZZ_ENV.get("env") is not None:
+        _FUZZ_ENV["env"].close()
+
+
+@needs_bwrap
+@pytest.mark.slow
+def test_soak_quick():
+    """benchmarks/soak_env.py --quick: a hostile policy through RolloutEngine, then the host is checked."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "soak_env.py"
+    spec = importlib.util.spec_from_file_location("soak_env", path)
+    soak_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak_env)
+    result = soak_env.soak(40)
+    assert result["returned"] == 40 and result["lost"] == 0 and result["bad_lines"] == 0, result
+    assert result["resolved (forged)"] == 0 and result["host_effects"] == 0 and result["orphans"] == 0, result
+    assert result["rss_growth_mib"] < 200, result

@@ -19,8 +19,9 @@ Everything an environment can produce is storable. Text with lone surrogates (un
 decoded with ``surrogateescape``, or a lone surrogate in a model's action), which UTF-8 JSON cannot
 hold, is written with backslash escapes: a surrogate-escaped byte ``U+DCXX`` becomes the four
 characters ``\\xXX`` (the byte it stands for, as ``backslashreplace`` writes it) and any other lone
-surrogate becomes ``\\uXXXX``; nothing else changes. A trajectory that still cannot be written (e.g.
-nested deeper than the serializer allows) is *quarantined*: a line with the reason and a bounded,
+surrogate becomes ``\\uXXXX``; nothing else changes. A part nested deeper than 64 levels (a hostile
+action; no serializer recurses that far) is stored as the string ``<nested deeper than 64 levels: not
+stored>``. A trajectory that still cannot be written is *quarantined*: a line with the reason and a bounded,
 scrubbed description goes to ``<store>.quarantine.jsonl``, ``append`` returns without raising, and
 the collect goes on (``TrajectoryStore.quarantined`` counts them).
 
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from unipost._secrets import scrub, scrub_data
 from unipost.data import Trajectory
@@ -101,19 +102,24 @@ def encode(trajectory: Trajectory) -> bytes:
     if meta != trajectory.meta:
         trajectory = trajectory.model_copy(update={"meta": meta})
     try:
-        text = trajectory.model_dump_json()
-    except ValueError as exc:  # PydanticSerializationError: lone surrogates are not UTF-8
-        if "surrogates not allowed" not in str(exc):
-            raise
-        text = json.dumps(_escape_surrogates(trajectory.model_dump(mode="json")), ensure_ascii=False)
-    text = scrub(text, named=False)
-    data = text.encode("utf-8") + b"\n"  # JSON escapes newlines: one line
-    _parse(data)  # what we write must load back; otherwise quarantine it rather than corrupt the store
+        data = scrub(trajectory.model_dump_json(), named=False).encode("utf-8") + b"\n"
+        _parse(data)  # what we write must load back (NaN log-probs, e.g., are written as null)
+        return data
+    except ValueError:  # lone surrogates, nesting too deep, values JSON cannot hold as pydantic writes them
+        pass
+    text = json.dumps(_escape_surrogates(trajectory), ensure_ascii=False, default=str)  # NaN stays NaN
+    data = scrub(text, named=False).encode("utf-8") + b"\n"  # JSON escapes newlines: one line
+    _parse(data)  # still not loadable: the caller quarantines it rather than corrupt the store
     return data
 
 
+MAX_DEPTH = 64  # containers nested deeper are stored as a marker string (no serializer recurses further)
+DEEP_MARKER = "<nested deeper than 64 levels: not stored>"
+
+
 def _escape_surrogates(data: Any) -> Any:
-    """A copy with lone surrogates in every string written as ``\\xXX`` / ``\\uXXXX`` (iterative)."""
+    """A copy with lone surrogates in every string written as ``\\xXX`` / ``\\uXXXX``, and any
+    container nested deeper than ``MAX_DEPTH`` replaced by ``DEEP_MARKER`` (iterative: any depth)."""
 
     def fix(text: str) -> str:
         def one(m: re.Match[str]) -> str:
@@ -123,20 +129,24 @@ def _escape_surrogates(data: Any) -> Any:
         return _SURROGATE.sub(one, text)
 
     root: list[Any] = [None]
-    todo: list[tuple[Any, Any, Any]] = [(data, root, 0)]
+    todo: list[tuple[Any, Any, Any, int]] = [(data, root, 0, 0)]
     while todo:
-        value, parent, slot = todo.pop()
-        if isinstance(value, dict):
+        value, parent, slot, depth = todo.pop()
+        if isinstance(value, BaseModel):  # the models' own fields (Trajectory, Turn, Outcome): plain data
+            value = {name: getattr(value, name) for name in type(value).model_fields}
+        if isinstance(value, (dict, list, tuple)) and depth >= MAX_DEPTH:
+            parent[slot] = DEEP_MARKER
+        elif isinstance(value, dict):
             out: dict[Any, Any] = {}
             parent[slot] = out
             for k, v in value.items():
-                key = fix(k) if isinstance(k, str) else k
+                key = fix(k) if isinstance(k, str) else str(k)
                 out[key] = None
-                todo.append((v, out, key))
-        elif isinstance(value, list):
+                todo.append((v, out, key, depth + 1))
+        elif isinstance(value, (list, tuple)):
             items: list[Any] = [None] * len(value)
             parent[slot] = items
-            todo.extend((v, items, i) for i, v in enumerate(value))
+            todo.extend((v, items, i, depth + 1) for i, v in enumerate(value))
         else:
             parent[slot] = fix(value) if isinstance(value, str) else value
     return root[0]
