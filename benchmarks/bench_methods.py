@@ -1,11 +1,13 @@
 """The paper's method comparison at CPU scale: base, SFT, GRPO, OPD, DAgger, AggreVaTe (paper §4.3-4.4).
 
-Every method starts from the SAME warm-started student (one cached behaviour-cloning run, copied into
-each arm), sees the same seeded training-task draws and held-out tasks for a seed, uses the same
-optimiser and budgets, and trains until the same matched effective-sample budget
-(``TrainConfig.max_effective_samples``: labelled transitions trained on, the count the trainer logs as
-``train/effective_samples``; the last batch is trimmed to the shortest prefix that reaches it). Only the
-recipe differs. "base" is the warm start evaluated without training.
+Every arm is the tiny lab (:func:`unipost.train.lab.tiny_config`: the shipped, hash-checked warm start
+as the student and its longer-trained sibling as the white-box teacher, easy embedded tasks, the lab's
+rollout and optimiser settings); this script sets only the benchmark's budgets (``BenchSize``) and the
+recipe. Every arm of a seed loads the SAME warm start, sees the same seeded training-task draws and
+held-out tasks, rolls out the same number of episodes per iteration, and trains until the same matched
+effective-sample budget (``TrainConfig.max_effective_samples``: labelled transitions trained on, the
+count the trainer logs as ``train/effective_samples``; the last batch is trimmed to the shortest prefix
+that reaches it). Only the recipe differs. "base" is the warm start evaluated without training.
 
 Outputs (printed as rich tables and written to ``--out``, default ``benchmarks/results/methods``):
 
@@ -18,7 +20,8 @@ Outputs (printed as rich tables and written to ``--out``, default ``benchmarks/r
   (§4.4);
 * ``claims.json``: the paper's ordering claims, each judged from the numbers as holds / does not hold /
   inconclusive (never hard-coded), and the reverse-KL rebound claim;
-* ``histories.json``: every run's metric history (for re-plotting).
+* ``histories.json``: every run's metric history and the run's settings (for re-plotting and
+  ``--report-only``).
 
 Secondary metrics (clearly secondary; resolve rate stays primary): at every greedy held-out student
 state the scripted expert is asked (never executed) for its next tool call; ``expert_agreement`` is the
@@ -26,14 +29,14 @@ fraction of student turns that make exactly that call, ``expert_prefix`` the mea
 student follows the expert before its first deviation (how far into the episode it gets before
 covariate shift starts).
 
-    python benchmarks/bench_methods.py            # the recorded configuration (see benchmarks/README.md)
-    python benchmarks/bench_methods.py --quick    # the test suite's smoke run (tiny budget, 2 seeds)
+    python benchmarks/bench_methods.py                 # FULL: 3 seeds x 50 held-out tasks (hours; README)
+    python benchmarks/bench_methods.py --quick --assets DIR   # the test suite's smoke run (seconds)
+    python benchmarks/bench_methods.py --report-only   # re-summarise --out/histories.json, no training
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -68,141 +71,121 @@ Z95 = 1.959963984540054
 
 @dataclass(frozen=True)
 class BenchSize:
-    """Everything that sets the cost of the benchmark; ``QUICK`` and ``FULL`` below."""
+    """What sets the benchmark's cost; everything else is the lab's (``tiny_config``). ``QUICK``, ``FULL``."""
 
     seeds: int
     heldout: int  # held-out tasks per seed (disjoint across seeds)
     budget: int  # matched effective-sample budget (labelled transitions) per run
     iterations: int  # upper bound on iterations (the budget normally ends a run first)
-    episodes: int  # tasks per iteration
-    max_turns: int
-    max_new_tokens: int
-    kl_tasks: int
-    warm_demos: int
-    warm_epochs: int
-    distill_epochs: int
+    episodes: int  # episodes per iteration in every arm (GRPO: episodes // grpo_group tasks x the group)
     grpo_group: int
-    eval_every: int
-    difficulty: str = "easy"
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    tokenizer_vocab: int = 2048
-    max_observation_chars: int = 1200
-    lr: float = 1e-3
-    epochs_per_batch: int = 2
+    eval_every: int  # iterations between held-out evaluations (1: a learning-curve point per iteration)
+    kl_tasks: int  # sampled student rollouts per evaluation for the reverse-KL diagnostic
+    quick: bool = False  # the lab's seconds-long budgets (tiny_config(quick=True)): turns, tokens, epochs
+    filter_unsubmitted: bool = True  # the paper's filter for OPD / DAgger / AggreVaTe (see recipe_for)
 
 
-QUICK = BenchSize(  # seconds per run: a 1-layer, 32-wide student; the pipeline is the real one
+QUICK = BenchSize(  # seconds per run on a --quick warm start; the pipeline is the real one
     seeds=2,
     heldout=1,
     budget=4,
     iterations=1,
-    episodes=1,
-    max_turns=4,
-    max_new_tokens=12,
-    kl_tasks=1,
-    warm_demos=4,
-    warm_epochs=2,
-    distill_epochs=4,
+    episodes=2,
     grpo_group=2,
     eval_every=1,
-    hidden_size=32,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    tokenizer_vocab=1024,
-    max_observation_chars=600,
-    lr=1e-2,
-    epochs_per_batch=1,
-)
-FULL = BenchSize(  # sized for < 1 h on the shared 2-core CPU; warm start / teacher = cached BC epochs 6 / 12
-    seeds=3,
-    heldout=3,
-    budget=32,
-    iterations=3,
-    episodes=4,
-    max_turns=7,
-    max_new_tokens=64,
     kl_tasks=1,
-    warm_demos=16,
-    warm_epochs=6,
-    distill_epochs=12,
+    quick=True,
+    # measured: the --quick warm start (1 layer x 32, 6 demos) submits on 0% of episodes (its manifest's
+    # validation: 12 turns, all tool errors), so the filter would leave the on-policy arms no data and
+    # the smoke run could not check the budget logic
+    filter_unsubmitted=False,
+)
+FULL = BenchSize(  # >= 3 seeds x >= 50 held-out tasks, >= 4 evaluation points per learning curve
+    seeds=3,
+    heldout=50,
+    # > 2 x episodes x max_turns (2 x 8 x 12 = 192 labels at most in two iterations): no arm can spend
+    # it in fewer than 3 iterations, so with eval_every=1 each curve has >= 4 points (before training
+    # and after each iteration); checked by tests/test_bench_methods.py
+    budget=240,
+    iterations=12,  # an arm whose filter keeps little data stops here short of the budget (reported)
+    episodes=8,
     grpo_group=4,
-    eval_every=99,  # evaluate before training and when the budget is spent (each eval costs minutes)
+    eval_every=1,
+    kl_tasks=4,
 )
 
 
-def base_config(size: BenchSize, runs_dir: str, seed: int, *, progress: bool = False):
-    """The configuration every arm shares (the recipe is replaced per method)."""
-    from unipost.train.config import (
-        EnvConfig,
-        EvalConfig,
-        ModelConfig,
-        OptimConfig,
-        RolloutConfig,
-        TeacherConfig,
-        TrainConfig,
-        WarmStartConfig,
-    )
+def arm_config(
+    size: BenchSize,
+    runs_dir: str,
+    seed: int,
+    method: str,
+    *,
+    assets: str | None = None,
+    progress: bool = False,
+):
+    """One arm's TrainConfig: the lab's, with the benchmark's budgets, seed and recipe name.
 
-    return TrainConfig(
-        name=f"shared-s{seed}",
-        recipe="sft",
+    The recipe's arguments that a config can carry are in ``recipe_kwargs`` (the saved config.json
+    names them); :func:`recipe_for` builds the object the Trainer runs.
+    """
+    from unipost.train.lab import tiny_config
+
+    tasks = max(1, size.episodes // size.grpo_group) if method == "grpo" else size.episodes
+    return tiny_config(
+        runs_dir,
+        recipe=method if method != "base" else "sft",
+        quick=size.quick,
+        assets=assets,
+        name=f"{method}-s{seed}",
+        seed=seed,
         iterations=size.iterations,
         max_effective_samples=size.budget,
-        seed=seed,
-        output_dir=runs_dir,
-        model=ModelConfig(
-            hidden_size=size.hidden_size,
-            num_layers=size.num_layers,
-            num_heads=size.num_heads,
-            num_kv_heads=size.num_kv_heads,
-            tokenizer_vocab=size.tokenizer_vocab,
-        ),
-        warm_start=WarmStartConfig(demos=size.warm_demos, epochs=size.warm_epochs),
-        teacher=TeacherConfig(distill_epochs=size.distill_epochs),
-        env=EnvConfig(
-            difficulty=size.difficulty,
-            train_tasks=64,
-            heldout_tasks=size.heldout,
-            max_observation_chars=size.max_observation_chars,
-        ),
-        rollout=RolloutConfig(
-            episodes_per_iteration=size.episodes,
-            max_turns=size.max_turns,
-            context_budget=3072,
-            max_new_tokens=size.max_new_tokens,
-        ),
-        optim=OptimConfig(lr=size.lr, epochs_per_batch=size.epochs_per_batch, micro_batch_tokens=2048),
-        eval=EvalConfig(every=size.eval_every, kl_tasks=size.kl_tasks, expert_labels=True),
+        recipe_kwargs=recipe_kwargs(method, size),
+        env={"heldout_tasks": size.heldout},
+        rollout={"episodes_per_iteration": tasks},
+        eval={"every": size.eval_every, "kl_tasks": size.kl_tasks, "expert_labels": True},
         progress=progress,
     )
 
 
-def recipe_for(method: str, size: BenchSize):
-    """The recipe object of one arm; schedules are compressed to the benchmark's few iterations.
+def recipe_kwargs(method: str, size: BenchSize) -> dict[str, Any]:
+    """The named recipe's arguments (JSON, as a saved config holds them)."""
+    from unipost.train.lab import LAB_BETA
 
-    Deviation from the paper, the same for every on-policy arm: ``filter_unsubmitted=False``. The paper
-    drops trajectories without a submission (its 7B+ students usually submit); our tiny warm-started
-    students almost never do, so the filter would discard nearly all on-policy data and turn OPD into
-    "no training" and DAgger / AggreVaTe into their teacher-executed special cases.
-    """
-    from unipost.objective import GRPO, OPD, SFT, AggreVaTe, DAgger, LinearDecay, ShiftingPrefix
-
-    if method == "sft":
-        return SFT()  # rejection sampling: only resolved expert trajectories (all of them here)
+    if method in ("sft", "base"):
+        return {}  # rejection sampling: only resolved expert trajectories
     if method == "grpo":
-        return GRPO(group_size=size.grpo_group)
+        return {"group_size": size.grpo_group}
     if method == "opd":
-        return OPD(filter_unsubmitted=False)
+        return {"filter_unsubmitted": size.filter_unsubmitted}
     if method == "dagger":
-        # DAgger()'s default (ours) beta_i = max(0.2, 1 - 0.1 i); here the same floor reached in 3 steps
-        return DAgger(LinearDecay(1.0, 0.4, 0.2), filter_unsubmitted=False)
+        return {"beta": dict(LAB_BETA), "filter_unsubmitted": size.filter_unsubmitted}
     if method == "aggrevate":
-        return AggreVaTe(ShiftingPrefix(1, max(2, size.max_turns - 2), 0.5), filter_unsubmitted=False)
+        return {"filter_unsubmitted": size.filter_unsubmitted}
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def recipe_for(method: str, size: BenchSize, max_turns: int):
+    """The recipe object of one arm: the library's named recipe with :func:`recipe_kwargs`.
+
+    ``filter_unsubmitted`` is the paper's (True: OPD, DAgger and AggreVaTe drop trajectories without a
+    submission) in ``FULL``: the lab's warm start submits on a good share of its episodes, unlike the
+    earlier tiny students that never did (when the filter was switched off here). ``QUICK`` turns it
+    off because its --quick warm start never submits (measured, see ``QUICK``); ``--keep-unsubmitted``
+    does the same for a full run, and the results record which was used.
+
+    DAgger uses the lab's beta_i = max(0.2, 0.6 - 0.2 i) (``unipost.train.lab.LAB_BETA``, as in the main
+    job). AggreVaTe's prefix law is the library's ShiftingPrefix with its support cut to the episode
+    (1 .. max_turns - 2, so a teacher always completes); that law is not JSON, so it is recorded in the
+    results' ``recipes`` (``Recipe.describe()``), not in the run's config.json.
+    """
+    from unipost.objective import AggreVaTe, ShiftingPrefix, get_recipe
+
+    kwargs = recipe_kwargs(method, size)
+    if method == "aggrevate":
+        return AggreVaTe(ShiftingPrefix(1, max(2, max_turns - 2), 0.5), **kwargs)
+    return get_recipe(method, **kwargs)
 
 
 def heldout_for(seed: int, size: BenchSize) -> list[tuple[str, int]]:
@@ -210,23 +193,60 @@ def heldout_for(seed: int, size: BenchSize) -> list[tuple[str, int]]:
     return [("heldout", seed * size.heldout + i) for i in range(size.heldout)]
 
 
+def run_settings(size: BenchSize, methods, *, assets: str | None = None) -> dict[str, Any]:
+    """What a reader needs to know about the runs (saved with the histories): the warm start's identity,
+    the lab's per-run settings and each arm's recipe."""
+    from unipost.train.lab import warm_start
+
+    cfg = arm_config(size, "runs", 0, "sft", assets=assets)
+    manifest = warm_start(assets)
+    trained = [m for m in methods if m != "base"]
+    return {
+        "size": asdict(size),
+        "warm_start": {
+            "root": manifest["root"],
+            "command": manifest.get("command"),
+            "student_sha256": manifest["sha256"].get("student/model.safetensors"),
+            "spec": manifest.get("spec"),
+            "validation": manifest.get("validation"),
+        },
+        "max_turns": cfg.rollout.max_turns,
+        "max_new_tokens": cfg.rollout.max_new_tokens,
+        "temperature": cfg.rollout.temperature,
+        "context_budget": cfg.rollout.context_budget,
+        "epochs_per_batch": cfg.optim.epochs_per_batch,
+        "lr": cfg.optim.lr,
+        "episodes_per_iteration": {
+            m: arm_config(size, "runs", 0, m, assets=assets).rollout.episodes_per_iteration
+            * (size.grpo_group if m == "grpo" else 1)
+            for m in trained
+        },
+        "recipes": {m: recipe_for(m, size, cfg.rollout.max_turns).describe() for m in trained},
+    }
+
+
 def run_benchmark(
-    size: BenchSize, *, out: Path, runs_dir: Path, methods=METHODS, progress: bool = True
+    size: BenchSize,
+    *,
+    out: Path,
+    runs_dir: Path,
+    methods=METHODS,
+    assets: str | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Train every method for every seed; returns ``{method: {seed: history}}`` plus timing."""
+    """Train every method for every seed; returns ``{method: {seed: history}}`` plus timing and settings."""
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from unipost.train.trainer import Trainer
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    # One trainer builds what all arms share: tokenizer, warm-started student, distilled teacher (cached).
-    shared = Trainer(base_config(size, str(runs_dir), 0).replace(recipe="opd", name="shared"))
-    warm_state = copy.deepcopy(shared.student.state_dict())
-    teacher, tokenizer = shared.teacher_model, shared.tokenizer
+    trained = [m for m in methods if m != "base"]
+    if not trained:
+        raise SystemExit("base is the warm start evaluated before training: add a trained method")
+    settings = run_settings(size, methods, assets=assets)
     histories: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
     minutes: dict[str, float] = dict.fromkeys(methods, 0.0)
-    trained = [m for m in methods if m != "base"]
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -236,19 +256,14 @@ def run_benchmark(
     ) as bar:
         task = bar.add_task("methods x seeds", total=size.seeds * len(trained))
         for seed in range(size.seeds):
-            initial = None  # every arm of a seed starts from the same student: evaluate it once
+            initial = None  # every arm of a seed starts from the same warm start: evaluate it once
             for method in trained:
                 bar.update(task, description=f"seed {seed}: {TITLES[method]}")
-                cfg = base_config(size, str(runs_dir), seed).replace(recipe=method, name=f"{method}-s{seed}")
-                student = copy.deepcopy(shared.student)
-                student.load_state_dict(warm_state)
+                cfg = arm_config(size, str(runs_dir), seed, method, assets=assets)  # quiet: one live bar
                 start = time.perf_counter()
                 trainer = Trainer(
                     cfg,
-                    recipe=recipe_for(method, size),
-                    student=student,
-                    tokenizer=tokenizer,
-                    teacher_model=teacher,
+                    recipe=recipe_for(method, size, cfg.rollout.max_turns),
                     heldout_tasks=heldout_for(seed, size),
                 )
                 hist = trainer.fit(initial_eval=initial)
@@ -258,15 +273,21 @@ def run_benchmark(
                     if "base" in histories:
                         histories["base"][seed] = [dict(hist[0])]
                 histories[method][seed] = hist
-                save_histories(out, histories, minutes)  # a partial run can still be reported
+                save_histories(out, histories, minutes, settings)  # a partial run can still be reported
                 bar.advance(task)
-    return {"histories": histories, "minutes": minutes}
+    return {"histories": histories, "minutes": minutes, "settings": settings}
 
 
-def save_histories(out: Path, histories: dict[str, dict[int, list[dict]]], minutes: dict[str, float]) -> None:
+def save_histories(
+    out: Path,
+    histories: dict[str, dict[int, list[dict]]],
+    minutes: dict[str, float],
+    settings: dict[str, Any],
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     blob = {
         "minutes": minutes,
+        "settings": settings,
         "histories": {m: {str(s): h for s, h in by.items()} for m, by in histories.items()},
     }
     tmp = out / "histories.json.tmp"
@@ -275,15 +296,27 @@ def save_histories(out: Path, histories: dict[str, dict[int, list[dict]]], minut
 
 
 def load_histories(out: Path) -> dict:
-    """``--report-only``: re-summarise a (possibly partial) run; methods or seeds missing are left out."""
-    blob = json.loads((out / "histories.json").read_text())
+    """``--report-only``: re-summarise a (possibly partial) run; methods or seeds missing are left out.
+
+    Needs no warm start and trains nothing: the run's settings (its ``BenchSize`` included) are read
+    back from the file, so a ``--quick`` run is reported as the quick run it was.
+    """
+    path = out / "histories.json"
+    if not path.is_file():
+        raise SystemExit(f"--report-only: no {path}; run the benchmark first (or pass its --out)")
+    blob = json.loads(path.read_text())
     histories = {m: {int(s): h for s, h in by.items()} for m, by in blob["histories"].items() if by}
     complete = set.intersection(*(set(by) for by in histories.values())) if histories else set()
     if not complete:
-        raise SystemExit(f"{out / 'histories.json'} holds no seed that every method finished")
+        raise SystemExit(f"{path} holds no seed that every method finished")
     # only seeds every method finished: all arms are then compared on the same tasks and draws
     histories = {m: {s: h for s, h in by.items() if s in complete} for m, by in histories.items()}
-    return {"histories": histories, "minutes": blob["minutes"], "seeds": sorted(complete)}
+    return {
+        "histories": histories,
+        "minutes": blob["minutes"],
+        "settings": blob.get("settings", {}),
+        "seeds": sorted(complete),
+    }
 
 
 # -- summarising ---------------------------------------------------------------------------------------
@@ -645,6 +678,7 @@ def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dic
     meta = {
         "command": command,
         "size": asdict(size),
+        "settings": result.get("settings", {}),
         "minutes": result["minutes"],
         "plots": {k: str(v) for k, v in plots.items()},
     }
@@ -677,10 +711,21 @@ def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dic
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budget for the test suite")
+    parser.add_argument("--quick", action="store_true", help="seconds-long budgets for the test suite")
+    parser.add_argument(
+        "--assets",
+        default=None,
+        help="warm-start directory (default: the shipped unipost/assets/tiny-lab), e.g. one built by "
+        "scripts/build-warm-start.py --quick --out DIR",
+    )
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--budget", type=int, default=None, help="matched effective-sample budget per run")
     parser.add_argument("--heldout", type=int, default=None, help="held-out tasks per seed")
+    parser.add_argument(
+        "--keep-unsubmitted",
+        action="store_true",
+        help="keep trajectories without a submission for OPD / DAgger / AggreVaTe (the paper drops them)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument(
         "--out", default=None, help="results folder (default benchmarks/results/methods[-quick])"
@@ -689,13 +734,18 @@ def main(argv: list[str] | None = None) -> dict:
         "--runs-dir", default=None, help="training runs (checkpoints); default runs/bench_methods"
     )
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--report-only", action="store_true", help="re-summarise --out/histories.json")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-summarise --out/histories.json with the settings it was run with (no warm start needed)",
+    )
     args = parser.parse_args(argv)
-    size = QUICK if args.quick else FULL
-    updates = {
+    updates: dict[str, Any] = {
         k: v for k, v in (("seeds", args.seeds), ("budget", args.budget), ("heldout", args.heldout)) if v
     }
-    size = BenchSize(**{**asdict(size), **updates})
+    if args.keep_unsubmitted:
+        updates["filter_unsubmitted"] = False
+    size = BenchSize(**{**asdict(QUICK if args.quick else FULL), **updates})
     here = Path(__file__).resolve().parent
     out = Path(args.out) if args.out else here / "results" / ("methods-quick" if args.quick else "methods")
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path("runs") / "bench_methods"
@@ -703,12 +753,19 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     if args.report_only:
         result = load_histories(out)
+        saved = result["settings"].get("size")
+        size = BenchSize(**saved) if saved else size  # the size it ran with, not this command line's
         if len(result["seeds"]) < size.seeds:
             print(f"reporting the {len(result['seeds'])} of {size.seeds} seeds that every method finished")
             size = BenchSize(**{**asdict(size), "seeds": len(result["seeds"])})
     else:
         result = run_benchmark(
-            size, out=out, runs_dir=runs_dir, methods=args.methods, progress=not args.no_progress
+            size,
+            out=out,
+            runs_dir=runs_dir,
+            methods=args.methods,
+            assets=args.assets,
+            progress=not args.no_progress,
         )
     report = write_outputs(out, size, result, command.strip())
     print(f"wrote {out} in {(time.perf_counter() - start) / 60:.1f} min")

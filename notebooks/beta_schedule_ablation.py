@@ -31,9 +31,10 @@
 # * a schedule that is not in the library, written below in five lines: the original DAgger paper's
 #   beta_i = p^i (Ross, Gordon & Bagnell, 2011).
 #
-# All start from the same cached warm start and see the same tasks with the same seed. Trajectories
-# without a final submission are kept (`filter_unsubmitted=False`): at this scale student-heavy
-# rollouts rarely submit, and the paper's filter would leave some variants nothing to train on.
+# All start from the same warm start (the tiny lab's) and see the same tasks with the same seed.
+# Trajectories without a final submission are kept (`filter_unsubmitted=False`): at this scale
+# student-heavy rollouts often end without one, and the paper's filter would leave the beta-0
+# variant little to train on.
 #
 # Measured: the reverse KL from the student to the white-box teacher on held-out student-visited
 # states (paper §4.4's covariate-shift diagnostic), and the NLL of the expert's actions on held-out
@@ -53,22 +54,12 @@ import numpy as np
 import torch
 
 from unipost.batch import build_batch, objective_loss
-from unipost.envs.embedded.tools import tool_schemas
 from unipost.eval import collect_student_states, reverse_kl_on_student_states
 from unipost.objective import SFT, LinearDecay, Recipe, TeacherLabels, TurnMixture, Uniform
-from unipost.rendering.chat import ChatRenderer
 from unipost.rollout.transformers_policy import TransformersPolicy
-from unipost.train.config import (
-    EnvConfig,
-    EvalConfig,
-    ModelConfig,
-    OptimConfig,
-    RolloutConfig,
-    TeacherConfig,
-    TrainConfig,
-    WarmStartConfig,
-)
-from unipost.train.setup import build_task_tokenizer, cached_clones, env_factory, expert_trajectories
+from unipost.train.config import TrainConfig
+from unipost.train.lab import tiny_config
+from unipost.train.setup import expert_trajectories
 from unipost.train.trainer import Trainer
 
 BUDGET = os.environ.get("UNIPOST_NB_BUDGET", "small")
@@ -82,54 +73,54 @@ if BUDGET not in BUDGETS:
     raise ValueError(f"UNIPOST_NB_BUDGET={BUDGET!r}: choose one of {sorted(BUDGETS)}")
 B = BUDGETS[BUDGET]
 FIGURES = Path(os.environ.get("UNIPOST_NB_FIGURES", "figures"))
-OUT = Path(tempfile.mkdtemp(prefix="unipost-beta-"))
+OUT = Path(tempfile.mkdtemp(prefix="unipost-beta-"))  # runs, and any cache: never ~/.cache/unipost
+ASSETS = os.environ.get("UNIPOST_LAB_ASSETS")  # None: the shipped warm start (unipost/assets/tiny-lab)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 print(f"budget {BUDGET}: {B}; runs in {OUT}")
 
 # %% [markdown]
-# ## The shared set-up: tokenizer, warm start and white-box teacher (cached)
+# ## The shared set-up: the tiny lab's warm start and white-box teacher
 #
-# The warm start and the white-box teacher are the same tiny network behaviour-cloned on the same
-# expert demos for 3 and 6 epochs (`unipost.train.setup.cached_clones`, cached under `$UNIPOST_CACHE`
-# or `~/.cache/unipost`). The scripted expert executes the teacher's turns and gives the labels; the
-# distilled network only supplies the log-probs of the KL diagnostic.
+# `unipost.train.lab.tiny_config` is the project's one CPU set-up (the README's main job and
+# `benchmarks/bench_methods.py` start from it too): the student is the shipped warm start, the
+# white-box teacher the same behaviour-cloning run trained longer; both are hash-checked files
+# (`unipost/assets/tiny-lab/manifest.json` says how they were built), so nothing is built or cached
+# here. The scripted expert executes the teacher's turns and gives the labels; the teacher network
+# only supplies the log-probs of the KL diagnostic.
 
 # %%
 started = time.perf_counter()
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
-ENV = dict(difficulty="easy", max_observation_chars=600)
 
 
 def base_config(seed: int) -> TrainConfig:
-    return TrainConfig(
+    return tiny_config(
+        str(OUT / f"seed{seed}"),
+        recipe="dagger",
+        assets=ASSETS,
         name="beta",
-        iterations=B["iterations"],
         seed=seed,
-        output_dir=str(OUT / f"seed{seed}"),
+        iterations=B["iterations"],
         progress=False,
-        model=ModelConfig(**TINY, tokenizer_vocab=1024),
-        warm_start=WarmStartConfig(demos=6, epochs=3, lr=1e-2),
-        teacher=TeacherConfig(distill_epochs=6),
-        env=EnvConfig(**ENV, train_tasks=16, heldout_tasks=B["kl_tasks"]),
-        rollout=RolloutConfig(
-            episodes_per_iteration=B["tasks"],
-            max_turns=B["max_turns"],
-            context_budget=4096,
-            max_new_tokens=B["new_tokens"],
-        ),
-        optim=OptimConfig(lr=2e-3, micro_batch_tokens=4096, epochs_per_batch=2),
-        eval=EvalConfig(every=0, kl_tasks=0),  # the diagnostics below are computed here, on fixed tasks
+        cache_dir=str(OUT / "cache"),
+        env={"heldout_tasks": B["kl_tasks"]},
+        rollout={
+            "episodes_per_iteration": B["tasks"],
+            "max_turns": B["max_turns"],
+            "max_new_tokens": B["new_tokens"],
+        },
+        eval={"every": 0, "kl_tasks": 0},  # the diagnostics below are computed here, on fixed tasks
     )
 
 
-tokenizer = build_task_tokenizer(1024, **ENV)
-tools = tool_schemas()
-renderer = ChatRenderer(tokenizer, tools)
-clones = cached_clones(TINY, tokenizer, demos=6, snapshots=[3, 6], lr=1e-2, tools=tools, **ENV)
-warm_start, teacher = clones[3], clones[6].eval().requires_grad_(False)
-make_env = env_factory(**ENV)
-heldout = [("heldout", i) for i in range(B["kl_tasks"])]
-heldout_expert = expert_trajectories(B["kl_tasks"], **ENV, split="heldout")
+# the set-up Trainer loads student, tokenizer and (OPD needs its log-probs) the white-box teacher
+lab = Trainer(base_config(0).replace(name="setup", recipe="opd", recipe_kwargs={}))
+warm_start, teacher, tokenizer, renderer = lab.student, lab.teacher_model, lab.tokenizer, lab.renderer
+make_env, heldout = lab.make_env, lab.heldout_tasks()
+heldout_expert = expert_trajectories(
+    len(heldout),
+    split="heldout",
+    **lab.config.env.model_dump(include={"difficulty", "max_observation_chars", "prompt_tools"}),
+)
 
 
 def student_states(student: torch.nn.Module) -> list:
@@ -152,7 +143,7 @@ def diagnostics(student: torch.nn.Module) -> dict[str, float]:
 fixed_states = student_states(warm_start)
 warm_diag = diagnostics(warm_start)
 print(
-    f"set-up {time.perf_counter() - started:.1f}s; warm start:",
+    f"set-up {time.perf_counter() - started:.1f}s; warm start {lab.config.model.path}:",
     {k: round(v, 3) for k, v in warm_diag.items()},
 )
 

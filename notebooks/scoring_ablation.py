@@ -22,8 +22,8 @@
 # score w changes. Contexts: a turn-level mixture in which the teacher executes each turn with
 # probability beta; labels: the student's **own** sampled turns (y ~ pi_theta, which score-function
 # weights need). The paper's GRPO and OPD use pure student rollouts (`StudentRollout`); a student this
-# small never resolves a task on its own, so there SuccessFilter and GroupAdvantage would be zero on
-# every token. Mixture contexts let some episodes resolve (an outcome-based score then credits the
+# small rarely resolves a task on its own, so there SuccessFilter and GroupAdvantage would be zero on
+# almost every token. Mixture contexts let some episodes resolve (an outcome-based score then credits the
 # student turns of those episodes, treating the teacher's turns as part of the environment). The
 # scores:
 #
@@ -36,15 +36,15 @@
 # | `SuccessFilter() * TeacherLogRatio()` | distil the teacher only on resolved episodes | both |
 #
 # Each variant is one `Recipe(...)` line. Every variant is trained with the real `Trainer` on the
-# embedded mini-SWE environment, from the same cached warm start, with the same seed, tasks and
-# budget. We then look at (1) what each score does to the *same* tokens, and (2) what training with
+# embedded mini-SWE environment, from the same warm start (the tiny lab's), with the same seed, tasks
+# and budget. We then look at (1) what each score does to the *same* tokens, and (2) what training with
 # it does to the student: the reverse KL to the teacher on held-out student-visited states (paper
 # §4.4; the states the warm start visits, the same for every variant, so the comparison is paired) and
 # the NLL of the expert's actions on held-out expert states.
 #
-# Budget: `UNIPOST_NB_BUDGET=smoke | small | full` (see `notebooks/README.md`). The student is a
-# 1-layer Qwen3 of width 32: the point is that the whole pipeline runs and the checks below hold, not
-# the size of the effects.
+# Budget: `UNIPOST_NB_BUDGET=smoke | small | full` (see `notebooks/README.md`). The student is the tiny
+# lab's warm start (a few-MB Qwen3 behaviour-cloned on scripted-expert demos): the point is that the
+# whole pipeline runs and the checks below hold, not the size of the effects.
 
 # %%
 import copy
@@ -59,7 +59,6 @@ import numpy as np
 import torch
 
 from unipost.batch import build_batch, objective_loss
-from unipost.envs.embedded.tools import tool_schemas
 from unipost.eval import collect_student_states, reverse_kl_on_student_states
 from unipost.kernels import packed_logprobs
 from unipost.objective import (
@@ -73,19 +72,10 @@ from unipost.objective import (
     TurnMixture,
     Uniform,
 )
-from unipost.rendering.chat import ChatRenderer
 from unipost.rollout.transformers_policy import TransformersPolicy
-from unipost.train.config import (
-    EnvConfig,
-    EvalConfig,
-    ModelConfig,
-    OptimConfig,
-    RolloutConfig,
-    TeacherConfig,
-    TrainConfig,
-    WarmStartConfig,
-)
-from unipost.train.setup import build_task_tokenizer, cached_clones, env_factory, expert_trajectories
+from unipost.train.config import TrainConfig
+from unipost.train.lab import tiny_config
+from unipost.train.setup import expert_trajectories
 from unipost.train.trainer import Trainer
 
 BUDGET = os.environ.get("UNIPOST_NB_BUDGET", "small")
@@ -130,55 +120,55 @@ if BUDGET not in BUDGETS:
     raise ValueError(f"UNIPOST_NB_BUDGET={BUDGET!r}: choose one of {sorted(BUDGETS)}")
 B = BUDGETS[BUDGET]
 FIGURES = Path(os.environ.get("UNIPOST_NB_FIGURES", "figures"))
-OUT = Path(tempfile.mkdtemp(prefix="unipost-scoring-"))
+OUT = Path(tempfile.mkdtemp(prefix="unipost-scoring-"))  # runs, and any cache: never ~/.cache/unipost
+ASSETS = os.environ.get("UNIPOST_LAB_ASSETS")  # None: the shipped warm start (unipost/assets/tiny-lab)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 print(f"budget {BUDGET}: {B}; runs in {OUT}")
 
 # %% [markdown]
-# ## The shared set-up: tokenizer, warm start and white-box teacher (cached)
+# ## The shared set-up: the tiny lab's warm start and white-box teacher
 #
-# The student's warm start and the white-box teacher are the same tiny network behaviour-cloned on
-# the same expert demos for 3 and 6 epochs (`unipost.train.setup.cached_clones`, cached under
-# `$UNIPOST_CACHE` or `~/.cache/unipost`). The teacher executes turns as the scripted expert; the
-# distilled network only supplies log-probs (OPD's weight and the KL diagnostic).
+# `unipost.train.lab.tiny_config` is the project's one CPU set-up (the README's main job and
+# `benchmarks/bench_methods.py` start from it too): the student is the shipped warm start, the
+# white-box teacher the same behaviour-cloning run trained longer; both are hash-checked files
+# (`unipost/assets/tiny-lab/manifest.json` says how they were built), so nothing is built or cached
+# here. A Trainer built from that config loads them; the notebook only states what differs from the
+# lab (its budget). The scripted expert executes the teacher's turns; the teacher network only
+# supplies log-probs (OPD's weight and the KL diagnostic).
 
 # %%
 started = time.perf_counter()
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
-ENV = dict(difficulty="easy", max_observation_chars=600)
 
 
 def base_config(seed: int) -> TrainConfig:
-    return TrainConfig(
+    return tiny_config(
+        str(OUT / f"seed{seed}"),
+        recipe="opd",  # the set-up Trainer below then loads the white-box teacher
+        assets=ASSETS,
         name="scoring",
-        iterations=B["iterations"],
         seed=seed,
-        output_dir=str(OUT / f"seed{seed}"),
+        iterations=B["iterations"],
         progress=False,
-        model=ModelConfig(**TINY, tokenizer_vocab=1024),
-        warm_start=WarmStartConfig(demos=6, epochs=3, lr=1e-2),
-        teacher=TeacherConfig(distill_epochs=6),
-        env=EnvConfig(**ENV, train_tasks=16, heldout_tasks=B["kl_tasks"]),
-        rollout=RolloutConfig(
-            episodes_per_iteration=B["tasks"],
-            max_turns=B["max_turns"],
-            context_budget=4096,
-            max_new_tokens=B["new_tokens"],
-        ),
-        optim=OptimConfig(lr=2e-3, micro_batch_tokens=4096, epochs_per_batch=2),
-        eval=EvalConfig(every=0, kl_tasks=0),  # the diagnostics below are computed here, on fixed tasks
+        cache_dir=str(OUT / "cache"),
+        env={"heldout_tasks": B["kl_tasks"]},
+        rollout={
+            "episodes_per_iteration": B["tasks"],
+            "max_turns": B["max_turns"],
+            "max_new_tokens": B["new_tokens"],
+        },
+        eval={"every": 0, "kl_tasks": 0},  # the diagnostics below are computed here, on fixed tasks
     )
 
 
-tokenizer = build_task_tokenizer(1024, **ENV)
-tools = tool_schemas()
-renderer = ChatRenderer(tokenizer, tools)
-clones = cached_clones(TINY, tokenizer, demos=6, snapshots=[3, 6], lr=1e-2, tools=tools, **ENV)
-warm_start, teacher = clones[3], clones[6].eval().requires_grad_(False)
-make_env = env_factory(**ENV)
-heldout = [("heldout", i) for i in range(B["kl_tasks"])]
-heldout_expert = expert_trajectories(B["kl_tasks"], **ENV, split="heldout")
-print(f"set-up {time.perf_counter() - started:.1f}s")
+lab = Trainer(base_config(0).replace(name="setup"))  # loads student, tokenizer and white-box teacher
+warm_start, teacher, tokenizer, renderer = lab.student, lab.teacher_model, lab.tokenizer, lab.renderer
+make_env, heldout = lab.make_env, lab.heldout_tasks()
+heldout_expert = expert_trajectories(
+    len(heldout),
+    split="heldout",
+    **lab.config.env.model_dump(include={"difficulty", "max_observation_chars", "prompt_tools"}),
+)
+print(f"set-up {time.perf_counter() - started:.1f}s; warm start from {lab.config.model.path}")
 
 
 def student_states(student: torch.nn.Module) -> list:

@@ -19,6 +19,25 @@ def tokenizer():
     return build_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def lab_assets(tmp_path_factory) -> str:
+    """A ``--quick`` tiny-lab warm start (student, teacher, manifest), built once per session.
+
+    The same code and spec as ``scripts/build-warm-start.py --quick`` (its QUICK dict is read from the
+    script, not copied): tests pass it as ``tiny_config(assets=...)`` / ``--assets`` so they neither wait
+    for nor depend on the shipped warm start, and share one build instead of one each.
+    """
+    import runpy
+    from pathlib import Path
+
+    from unipost.train.warm_start import WarmStartSpec, build_warm_start
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "build-warm-start.py"))
+    out = tmp_path_factory.mktemp("lab") / "tiny-lab"
+    build_warm_start(out, WarmStartSpec(**script["QUICK"]), progress=False)
+    return str(out)
+
+
 @pytest.fixture()
 def tiny_model(tokenizer):
     from unipost.models import build_tiny_qwen3

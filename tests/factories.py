@@ -75,7 +75,14 @@ TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
 
 
 def tiny_train_config(output_dir, cache_dir, recipe: str, **updates):
-    """A seconds-long TrainConfig: 1-layer Qwen3, random init, easy tasks, no evaluation."""
+    """A seconds-long TrainConfig: 1-layer Qwen3, random init, easy tasks, no evaluation.
+
+    Not the tiny lab (``unipost.train.lab.tiny_config``, which the main job, bench_methods and the
+    notebooks use): this is the ``ModelConfig(kind="tiny")`` path, a model built from its sizes with the
+    locally trained task tokenizer, which the lab's pretrained-directory student never exercises and
+    which the Trainer tests check against (vocabulary sizes, expert NLL under that tokenizer). Tests
+    that want the lab use ``tiny_config(..., quick=True, assets=lab_assets)`` (tests/conftest.py).
+    """
     from unipost.train.config import (
         EnvConfig,
         EvalConfig,

@@ -39,8 +39,46 @@ def test_newcombe_interval_matches_reference_values():
     assert lo == pytest.approx(0.0524, abs=1e-3) and hi == pytest.approx(0.3339, abs=1e-3)
 
 
+def test_full_size_meets_the_issue_minimums(lab_assets):
+    """>= 3 seeds x >= 50 held-out tasks (disjoint per seed) and >= 4 evaluation points per learning curve:
+    the budget exceeds what two iterations can label (episodes x max_turns each), so every arm runs
+    >= 3 iterations, each followed by an evaluation (plus the one before training)."""
+    bench = _bench()
+    full = bench.FULL
+    assert full.seeds >= 3 and full.heldout >= 50 and full.eval_every == 1
+    for method in bench.METHODS[1:]:
+        cfg = bench.arm_config(full, "runs", 0, method, assets=lab_assets)
+        group = full.grpo_group if method == "grpo" else 1
+        episodes = cfg.rollout.episodes_per_iteration * group
+        assert episodes == full.episodes, method  # every arm rolls out the same episodes per iteration
+        assert full.budget > 2 * episodes * cfg.rollout.max_turns, method
+        assert cfg.iterations * episodes * cfg.rollout.max_turns >= full.budget  # reachable in the cap
+    tasks = [set(bench.heldout_for(s, full)) for s in range(full.seeds)]
+    assert all(len(t) == full.heldout for t in tasks) and len(set.union(*tasks)) == full.seeds * full.heldout
+
+
+def test_full_uses_the_papers_unsubmitted_filter_and_the_lab_schedule(lab_assets):
+    bench = _bench()
+    from unipost.train.lab import LAB_BETA, tiny_config
+
+    for method in ("opd", "dagger", "aggrevate"):
+        recipe = bench.recipe_for(method, bench.FULL, max_turns=12)
+        assert recipe.filter_unsubmitted, method
+        assert bench.recipe_for(method, bench.QUICK, max_turns=8).filter_unsubmitted is False
+    cfg = bench.arm_config(bench.FULL, "runs", 1, "dagger", assets=lab_assets)
+    assert cfg.recipe_kwargs == {"beta": LAB_BETA, "filter_unsubmitted": True}  # in the saved config
+    assert cfg.model.path.startswith(lab_assets) and cfg.seed == 1  # the lab's warm start, this seed
+    # a section given as a dict changes only the fields it names: the rest stays the lab's
+    lab = tiny_config("runs", assets=lab_assets)
+    for section, changed in (("rollout", "episodes_per_iteration"), ("env", "heldout_tasks")):
+        ours, theirs = getattr(cfg, section), getattr(lab, section)
+        assert ours.model_dump(exclude={changed}) == theirs.model_dump(exclude={changed}), section
+    beta = bench.recipe_for("dagger", bench.FULL, 12).rollout.beta
+    assert [beta(i) for i in range(3)] == pytest.approx([0.6, 0.4, 0.2])
+
+
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(tmp_path_factory, lab_assets):
     tmp = tmp_path_factory.mktemp("bench_methods")
     env = {**os.environ, "UNIPOST_CACHE": str(tmp / "cache")}
     out = subprocess.run(
@@ -48,6 +86,8 @@ def quick_run(tmp_path_factory):
             sys.executable,
             str(SCRIPT),
             "--quick",
+            "--assets",
+            lab_assets,
             "--no-progress",
             "--out",
             str(tmp / "out"),
@@ -84,7 +124,7 @@ def test_quick_numbers_are_finite_and_budgets_matched(quick_run):
     out, _ = quick_run
     bench = _bench()
     results = json.loads((out / "results.json").read_text())
-    size = results["meta"]["size"]
+    size, settings = results["meta"]["size"], results["meta"]["settings"]
     rows = results["methods"]
     assert set(rows) == set(bench.METHODS)
     for method, row in rows.items():
@@ -97,8 +137,10 @@ def test_quick_numbers_are_finite_and_budgets_matched(quick_run):
         for eff in row["effective_samples_per_seed"]:
             if method == "base":
                 assert eff == 0
-            else:  # the budget is reached and overshot by less than one trajectory's labels
-                assert size["budget"] <= eff < size["budget"] + size["max_turns"], (method, eff)
+            else:  # the budget is reached and overshot by less than one trajectory's (GRPO: group's) labels
+                group = size["grpo_group"] if method == "grpo" else 1
+                assert size["budget"] <= eff < size["budget"] + group * settings["max_turns"], (method, eff)
+    assert settings["warm_start"]["student_sha256"] and set(settings["recipes"]) == set(bench.METHODS[1:])
 
 
 def test_quick_claims_follow_the_stated_rule(quick_run):
@@ -115,6 +157,23 @@ def test_quick_claims_follow_the_stated_rule(quick_run):
         assert claim["resolve_verdict"] == expected and claim["resolve_diff"] == pytest.approx(d)
         assert claim["nll_verdict"] in VERDICTS
     assert claims["kl_rebound_claim"]["verdict"] in VERDICTS
+
+
+def test_report_only_needs_no_warm_start_and_keeps_the_run_size(quick_run, tmp_path):
+    """--report-only re-summarises histories.json with the size it was run with, even when the command
+    line omits --quick, and never loads a warm start (--assets points nowhere here)."""
+    import shutil
+
+    out, _ = quick_run
+    shutil.copy(out / "histories.json", tmp_path / "histories.json")
+    report = _bench().main(
+        ["--report-only", "--no-progress", "--out", str(tmp_path), "--assets", str(tmp_path / "none")]
+    )
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    quick = json.loads((out / "results.json").read_text())
+    assert meta["size"] == quick["meta"]["size"] and meta["size"]["quick"] is True
+    assert json.dumps(report["rows"], sort_keys=True) == json.dumps(quick["methods"], sort_keys=True)
+    assert (tmp_path / "learning_curves.png").stat().st_size > 5_000
 
 
 def test_max_effective_samples_stops_on_the_budget(tmp_path):

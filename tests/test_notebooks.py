@@ -64,10 +64,22 @@ def test_python3_kernel_uses_this_interpreter():
     ["smoke", pytest.param("small", marks=pytest.mark.slow)],  # small: about a minute each, idle
 )
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path, budget, tmp_path):
+def test_notebook_executes(path, budget, tmp_path, lab_assets, monkeypatch):
+    """Runs on the session's --quick lab warm start (UNIPOST_LAB_ASSETS), with HOME moved to a temporary
+    folder and UNIPOST_CACHE unset: nothing may land in the user's ~/.cache/unipost."""
+    import matplotlib
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("MPLCONFIGDIR", matplotlib.get_cachedir())  # not a fresh font cache per test
+    monkeypatch.setenv("UNIPOST_LAB_ASSETS", lab_assets)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("UNIPOST_CACHE", raising=False)
     nb = _load_executor()(path, cwd=tmp_path, budget=budget, timeout_s=900)
     assert _images(nb) >= 2, f"{path.name}: expected inline figures in the outputs"
     assert list((tmp_path / "figures").glob(f"*_{budget}.png")), "the notebook saved no figure"
+    assert not (home / ".cache" / "unipost").exists(), "the notebook wrote to ~/.cache/unipost"
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert lab_assets in text, "the notebook did not run on the lab warm start it was given"
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)

@@ -58,10 +58,12 @@ def expert_trajectories(
     start: int = 0,
     max_turns: int = 40,
     progress: bool = False,
+    prompt_tools: bool = True,
 ) -> list[Trajectory]:
-    """Scripted-expert trajectories on tasks ``start .. start+n-1`` of ``split``."""
+    """Scripted-expert trajectories on tasks ``start .. start+n-1`` of ``split`` (``prompt_tools=False``:
+    rendered without the tool-schema block, as the tiny lab's students see their prompts)."""
     engine = RolloutEngine(
-        env_factory(difficulty, max_observation_chars),
+        env_factory(difficulty, max_observation_chars, prompt_tools=prompt_tools),
         student=None,
         teacher=ScriptedExpert(),
         recipe=SFT(rejection_sampling=False),
