@@ -39,11 +39,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unipost.data import PolicyOutput
 from unipost.envs.embedded import EmbeddedEnv, Limits, generate_task, tool_call_message, tool_schemas
 from unipost.objective import OwnSamples, Recipe, StudentRollout
 from unipost.rendering import format_assistant, make_tool_call, parse_assistant
 from unipost.rollout.engine import RolloutEngine
+from unipost.rollout.policy import PolicyOutput
 from unipost.rollout.scripted import RandomToolPolicy
 from unipost.rollout.store import TrajectoryStore, load
 
@@ -254,12 +254,13 @@ def cost(repeats: int = 30) -> dict[str, Any]:
     env.reset()
     command = tool_call_message("", "terminal", {"command": "echo hi"}, "c")
     view = tool_call_message("", "file_editor", {"command": "view", "path": "/testbed"}, "c")
-    env.step(command)
+    assert "exit code 0" in env.step(command).observation[0]["content"]
+    assert "up to 2 levels deep" in env.step(view).observation[0]["content"]
     load0 = os.getloadavg()[0]
     t_cmd = med(lambda: env.step(command), repeats)
     t_view = med(lambda: env.step(view), repeats)
     env.submitted = True
-    env.verify()
+    assert env.verify().submitted
     t_verify = med(env.verify, max(repeats // 2, 5))
     env.close()
     return {

@@ -51,11 +51,12 @@ import importlib, json, os, sys
 fd = int(os.environ["UNIPOST_CHANNEL_FD"])
 with open(sys.argv[1]) as fh:
     spec = json.load(fh)
-sys.path.insert(0, "/testbed")
+root = sys.argv[2]
+sys.path.insert(0, root)
 reply = {"import_error": None, "results": []}
 try:
     package = spec["package"]
-    for name in sorted(os.listdir(os.path.join("/testbed", package))):
+    for name in sorted(os.listdir(os.path.join(root, package))):
         if name.endswith(".py"):
             importlib.import_module(package if name == "__init__.py" else package + "." + name[:-3])
     module = importlib.import_module(spec["module"])
@@ -159,11 +160,11 @@ def run_hidden_tests(task: Task, sandbox: Sandbox) -> TestReport:
         for f in hidden.iterdir():
             os.chmod(f, 0o644)
         if sandbox.isolated:
-            cmd = "cd /testbed && python3 -I -S /hidden/_unipost_runner.py /hidden/spec.json"
+            cmd = "cd /testbed && python3 -I -S /hidden/_unipost_runner.py /hidden/spec.json /testbed"
             res = sandbox.run(cmd, ro_binds={str(hidden): "/hidden"}, channel=MAX_REPLY_BYTES)
         else:
             runner, spec_path = hidden / "_unipost_runner.py", hidden / "spec.json"
-            cmd = f"cd /testbed && python3 -I -S {runner} {spec_path}"
+            cmd = f"cd /testbed && python3 -I -S {runner} {spec_path} /testbed"  # /testbed: translated
             res = sandbox.run(cmd, channel=MAX_REPLY_BYTES)
     finally:
         shutil.rmtree(hidden, ignore_errors=True)
