@@ -6,7 +6,8 @@ normalised by the epoch's label-token count) through the library's own path (``p
 ``packed_logprobs`` -> ``weighted_nll``), with only the attention changing:
 
 * dense:     ``attention="model"`` on an SDPA-loaded model: one additive [T, T] mask per micro-batch
-             (the CPU path before ``unipost_packed_sdpa``).
+             (the CPU path before ``unipost_packed_sdpa``), micro-batches of ``--max-tokens`` (8192,
+             the trainer's default ``optim.micro_batch_tokens``).
 * split:     ``attention="auto"``: per-document ``is_causal`` SDPA calls and per-branch calls
              (``unipost_packed_sdpa``), the same micro-batches.
 * split@big: the split path with ``--big-tokens`` micro-batches (attention cost is now linear in the
@@ -124,6 +125,9 @@ def run_size(name: str, args, workload: str) -> list[dict]:
                 set_attention(model, load_as)
             elapsed, cpu = epoch(model, groups, normaliser, attention)
             implementation[mode] = attention_implementation(model)
+            print(
+                f"{name} {workload} repeat {repeat} {mode}: {elapsed:.2f} s wall, {cpu:.2f} s CPU", flush=True
+            )
             if repeat == 0:
                 mode_grads[mode] = grads(model)
             else:
@@ -170,13 +174,19 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sizes", default="tiny,wide", help=f"comma-separated, of {sorted(SIZES)}")
-    parser.add_argument("--workloads", default="bc,dagger", help="bc (varlen packs) and/or dagger (trees)")
-    parser.add_argument("--docs", type=int, default=12)
+    parser.add_argument("--workloads", default="bc", help="bc (varlen packs) and/or dagger (trees)")
+    parser.add_argument("--docs", type=int, default=8)
     parser.add_argument("--doc-tokens", type=int, default=1900)
     parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--max-tokens", type=int, default=4096, help="micro-batch tokens (dense and split)")
-    parser.add_argument("--big-tokens", type=int, default=16384, help="micro-batch tokens of split@big")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=8192,
+        help="micro-batch tokens (dense and split; the trainer's default)",
+    )
+    parser.add_argument("--big-tokens", type=int, default=32768, help="micro-batch tokens of split@big")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tag", default="", help="suffix of the results files")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -220,7 +230,7 @@ def main() -> None:
     }
     print(f"load average before {meta['load_average_before']} after {meta['load_average_after']}")
     RESULTS.mkdir(exist_ok=True)
-    stem = "train-quick" if args.quick else "train"
+    stem = ("train-quick" if args.quick else "train") + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         f"torch threads {meta['torch_threads']}, load average before {meta['load_average_before']} "

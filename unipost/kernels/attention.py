@@ -299,11 +299,12 @@ def packed_sdpa_attention(
         key = _repeat_kv(key, groups)
         value = _repeat_kv(value, groups)
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    # split, whose backward is one cat, rather than per-piece slicing, whose backward zero-fills a
+    # full-length gradient per piece and tensor
+    sizes = [piece.end - piece.start for piece in layout.pieces]
+    pieces = zip(layout.pieces, query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))
     outputs = []
-    for index, piece in enumerate(layout.pieces):
-        q = query[:, :, piece.start : piece.end]
-        k = key[:, :, piece.start : piece.end]
-        v = value[:, :, piece.start : piece.end]
+    for index, (piece, q, k, v) in enumerate(pieces):
         if piece.prefix_len == 0:
             out = sdpa(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
         else:
