@@ -103,9 +103,9 @@ QUICK = BenchSize(  # seconds per run on a --quick warm start; the pipeline is t
 FULL = BenchSize(  # >= 3 seeds x >= 50 held-out tasks, >= 4 evaluation points per learning curve
     seeds=3,
     heldout=50,
-    # > 2 x episodes x max_turns (2 x 8 x 12 = 192 labels at most in two iterations): no arm can spend
-    # it in fewer than 3 iterations, so with eval_every=1 each curve has >= 4 points (before training
-    # and after each iteration); checked by tests/test_bench_methods.py
+    # > 2 x episodes x max_turns (with the lab's MAX_TURNS = 10: at most 2 x 8 x 10 = 160 labels in two
+    # iterations): no arm can spend it in fewer than 3 iterations, so with eval_every=1 each curve has
+    # >= 4 points (before training and after each iteration); checked by tests/test_bench_methods.py
     budget=240,
     iterations=12,  # an arm whose filter keeps little data stops here short of the budget (reported)
     episodes=8,
