@@ -14,12 +14,20 @@ and labels turns, so environment steps run real sandboxed commands); the default
 on-policy sampling (GRPO / OPD rollouts). A random-init model rarely emits a valid tool call, so in
 ``student`` mode the environment mostly answers "no tool call" and the run measures generation.
 
-Prints a rich table (episodes/s, env steps/s, student calls, mean batch, time in generation, speedup
-over concurrency 1) and writes benchmarks/results/rollout{-quick}.{json,md}. The machine's load average
-is recorded because these CPU machines are shared: compare ratios within one run, not across runs.
+KV reuse across turns (``--kv``): each concurrency runs with the policy encoding every prompt in full
+(``full``, ``prefix_cache_mb=0``, the behaviour before KV reuse) and/or reusing the episode's cached
+keys/values so a turn encodes only its new suffix (``reuse``, the default policy); ``--kv both`` puts
+the two side by side (interleaved). With ``--greedy`` both do the same work, which is checked: every
+episode's executed actions must be identical between the two.
+
+Prints a rich table (episodes/s, turns/s, env steps/s, student calls, mean batch, time in generation,
+share of prompt tokens reused, speedup over the first row) and writes
+benchmarks/results/rollout{-quick}{-tag}.{json,md}. The machine's load average is recorded because
+these CPU machines are shared: compare ratios within one run, not across runs.
 
     python benchmarks/bench_rollout.py            # the recorded configuration
     python benchmarks/bench_rollout.py --quick    # a smoke run
+    python benchmarks/bench_rollout.py --kv both --greedy --concurrency 8 --max-turns 6 --tag kv
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ def make_env(task) -> EmbeddedEnv:
     return EmbeddedEnv.from_split(*task)
 
 
-def run_once(args, student, recipe, teacher, concurrency: int) -> dict:
+def run_once(args, student, recipe, teacher, concurrency: int, kv: str = "reuse") -> dict:
     tasks = [("train", i, "easy") for i in range(args.episodes)]
     engine = RolloutEngine(
         make_env,
@@ -61,10 +69,19 @@ def run_once(args, student, recipe, teacher, concurrency: int) -> dict:
         progress=False,
     )
     load_before = os.getloadavg()[0]
-    batch = engine.collect(tasks, iteration=0)
+    stats_before = dict(student.kv_stats)
+    batch = engine.collect(tasks, iteration=0, greedy=args.greedy)
     s = batch.stats
+    prompt = student.kv_stats["prompt_tokens"] - stats_before["prompt_tokens"]
+    reused = student.kv_stats["reused_tokens"] - stats_before["reused_tokens"]
+    actions = [[t.action for t in traj.turns] for traj in batch.trajectories]
     return {
         "concurrency": concurrency,
+        "kv": kv,
+        "turns_per_s": s.turns / max(s.wall_time_s, 1e-9),
+        "prompt_tokens": prompt,
+        "reused_fraction": reused / max(prompt, 1),
+        "actions": actions,
         "episodes": s.episodes,
         "turns": s.turns,
         "student_turns": s.student_queries,
@@ -92,6 +109,11 @@ def main() -> None:
     parser.add_argument("--recipe", choices=["student", "dagger"], default="student")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--kv", choices=["both", "reuse", "full"], default="both", help="KV reuse across turns (see above)"
+    )
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (same work for both --kv)")
+    parser.add_argument("--tag", default="", help="suffix of the results files")
     parser.add_argument("--quick", action="store_true", help="8 episodes, 2 turns, 16 tokens")
     args = parser.parse_args()
     if args.quick:
@@ -102,21 +124,45 @@ def main() -> None:
 
     tokenizer = build_tokenizer()
     model = build_tiny_qwen3(len(tokenizer), seed=args.seed).eval()
-    student = TransformersPolicy(
-        model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed
-    )
+    students = {
+        kv: TransformersPolicy(
+            model,
+            tokenizer,
+            max_new_tokens=args.max_new_tokens,
+            temperature=1.0,
+            seed=args.seed,
+            prefix_cache_mb=0 if kv == "full" else 1024,
+        )
+        for kv in (["full", "reuse"] if args.kv == "both" else [args.kv])
+    }
     if args.recipe == "dagger":
         recipe, teacher = Recipe(TurnMixture(0.5), TeacherLabels()), ScriptedExpert()
     else:
         recipe, teacher = Recipe(StudentRollout(), OwnSamples()), None
 
     # warm-up (first generate call pays one-off costs), not timed
-    run_once(argparse.Namespace(**{**vars(args), "episodes": 2, "max_turns": 1}), student, recipe, teacher, 2)
+    warm = argparse.Namespace(**{**vars(args), "episodes": 2, "max_turns": 1})
+    for student in students.values():
+        run_once(warm, student, recipe, teacher, 2)
 
-    rows = [run_once(args, student, recipe, teacher, c) for c in args.concurrency]
-    base = next((r for r in rows if r["concurrency"] == 1), rows[0])
+    rows = [
+        run_once(args, student, recipe, teacher, c, kv)
+        for c in args.concurrency
+        for kv, student in students.items()
+    ]
+    base = rows[0]
     for r in rows:
         r["speedup"] = r["episodes_per_s"] / base["episodes_per_s"]
+    same_work = None
+    if args.greedy and len(students) == 2:
+        same_work = all(
+            r["actions"] == other["actions"]
+            for r in rows
+            for other in rows
+            if r["concurrency"] == other["concurrency"]
+        )
+    for r in rows:
+        del r["actions"]
 
     title = (
         f"rollout throughput: {args.episodes} episodes x {args.max_turns} turns, recipe {args.recipe}, "
@@ -125,12 +171,15 @@ def main() -> None:
     table = Table(title=title)
     headers = [
         "concurrency",
+        "KV",
         "episodes/s",
+        "turns/s",
         "env steps/s",
         "student calls",
         "mean batch",
         "wall s",
         "in generate s",
+        "prompt tokens reused",
         "speedup",
     ]
     for h in headers:
@@ -139,12 +188,15 @@ def main() -> None:
     for r in rows:
         cells = [
             str(r["concurrency"]),
+            r["kv"],
             f"{r['episodes_per_s']:.2f}",
+            f"{r['turns_per_s']:.2f}",
             f"{r['env_steps_per_s']:.1f}",
             str(r["student_calls"]),
             f"{r['mean_batch']:.1f}",
             f"{r['wall_s']:.1f}",
             f"{r['student_s']:.1f}",
+            f"{r['reused_fraction']:.0%}",
             f"{r['speedup']:.2f}x",
         ]
         table.add_row(*cells)
@@ -162,10 +214,13 @@ def main() -> None:
     }
     loads = ", ".join(f"{r['load_avg_1m']:.1f}" for r in rows)
     md += ["", f"1-minute load average at the start of each row: {loads} (on {os.cpu_count()} CPUs)."]
-    suffix = "-quick" if args.quick else ""
+    if same_work is not None:
+        md += ["", f"Greedy: executed actions identical with and without KV reuse: {same_work}."]
+        print(f"greedy: executed actions identical with and without KV reuse: {same_work}")
+    suffix = ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"rollout{suffix}.json").write_text(
-        json.dumps({"config": config, "rows": rows}, indent=2) + "\n"
+        json.dumps({"config": config, "rows": rows, "greedy_same_actions": same_work}, indent=2) + "\n"
     )
     (RESULTS / f"rollout{suffix}.md").write_text("\n".join(md) + "\n")
 
