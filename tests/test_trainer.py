@@ -428,3 +428,17 @@ def test_offline_sft_needs_no_live_teacher(tmp_path, cache_dir, task_tokenizer):
     )
     trainer = Trainer(cfg, tokenizer=task_tokenizer)
     assert trainer.teacher_policy is None and trainer.engine is None
+
+
+def test_max_effective_samples_stops_on_the_budget(tmp_path, cache_dir):
+    """The matched budget ends a run after the iteration that reaches it, overshooting by < 1 trajectory.
+    (Moved here from test_bench_methods.py: it tests the Trainer, not the benchmark.)"""
+    cfg = tiny_train_config(tmp_path / "runs", cache_dir, "sft", iterations=4, max_effective_samples=7)
+    cfg = cfg.replace(recipe_kwargs={"rejection_sampling": False})
+    history = Trainer(cfg).fit()
+    per_iteration = [r["train/batch_labels"] for r in history]
+    assert len(history) < 4  # stopped by the budget, not by the iteration count
+    assert history[-1]["train/effective_samples"] == sum(per_iteration) >= 7
+    assert sum(per_iteration[:-1]) < 7  # it did not run an iteration past the budget
+    labels_per_trajectory = cfg.rollout.max_turns
+    assert history[-1]["train/effective_samples"] < 7 + labels_per_trajectory
