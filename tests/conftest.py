@@ -33,9 +33,11 @@ def lab_assets(tmp_path_factory) -> str:
     from unipost.train.warm_start import WarmStartSpec, build_warm_start
 
     script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "build-warm-start.py"))
-    out = tmp_path_factory.mktemp("lab") / "tiny-lab"
-    build_warm_start(out, WarmStartSpec(**script["QUICK"]), progress=False)
-    return str(out)
+    root = tmp_path_factory.mktemp("lab")
+    with pytest.MonkeyPatch.context() as mp:  # its demo cache goes to the session's temp dir, not ~/.cache
+        mp.setenv("UNIPOST_CACHE", str(root / "cache"))
+        build_warm_start(root / "tiny-lab", WarmStartSpec(**script["QUICK"]), progress=False)
+    return str(root / "tiny-lab")
 
 
 @pytest.fixture()
