@@ -39,8 +39,6 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_CLOSE = "</think>"
 _SNIPPET = 160  # characters of offending text quoted in an error message
 MAX_JSON_DEPTH = 64  # tool calls are flat objects; deeper nesting is an attack, not an action
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 @dataclass(frozen=True)
@@ -91,33 +89,43 @@ def _check_style(style: str) -> None:
 # canonical tool calls and tool schemas
 
 
-def json_depth(text: str) -> int:
-    """The deepest ``[``/``{`` nesting of a JSON text, found without recursion (strings skipped).
-
-    Python's json module recurses once per level: a 100,000-deep ``[[[...`` raises RecursionError (or
-    worse, gets through and breaks whoever walks the result). Checking the depth first keeps every
-    parser here bounded.
-    """
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
-    depth = deepest = 0
-    for ch in brackets:
-        if ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
+def value_depth(value: Any, stop: int = MAX_JSON_DEPTH) -> int:
+    """How deeply lists and dicts nest in ``value``, measured without recursion (stops past ``stop``)."""
+    deepest = 0
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
         else:
-            depth -= 1
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop:
+            break
+        todo.extend((child, depth + 1) for child in children)
     return deepest
 
 
 def loads_bounded(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` that refuses (ValueError) nesting deeper than ``max_depth`` instead of recursing."""
-    depth = json_depth(text)
-    if depth > max_depth:
-        raise ValueError(f"JSON nested {depth} levels deep (at most {max_depth} allowed)")
-    try:
+    """``json.loads`` that refuses (ValueError) nesting deeper than ``max_depth``.
+
+    Python's json decoder recurses once per level: ``[[[...`` 100,000 deep raises RecursionError, and
+    a structure just under the interpreter's limit breaks whoever walks it next. Text with few
+    brackets cannot be deep and is parsed directly (the common case, and fast for a large file
+    text); otherwise the parsed value's depth is measured iteratively.
+    """
+    if text.count("[") + text.count("{") <= max_depth:
         return json.loads(text)
-    except RecursionError as exc:  # pragma: no cover - the depth check comes first
-        raise ValueError("JSON nested too deeply") from exc
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested too deeply (at most {max_depth} levels allowed)") from None
+    depth = value_depth(value, max_depth)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested more than {max_depth} levels deep (at most {max_depth} allowed)")
+    return value
 
 
 def make_tool_call(name: str, arguments: dict[str, Any], call_id: str) -> dict[str, Any]:
@@ -346,18 +354,17 @@ def _decode_xml_value(raw: str, schema: dict[str, Any] | None) -> tuple[bool, An
 
 def _literal(raw: str) -> tuple[bool, Any]:
     """JSON first; then Python literals (``True``, ``{'a': 1}``), which Jinja's ``|string`` renders."""
-    if json_depth(raw) > MAX_JSON_DEPTH:  # nor does ast get text nested deeper than any action
-        return False, raw
     try:
-        return True, json.loads(raw)
-    except (json.JSONDecodeError, ValueError):
+        return True, loads_bounded(raw)
+    except ValueError:  # not JSON (JSONDecodeError is a ValueError), or nested too deeply
         pass
     if raw.strip().lower() in ("true", "false"):
         return True, raw.strip().lower() == "true"
     try:
-        return True, ast.literal_eval(raw.strip())
+        value = ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return False, raw
+    return (True, value) if value_depth(value) <= MAX_JSON_DEPTH else (False, raw)
 
 
 def _parse_xml_body(body: str, i: int, tools: dict[str, dict[str, Any]] | None) -> tuple[str, dict] | str:

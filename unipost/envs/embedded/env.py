@@ -29,6 +29,7 @@ from unipost.envs.embedded.tools import (
 )
 from unipost.envs.embedded.verifier import EndedBy, classify, run_hidden_tests
 from unipost.rendering.toolcalls import loads_bounded
+from unipost.rendering.toolcalls import value_depth as nesting_depth
 
 SYSTEM_PROMPT = (
     "You are a software engineering agent. A Python repository is at /testbed. Use the tools to inspect "
@@ -219,26 +220,6 @@ def _raw_name(call: Any) -> str:
 
 
 MAX_ACTION_DEPTH = 32  # a tool call is {"function": {"arguments": {...: [..]}}}: 4 levels; more is hostile
-
-
-def nesting_depth(obj: Any, stop: int) -> int:
-    """How deeply containers nest in ``obj`` (iterative, so any depth is measured without recursion);
-    stops counting once ``stop`` is passed."""
-    deepest = 0
-    todo: list[tuple[Any, int]] = [(obj, 1)]
-    while todo:
-        item, depth = todo.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, (list, tuple)):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth)
-        if deepest > stop:
-            return deepest
-        todo.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 def printable(text: str) -> str:
