@@ -191,10 +191,17 @@ def soak(episodes: int, *, max_turns: int = 6, concurrency: int = 4, seed: int =
     canary.mkdir()
     (canary / "secret.txt").write_text("canary\n")
     digest = _tree_digest(canary)
-    before_ws = _workspaces()
+    before_ws = _workspaces()  # other processes may create some too: informative only
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    made: list[EmbeddedEnv] = []
+
+    def make_env(task: Any) -> EmbeddedEnv:
+        env = EmbeddedEnv.from_split(*task, limits=Limits(timeout_s=3, cpu_s=3, max_processes=32))
+        made.append(env)
+        return env
+
     engine = RolloutEngine(
-        lambda task: EmbeddedEnv.from_split(*task, limits=Limits(timeout_s=3, cpu_s=3, max_processes=32)),
+        make_env,
         student=HostilePolicy(canary, seed),
         teacher=None,
         recipe=Recipe(StudentRollout(), OwnSamples()),
@@ -228,7 +235,8 @@ def soak(episodes: int, *, max_turns: int = 6, concurrency: int = 4, seed: int =
         "resolved (forged)": sum(t.outcome.resolved for t in batch.trajectories),
         "tool_errors": sum(t.tool_error for tr in batch.trajectories for t in tr.turns),
         "env_errors": sum(bool(t.meta.get("env_error")) for t in batch.trajectories),
-        "host_effects": int(_tree_digest(canary) != digest) + len(_workspaces() - before_ws),
+        "host_effects": int(_tree_digest(canary) != digest) + sum(e.workspace is not None for e in made),
+        "new_tmp_workspaces": len(_workspaces() - before_ws),  # includes other processes' (informative)
         "orphans": len(_orphans()),
         "peak_rss_mib": round(rss1 / 1024, 1),
         "rss_growth_mib": round((rss1 - rss0) / 1024, 1),
