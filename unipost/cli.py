@@ -1,17 +1,76 @@
 """The ``unipost`` command line: ``unipost env ...``, ``unipost train``, ``unipost eval``,
-``unipost eval-swebench``, ``unipost main``."""
+``unipost eval-swebench``, ``unipost main``, ``unipost doctor``.
+
+A user's mistake (a path that is not a run, a misspelt config field, a missing optional package) is
+reported in one or two lines naming the problem and the fix; the traceback is shown only with
+``unipost --debug ...``. Anything else (a bug) keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import typer
 
-app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="unipost: post-training long-horizon LLM agents."
+_DEBUG = {"on": False}
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; the message says what is wrong and what to do instead."""
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """One or two lines for a user's mistake, or None for anything that should keep its traceback."""
+    from pydantic import ValidationError
+
+    from unipost._optional import OptionalDependencyError
+    from unipost.train.build import ConfigError
+
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return f"config error{f' in {where}' if where else ''}: {message}{more}"
+    if isinstance(exc, (UserError, ConfigError, OptionalDependencyError, FileNotFoundError)):
+        return str(exc)
+    return None
+
+
+class _App(typer.Typer):
+    """The Typer app, printing a user's mistake in one or two lines (``--debug``: the traceback)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit:
+            raise
+        except Exception as exc:
+            message = user_error_message(exc)
+            if message is None or _DEBUG["on"]:
+                raise
+            typer.echo(f"error: {message}", err=True)
+            typer.echo("(run with --debug for the traceback)", err=True)
+            raise SystemExit(2) from None
+
+
+app = _App(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="unipost: post-training long-horizon LLM agents.",
 )
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error"),
+) -> None:
+    _DEBUG["on"] = debug
+
 
 # Sub-apps live beside the code they drive; each is registered if its module is present.
 for _module, _name in [("unipost.envs.cli", "env")]:
@@ -26,29 +85,29 @@ for _module, _name in [("unipost.envs.cli", "env")]:
 
 @app.command()
 def doctor() -> None:
-    """Say which optional pieces (GPU kernels, vLLM, OpenHands, bubblewrap) are available."""
-    import shutil
+    """Say what this machine can run: torch and CUDA, each optional backend and what it needs."""
+    from unipost._optional import doctor_lines
 
-    from unipost._optional import report
-
-    for name, ok in report().items():
-        typer.echo(f"{name:14s} {'yes' if ok else 'no'}")
-    typer.echo(f"{'bwrap':14s} {'yes' if shutil.which('bwrap') else 'no'}")
+    for line in doctor_lines():
+        typer.echo(line)
 
 
 def _load_experiment(path: Path):
     """An experiment is a .py file defining ``config()`` (and optionally ``recipe()``), or a JSON config."""
     from unipost.train.config import TrainConfig
 
-    if not path.exists():
-        raise typer.BadParameter(f"{path} does not exist")
+    if not path.is_file():
+        raise UserError(
+            f"{path} is not a file; give an experiment file (e.g. experiments/cpu_dagger.py, which defines "
+            "config()) or a run's config.json"
+        )
     if path.suffix == ".json":
         return TrainConfig.from_file(path), None
     spec = importlib.util.spec_from_file_location(f"unipost_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "config"):
-        raise typer.BadParameter(f"{path} defines no config() function returning a TrainConfig")
+        raise UserError(f"{path} defines no config() function returning a TrainConfig; add one")
     recipe = module.recipe() if hasattr(module, "recipe") else None
     return module.config(), recipe
 
@@ -76,9 +135,17 @@ def evaluate(
     tasks: int | None = typer.Option(None, help="number of held-out tasks (default: the run's)"),
 ) -> None:
     """Greedy held-out evaluation of a run's latest checkpoint: resolve rate, failure modes, reverse KL."""
+    from unipost.train.checkpoint import CheckpointManager
     from unipost.train.config import TrainConfig
     from unipost.train.trainer import Trainer
 
+    if not (run / "config.json").is_file():
+        raise UserError(
+            f"{run} is not a unipost run (no config.json); give the folder a training run wrote, e.g. "
+            "runs/<name> after `unipost train experiments/cpu_dagger.py`"
+        )
+    if CheckpointManager(run / "checkpoints").latest() is None:
+        raise UserError(f"{run} holds no valid checkpoint to evaluate; train it first (unipost train ...)")
     config = TrainConfig.from_file(run / "config.json")
     config = config.model_validate(
         {**config.model_dump(), "output_dir": str(run.parent), "name": run.name}
