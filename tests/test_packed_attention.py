@@ -102,11 +102,10 @@ def test_split_path_equals_dense_under_gradient_checkpointing(tiny_model):
     """Checkpointed layers replay the split calls in backward: gradients still equal the dense path."""
     batch = _tree_batch(tiny_model.config.vocab_size)
     dense = _loss_and_grads(tiny_model, batch, "model")
-    enable = (
-        getattr(tiny_model, "activation_checkpointing_enable", None)
-        or tiny_model.gradient_checkpointing_enable
-    )
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(tiny_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        tiny_model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tiny_model.train()
     split = _loss_and_grads(tiny_model, batch, "auto")
     assert attention_implementation(tiny_model) == PACKED_SDPA
