@@ -302,7 +302,9 @@ def packed_sdpa_attention(
     # split, whose backward is one cat, rather than per-piece slicing, whose backward zero-fills a
     # full-length gradient per piece and tensor
     sizes = [piece.end - piece.start for piece in layout.pieces]
-    pieces = zip(layout.pieces, query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True)
+    pieces = zip(
+        layout.pieces, query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2), strict=True
+    )
     outputs = []
     for index, (piece, q, k, v) in enumerate(pieces):
         if piece.prefix_len == 0:
