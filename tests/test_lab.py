@@ -106,3 +106,28 @@ def test_prompt_tools_off_leaves_schemas_out_but_still_validates_calls():
         assert result.tool_error and not result.done
     finally:
         env.close()
+
+
+def test_learning_curve_steps_get_integer_ticks(tmp_path):
+    """Issue 13 item 9: a run with evaluations at steps 0 and 4 showed ticks at 0.5, 1.5, ..."""
+    from unipost.train.plots import plot_learning_curves
+
+    runs = {
+        "DAgger": [{"step": 0, "eval/resolve_rate": 0.2}, {"step": 4, "eval/resolve_rate": 0.3}],
+        "SFT": [{"step": 0, "eval/resolve_rate": 0.2}, {"step": 4, "eval/resolve_rate": 0.25}],
+    }
+    fig_path = plot_learning_curves(runs, keys=["eval/resolve_rate"], out=tmp_path / "c.png", x="step")
+    assert Path(fig_path).stat().st_size > 5_000
+    from matplotlib.figure import Figure
+
+    import unipost.train.plots as plots
+
+    captured: list[Figure] = []
+    original = plots._save
+    plots._save = lambda fig, out, dpi: (captured.append(fig), original(fig, out, dpi))[1]
+    try:
+        plot_learning_curves(runs, keys=["eval/resolve_rate"], out=tmp_path / "d.png", x="step")
+    finally:
+        plots._save = original
+    ticks = [t for t in captured[0].axes[0].get_xticks() if 0 <= t <= 4]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

@@ -129,6 +129,10 @@ def plot_learning_curves(
                                 alpha=0.18, linewidth=0)  # fmt: skip
         ax.set_title(_label(key))
         ax.set_xlabel(x)
+        if all(float(r[x]).is_integer() for r in all_records if _number(r.get(x)) is not None):
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps / iterations: no 0.5 ticks
         ax.set_ylabel(_label(key).split(": ")[-1])
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
