@@ -249,7 +249,9 @@ def test_agent_code_cannot_forge_a_passing_verdict(kind):
 @needs_bwrap
 def test_expected_values_never_reach_the_sandbox():
     """Package code run by the verifier looks everywhere it can for the hidden tests and their values."""
-    env = mk(4)
+    # the walk over the sandbox's whole tree needs more than mk()'s 3 s on a loaded machine
+    env = EmbeddedEnv(generate_task("train", 4, "easy"), limits=Limits(timeout_s=30, cpu_s=30))
+    env.reset()
     try:
         package, _, _ = _module0(env)
         spy = """
