@@ -255,7 +255,9 @@ shared = [t for t in runs["Uniform", first_seed]["trajectories"] if t.meta.get("
 
 def weights_on(recipe: Recipe, trajectories) -> tuple[torch.Tensor, object]:
     """weights_L of ``recipe`` on ``trajectories`` under the warm start (the trainer's own path)."""
-    batch = build_batch(trajectories, recipe, renderer)
+    # the same tokens for every score: packed under Uniform (the variants differ only in the score),
+    # so a filter's rejections show here as w = 0 (the trainer drops them before packing instead)
+    batch = build_batch(trajectories, variants["Uniform"], renderer)
     with torch.no_grad():
         logp_L = packed_logprobs(warm_start, batch.packed).logp_L
         teacher_logp_L = packed_logprobs(teacher, batch.packed).logp_L
@@ -385,7 +387,10 @@ for seed in B["seeds"]:
     assert all(f == firsts[0] for f in firsts), (
         f"seed {seed}: first-iteration episodes differ between variants"
     )
-    totals = [next(r["effective"] for r in rows if r["variant"] == n and r["seed"] == seed) for n in names]
+    # a SuccessFilter's rejected episodes are neither trained on nor counted (rejection-sampled SFT is
+    # SFT on the retained subset), so only the unfiltered variants share a budget
+    matched = [n for n in names if "SuccessFilter" not in n]
+    totals = [next(r["effective"] for r in rows if r["variant"] == n and r["seed"] == seed) for n in matched]
     assert max(totals) <= 1.3 * min(totals), f"seed {seed}: label budgets differ by more than 30 %: {totals}"
 
 sf, tlr = weights["SuccessFilter"], weights["TeacherLogRatio"]

@@ -20,7 +20,13 @@ def test_main_job_quick(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "DAgger vs SFT" in out.stdout
     summary = json.loads((tmp_path / "main" / "summary.json").read_text())
-    assert set(summary) == {"dagger", "sft"}
+    assert set(summary) == {"warm_start", "dagger", "sft"}
     for row in summary.values():
-        assert 0.0 <= row["resolve_end"] <= 1.0 and row["reverse_kl_end"] >= 0.0
+        low, high = row["resolve_ci"]
+        assert 0.0 <= low <= row["resolve"] <= high <= 1.0 and row["reverse_kl"] >= 0.0
+        assert row["heldout_tasks"] == 2
+        # rounded as the table shows them: no 2.8e-17 where the table says 0.000 (issue 13 item 9)
+        assert all(v == round(v, 4) for v in (row["resolve"], row["submission"], row["reverse_kl"]))
+    assert summary["warm_start"]["effective_samples"] == 0
+    assert "score Un…" not in out.stdout and "score Uniform()" in out.stdout  # the recipe header is whole
     assert (tmp_path / "main" / "comparison.png").stat().st_size > 10_000
