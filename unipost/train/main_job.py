@@ -27,15 +27,20 @@ MATCHED_EFFECTIVE_SAMPLES = 320
 
 
 def main_config(
-    out_dir: str, *, quick: bool = False, seed: int = 0, assets: str | None = None
+    out_dir: str,
+    *,
+    recipe: str = "dagger",
+    quick: bool = False,
+    seed: int = 0,
+    assets: str | None = None,
 ) -> TrainConfig:
-    """The CPU-sized configuration of the main job (``quick`` shrinks it for tests)."""
+    """The CPU-sized configuration of one arm of the main job (``quick`` shrinks it for tests)."""
     return tiny_config(
         out_dir,
-        recipe="dagger",
+        recipe=recipe,
         quick=quick,
         assets=assets,
-        name="main",
+        name=recipe,
         seed=seed,
         iterations=1 if quick else 6,
         max_effective_samples=None if quick else MATCHED_EFFECTIVE_SAMPLES,
@@ -57,9 +62,7 @@ def run_main_job(
     timings: dict[str, float] = {}
     initial = None  # both arms start from the same warm start and seed: evaluate it once
     for recipe in ("dagger", "sft"):
-        cfg = base.replace(
-            recipe=recipe, name=recipe, recipe_kwargs=base.recipe_kwargs if recipe == "dagger" else {}
-        )
+        cfg = main_config(out_dir, recipe=recipe, quick=quick, seed=seed, assets=assets)
         console.rule(recipe)
         console.print(cfg.build_recipe().describe(), soft_wrap=True)  # whole, never cut to the width
         start = time.perf_counter()
