@@ -2,7 +2,7 @@
 
 Layers, bottom up (docs/architecture.md): a module may import its own layer or lower ones.
 
-    0 data, _optional, _secrets, kernels,     the core: importable without envs, rollout or train
+    0 data, _optional, _secrets, machine, kernels,    the core: importable without envs, rollout or train
       objective
     1 rendering, models
     2 envs
@@ -22,7 +22,7 @@ from pathlib import Path
 
 UNIPOST = Path(__file__).resolve().parent.parent / "unipost"
 LAYERS: dict[str, int] = {
-    **dict.fromkeys(["data", "_optional", "_secrets", "kernels", "objective"], 0),
+    **dict.fromkeys(["data", "_optional", "_secrets", "machine", "kernels", "objective"], 0),
     **dict.fromkeys(["rendering", "models"], 1),
     "envs": 2,
     **dict.fromkeys(["rollout", "batch"], 3),
