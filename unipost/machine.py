@@ -3,30 +3,40 @@
 Why: on a small CPU box other jobs distort timings ~5x and ratios 2-3x (torch's threads oversubscribe the
 cores), so a figure without the machine's state is not evidence. The 1-minute load average alone cannot
 tell our own work from other jobs' (it counts us too, and lags by a minute), so :class:`QuietMonitor`
-measures what *others* used: the CPU time the whole machine spent busy (``/proc/stat``) minus the CPU
-time of this process and its waited-for children (``getrusage``), over the measured interval. A row is
-marked busy when others used more than ``BUSY_CORES`` cores on average.
+measures what *others* used: the CPU time the whole machine spent busy (``/proc/stat``, steal time
+included) minus the CPU time of this process and its waited-for children (``getrusage``), over the
+measured interval. A row is marked busy when others used more than ``BUSY_CORES`` cores on average.
 
-    from unipost.machine import QuietMonitor, machine_state
+    from unipost.machine import QuietMonitor, hygiene_cells, HYGIENE_HEADERS, hygiene_note
     with QuietMonitor() as quiet:
         run_the_thing()
-    row.update(quiet.record())        # {"load1": .., "others_cores": .., "busy": .., "threads": ..}
+    quiet.warn_if_busy("row 3")       # stderr warning when busy
+    row.update(quiet.record())        # {"load1_before", "load1_after", "others_cores", "threads", "busy"}
+    cells += hygiene_cells(row)       # the same four columns in rich tables and markdown
+    md.append(hygiene_note(rows))     # one line under the table: quiet, or which rows are BUSY
 
-Linux only for ``others_cores`` (elsewhere it is ``None`` and rows are never marked busy by it; the
-load average still is recorded).
+The load average is recorded but decides ``busy`` only where others' use cannot be measured (not
+Linux, or a block shorter than ``MIN_WINDOW_S``, below which ``/proc/stat``'s 10 ms ticks make the
+figure noise): before the second row of a benchmark it mostly counts our own first row.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 BUSY_CORES = 0.25  # others' mean CPU use (cores) above which a measurement is marked busy
 BUSY_LOAD1 = 1.0  # 1-minute load average before a run above which the machine is called busy
+MIN_WINDOW_S = 0.5  # shorter blocks: others' use is not measured (tick resolution), load decides
+BUSY_MARK = "BUSY"  # the marker in the ``busy`` column (rich and markdown alike)
+QUIET_MARK = "no"
+HYGIENE_HEADERS = ("load1 before/after", "others' cores", "threads", "busy")
 
 
 def _busy_seconds() -> float | None:
@@ -54,7 +64,10 @@ def torch_threads() -> int | None:
 
 
 def machine_state() -> dict[str, Any]:
-    """The machine now: load averages, CPU count, torch threads, and whether it looks idle by load."""
+    """The machine now: load averages, CPU count, torch threads, and whether it looks idle by load.
+
+    ``idle_by_load`` is None where the load average is unavailable (it then never marks a row busy).
+    """
     try:
         load1, load5, load15 = os.getloadavg()
     except OSError:
@@ -65,16 +78,18 @@ def machine_state() -> dict[str, Any]:
         "load15": round(load15, 2),
         "cpus": os.cpu_count(),
         "threads": torch_threads(),
-        "idle_by_load": bool(load1 <= BUSY_LOAD1),
+        "idle_by_load": None if math.isnan(load1) else bool(load1 <= BUSY_LOAD1),
     }
 
 
 class QuietMonitor:
     """Context manager: how much CPU *other* processes used while the block ran.
 
-    ``record()`` gives the load average before and after, the others' mean cores, the wall time, the
-    torch thread count and ``busy`` (others above ``BUSY_CORES``, or load above ``BUSY_LOAD1`` before
-    the block started). Child processes count as ours only once waited for (``subprocess.run`` does).
+    ``record()`` gives the load average before and after, the others' mean cores (None when not
+    measurable), the torch thread count and ``busy``: others above ``BUSY_CORES``; where others' use
+    was not measured, the load average before the block above ``BUSY_LOAD1``. Child processes count as
+    ours only once waited for (``subprocess.run`` does); an engine's worker processes that live on
+    (vLLM's) count as others' while they run.
     """
 
     def __init__(self) -> None:
@@ -87,7 +102,8 @@ class QuietMonitor:
     def __enter__(self) -> QuietMonitor:
         self.before = machine_state()
         self._own0 = _own_seconds()
-        self._busy0 = _busy_seconds() or 0.0
+        busy0 = _busy_seconds()
+        self._busy0 = busy0 if busy0 is not None else float("nan")
         self._t0 = time.perf_counter()
         return self
 
@@ -95,14 +111,20 @@ class QuietMonitor:
         self._wall = time.perf_counter() - self._t0
         busy1 = _busy_seconds()
         own = _own_seconds() - self._own0
-        if busy1 is not None and self._wall > 0:
+        if busy1 is not None and not math.isnan(self._busy0) and self._wall >= MIN_WINDOW_S:
             self._others = max(0.0, (busy1 - self._busy0 - own) / self._wall)
         self.after = machine_state()
 
     @property
+    def wall_s(self) -> float:
+        """Seconds the block took."""
+        return self._wall
+
+    @property
     def busy(self) -> bool:
-        others_busy = self._others is not None and self._others > BUSY_CORES
-        return bool(others_busy or not self.before.get("idle_by_load", True))
+        if self._others is not None:
+            return bool(self._others > BUSY_CORES)
+        return self.before.get("idle_by_load") is False
 
     def record(self) -> dict[str, Any]:
         """Columns to put beside a figure (JSON-serialisable)."""
@@ -126,10 +148,72 @@ class QuietMonitor:
         return self.busy
 
 
+def combine_records(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One record for a figure measured over several blocks (e.g. a ratio of two timed runs).
+
+    Load before from the first, after from the last; others' cores and threads the largest; busy if
+    any block was.
+    """
+    recs = list(records)
+    if not recs:
+        raise ValueError("no records to combine")
+    others = [r["others_cores"] for r in recs if r.get("others_cores") is not None]
+    threads = [r["threads"] for r in recs if r.get("threads") is not None]
+    return {
+        "load1_before": recs[0].get("load1_before"),
+        "load1_after": recs[-1].get("load1_after"),
+        "others_cores": max(others) if others else None,
+        "threads": max(threads) if threads else None,
+        "busy": any(bool(r.get("busy")) for r in recs),
+    }
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def busy_marker(record: Mapping[str, Any]) -> str:
+    """The ``busy`` column's cell: ``BUSY`` or ``no``."""
+    return BUSY_MARK if record.get("busy") else QUIET_MARK
+
+
+def hygiene_cells(record: Mapping[str, Any]) -> list[str]:
+    """The cells under ``HYGIENE_HEADERS`` for one row (a ``record()``, or a row updated with one)."""
+    return [
+        f"{_num(record.get('load1_before'), '.2f')} / {_num(record.get('load1_after'), '.2f')}",
+        _num(record.get("others_cores"), ".2f"),
+        _num(record.get("threads"), "d"),
+        busy_marker(record),
+    ]
+
+
+def hygiene_note(records: Iterable[Mapping[str, Any]], state: Mapping[str, Any] | None = None) -> str:
+    """One line for under a table: every row quiet, or which rows are marked BUSY and why it matters."""
+    recs = list(records)
+    s = state or machine_state()
+    others = [r["others_cores"] for r in recs if r.get("others_cores") is not None]
+    loads = [x for r in recs for x in (r.get("load1_before"), r.get("load1_after")) if x is not None]
+    threads = sorted({r["threads"] for r in recs if r.get("threads") is not None})
+    busy = [i for i, r in enumerate(recs, 1) if r.get("busy")]
+    facts = (
+        f"{s['cpus']} CPUs, torch threads {'/'.join(map(str, threads)) or 'n/a'}, 1-minute load "
+        + (f"{min(loads):.2f}-{max(loads):.2f}" if loads else "n/a")
+        + ", others' CPU use up to "
+        + (f"{max(others):.2f} cores" if others else "n/a (not measured)")
+    )
+    if not busy:
+        return f"Machine quiet for all {len(recs)} rows ({facts})."
+    return (
+        f"**{len(busy)} of {len(recs)} rows marked {BUSY_MARK}** (rows {', '.join(map(str, busy))}: other "
+        f"processes used > {BUSY_CORES} cores, or where not measured the load was > {BUSY_LOAD1}; "
+        f"{facts}): their times and ratios are not comparable with a quiet run."
+    )
+
+
 def header_line(state: dict[str, Any] | None = None) -> str:
     """One line for a results table's header: load, CPUs, threads."""
     s = state or machine_state()
     return (
         f"load average {s['load1']}/{s['load5']}/{s['load15']} (1/5/15 min), {s['cpus']} CPUs, "
-        f"torch threads {s['threads']}" + ("" if s["idle_by_load"] else "  [BUSY MACHINE]")
+        f"torch threads {s['threads']}" + ("  [BUSY MACHINE]" if s["idle_by_load"] is False else "")
     )
