@@ -22,8 +22,11 @@ episode's executed actions must be identical between the two.
 
 Prints a rich table (episodes/s, turns/s, env steps/s, student calls, mean batch, time in generation,
 share of prompt tokens reused, speedup over the first row) and writes
-benchmarks/results/rollout{-quick}{-tag}.{json,md}. The machine's load average is recorded because
-these CPU machines are shared: compare ratios within one run, not across runs.
+benchmarks/results/rollout{-quick}{-tag}.{json,md}. Every row carries the machine's state over its own
+measurement (``unipost.machine.QuietMonitor``: 1-minute load before/after, other processes' mean CPU
+use, torch threads, ``busy``); a row during which other processes used more than a quarter of a core
+is marked BUSY and warned about. These CPU machines are shared: compare ratios within one quiet run,
+not across runs.
 
     python benchmarks/bench_rollout.py            # the recorded configuration
     python benchmarks/bench_rollout.py --quick    # a smoke run
@@ -44,6 +47,14 @@ from rich.console import Console
 from rich.table import Table
 
 from unipost.envs.embedded import EmbeddedEnv, ScriptedExpert
+from unipost.machine import (
+    HYGIENE_HEADERS,
+    QuietMonitor,
+    header_line,
+    hygiene_cells,
+    hygiene_note,
+    machine_state,
+)
 from unipost.models import build_tiny_qwen3, build_tokenizer
 from unipost.objective import OwnSamples, Recipe, StudentRollout, TeacherLabels, TurnMixture
 from unipost.rollout.engine import RolloutEngine
@@ -68,9 +79,10 @@ def run_once(args, student, recipe, teacher, concurrency: int, kv: str = "reuse"
         seed=args.seed,
         progress=False,
     )
-    load_before = os.getloadavg()[0]
     stats_before = dict(student.kv_stats)
-    batch = engine.collect(tasks, iteration=0, greedy=args.greedy)
+    with QuietMonitor() as quiet:
+        batch = engine.collect(tasks, iteration=0, greedy=args.greedy)
+    quiet.warn_if_busy(f"rollout row (concurrency {concurrency}, KV {kv})")
     s = batch.stats
     prompt = student.kv_stats["prompt_tokens"] - stats_before["prompt_tokens"]
     reused = student.kv_stats["reused_tokens"] - stats_before["reused_tokens"]
@@ -94,7 +106,7 @@ def run_once(args, student, recipe, teacher, concurrency: int, kv: str = "reuse"
         "env_steps_per_s": s.env_steps_per_s,
         "teacher_fraction": s.teacher_fraction,
         "tool_error_rate": s.tool_error_rate,
-        "load_avg_1m": load_before,
+        **quiet.record(),
     }
 
 
@@ -121,6 +133,7 @@ def main() -> None:
         args.concurrency = [1, 8]
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    state_at_start = machine_state()
 
     tokenizer = build_tokenizer()
     model = build_tiny_qwen3(len(tokenizer), seed=args.seed).eval()
@@ -181,10 +194,18 @@ def main() -> None:
         "in generate s",
         "prompt tokens reused",
         "speedup",
+        *HYGIENE_HEADERS,
     ]
     for h in headers:
         table.add_column(h, justify="right")
-    md = [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---:|" * len(headers)]
+    md = [
+        f"**{title}**",
+        "",
+        f"At the start: {header_line(state_at_start)}.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---:|" * len(headers),
+    ]
     for r in rows:
         cells = [
             str(r["concurrency"]),
@@ -198,10 +219,13 @@ def main() -> None:
             f"{r['student_s']:.1f}",
             f"{r['reused_fraction']:.0%}",
             f"{r['speedup']:.2f}x",
+            *hygiene_cells(r),
         ]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
-    Console(width=max(Console().width, 120)).print(table)
+    Console(width=max(Console().width, 160)).print(table)
+    note = hygiene_note(rows)
+    print(note)
 
     config = {
         **{k: v for k, v in vars(args).items() if k != "quick"},
@@ -211,9 +235,9 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine_at_start": state_at_start,
     }
-    loads = ", ".join(f"{r['load_avg_1m']:.1f}" for r in rows)
-    md += ["", f"1-minute load average at the start of each row: {loads} (on {os.cpu_count()} CPUs)."]
+    md += ["", note]
     if same_work is not None:
         md += ["", f"Greedy: executed actions identical with and without KV reuse: {same_work}."]
         print(f"greedy: executed actions identical with and without KV reuse: {same_work}")

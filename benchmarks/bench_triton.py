@@ -12,7 +12,10 @@ the interpreter, since that variable must be set before the kernels are imported
 
 On CUDA (``mode = cuda``) it measures what matters: median of ``--repeats`` timed fwd+bwd runs after a
 warm-up (CUDA events), and the peak allocated memory beyond the inputs (``torch.cuda.max_memory_allocated``).
-Writes ``benchmarks/results/triton_<mode>.{csv,md}``.
+Writes ``benchmarks/results/triton_<mode>.{csv,md}``. Each shape's rows (all methods) are measured in one
+``unipost.machine.QuietMonitor`` block: every row records that block's 1-minute load before/after, other
+processes' mean CPU use and the torch thread count, and is marked BUSY (with a warning) when others used
+more than a quarter of a core meanwhile; ratios are comparable within one shape of one quiet run.
 
 Workload: ``sum_t w_t * logp_t + u_t * H_t`` with random per-token weights ``w_t`` on the log-probs and
 ``u_t`` on the entropy (so both upstream gradients are exercised), 10% of targets ignored, a bias-free
@@ -30,6 +33,15 @@ import time
 from pathlib import Path
 
 import torch
+
+from unipost.machine import (
+    HYGIENE_HEADERS,
+    QuietMonitor,
+    header_line,
+    hygiene_cells,
+    hygiene_note,
+    machine_state,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("torch", "triton", "naive")
@@ -85,46 +97,56 @@ def _time(fn, args, device: str, repeats: int) -> float:
 
 
 def run(shapes, dtype_name: str, device: str, repeats: int, methods) -> list[dict]:
-    mode = "cuda" if device == "cuda" else "interpreter"
-    dtype = DTYPES[dtype_name]
+    """All methods on every shape; each shape's rows carry the machine's state over that shape."""
     rows = []
     for n, h, v in shapes:
-        args = _inputs(n, h, v, dtype, device)
-        baseline = None
-        for name in methods:
-            fn = _method(name)
-            row = {"mode": mode, "method": name, "dtype": dtype_name, "N": n, "H": h, "V": v}
-            try:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-                    base_mem = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                out = _step(fn, *args)  # warm-up (compiles the Triton kernels on CUDA)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    row["peak_extra_MiB"] = round((torch.cuda.max_memory_allocated() - base_mem) / 2**20, 1)
-                row["seconds"] = _time(fn, args, device, repeats)
-            except torch.OutOfMemoryError:
-                row["seconds"] = float("nan")
-                row["note"] = "out of memory"
-                rows.append(row)
-                continue
-            if baseline is None:
-                baseline = out
-            else:
-                row["max_dlogp"] = (out[0].float() - baseline[0].float()).abs().max().item()
-                pairs = zip(out[1:], baseline[1:], strict=True)
-                grad_err = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
-                scale = max(b.float().abs().max().item() for b in baseline[1:])
-                row["max_dgrad_rel"] = grad_err / max(scale, 1e-30)
-            del out
-            rows.append(row)
-            print(_fmt_row(row), flush=True)
-        shape_rows = [r for r in rows if (r["N"], r["H"], r["V"]) == (n, h, v)]
+        with QuietMonitor() as quiet:
+            shape_rows = _run_shape((n, h, v), dtype_name, device, repeats, methods)
+        quiet.warn_if_busy(f"shape N={n} H={h} V={v}")
         for r in shape_rows:
-            r[f"x_vs_{methods[0]}"] = round(r["seconds"] / shape_rows[0]["seconds"], 2)
-        del args
+            r.update(quiet.record())
+        rows += shape_rows
+    return rows
+
+
+def _run_shape(shape, dtype_name: str, device: str, repeats: int, methods) -> list[dict]:
+    n, h, v = shape
+    mode = "cuda" if device == "cuda" else "interpreter"
+    args = _inputs(n, h, v, DTYPES[dtype_name], device)
+    rows: list[dict] = []
+    baseline = None
+    for name in methods:
+        fn = _method(name)
+        row = {"mode": mode, "method": name, "dtype": dtype_name, "N": n, "H": h, "V": v}
+        try:
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                base_mem = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            out = _step(fn, *args)  # warm-up (compiles the Triton kernels on CUDA)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                row["peak_extra_MiB"] = round((torch.cuda.max_memory_allocated() - base_mem) / 2**20, 1)
+            row["seconds"] = _time(fn, args, device, repeats)
+        except torch.OutOfMemoryError:
+            row["seconds"] = float("nan")
+            row["note"] = "out of memory"
+            rows.append(row)
+            continue
+        if baseline is None:
+            baseline = out
+        else:
+            row["max_dlogp"] = (out[0].float() - baseline[0].float()).abs().max().item()
+            pairs = zip(out[1:], baseline[1:], strict=True)
+            grad_err = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+            scale = max(b.float().abs().max().item() for b in baseline[1:])
+            row["max_dgrad_rel"] = grad_err / max(scale, 1e-30)
+        del out
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+    for r in rows:
+        r[f"x_vs_{methods[0]}"] = round(r["seconds"] / rows[0]["seconds"], 2)
     return rows
 
 
@@ -142,23 +164,41 @@ COLUMNS = [
 ]
 
 
+def _one_per_shape(rows: list[dict]) -> list[dict]:
+    return list({(r["N"], r["H"], r["V"]): r for r in rows}.values())
+
+
 def _fmt_row(row: dict) -> str:
     return "  ".join(
         f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}" for k in row
     )
 
 
-def write(rows: list[dict], name: str, header: str) -> None:
+HYGIENE_KEYS = ("load1_before", "load1_after", "others_cores", "threads", "busy")
+
+
+def write(rows: list[dict], name: str, header: str, state_at_start: dict) -> None:
+    """CSV with every key; markdown with the hygiene columns rendered as in every benchmark's table."""
     RESULTS.mkdir(exist_ok=True)
-    cols = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - set(HYGIENE_KEYS))
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + extra + list(HYGIENE_KEYS))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cols = COLUMNS + extra
+    headers = cols + list(HYGIENE_HEADERS)
+    lines = [
+        header,
+        "",
+        f"At the start: {header_line(state_at_start)}. Each shape's rows share one measured block.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+    ]
     for r in rows:
         cells = [f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells + hygiene_cells(r)) + " |")
+    lines += ["", hygiene_note(_one_per_shape(rows), state_at_start, what="shapes")]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -190,6 +230,7 @@ def main() -> None:
     # One thread on CPU: the interpreter is single-threaded anyway, and on a shared 2-core machine a second
     # intra-op thread made the small torch timings swing 100x (a descheduled worker stalls every op).
     torch.set_num_threads(1)
+    state_at_start = machine_state()
     rows = run(shapes, dtype, device, repeats, args.methods)
     mode = "cuda" if device == "cuda" else "interpreter"
     if mode == "cuda":
@@ -200,7 +241,7 @@ def main() -> None:
             "# Triton vs torch token_logprobs on CPU: **interpreter timings, NOT performance** "
             f"(TRITON_INTERPRET=1, fwd+bwd, best of {repeats}; the interpreter runs each program in numpy)"
         )
-    write(rows, args.out or f"triton_{mode}{'-quick' if args.quick else ''}", header)
+    write(rows, args.out or f"triton_{mode}{'-quick' if args.quick else ''}", header, state_at_start)
 
 
 if __name__ == "__main__":

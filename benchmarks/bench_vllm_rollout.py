@@ -19,8 +19,11 @@ real rollout, but a repeat does not find its own prompts cached.
 Both run in one process with the same number of torch threads: OMP_NUM_THREADS is set to ``--threads``
 before torch is imported, because an in-process vLLM engine otherwise drops this process's torch
 threads to 1 (vllm.utils.torch_utils.set_torch_threads_for_runtime). vLLM runs in float32 like the
-transformers model (vLLM's default would be 16-bit). The load average is recorded: these CPU machines
-are shared, compare ratios within one run.
+transformers model (vLLM's default would be 16-bit). Each backend's timed calls for a batch size are one
+``unipost.machine.QuietMonitor`` block; a row records both blocks (load before the first / after the
+last, the larger of the other processes' CPU use, torch threads) and is marked BUSY, with a warning,
+when other processes used more than a quarter of a core during either. These CPU machines are shared:
+compare ratios within one quiet run.
 
 Run it in the vLLM venv (scripts/setup-vllm-venv.sh):
 
@@ -39,6 +42,16 @@ import platform
 import statistics
 import time
 from pathlib import Path
+
+from unipost.machine import (
+    HYGIENE_HEADERS,
+    QuietMonitor,
+    combine_records,
+    header_line,
+    hygiene_cells,
+    hygiene_note,
+    machine_state,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,13 +106,15 @@ def make_states(n: int):
 def time_policy(policy, states, repeats: int, seed: int) -> dict:
     policy.act(states[: max(1, len(states) // 4)], seed=seed)  # warm-up, untimed
     walls, tokens = [], []
-    for r in range(repeats):
-        if hasattr(policy, "llm"):  # no KV reuse across timed calls (within one call's batch it counts)
-            policy.llm.reset_prefix_cache()
-        start = time.perf_counter()
-        outs = policy.act(states, seed=seed + 1 + r)
-        walls.append(time.perf_counter() - start)
-        tokens.append(sum(len(o.token_ids or []) for o in outs))
+    with QuietMonitor() as quiet:
+        for r in range(repeats):
+            if hasattr(policy, "llm"):  # no KV reuse across timed calls (within one call's batch it counts)
+                policy.llm.reset_prefix_cache()
+            start = time.perf_counter()
+            outs = policy.act(states, seed=seed + 1 + r)
+            walls.append(time.perf_counter() - start)
+            tokens.append(sum(len(o.token_ids or []) for o in outs))
+    quiet.warn_if_busy(f"{type(policy).__name__} batch {len(states)}")
     wall = statistics.median(walls)
     mean_tokens = statistics.mean(tokens)
     return {
@@ -108,6 +123,7 @@ def time_policy(policy, states, repeats: int, seed: int) -> dict:
         "tokens_per_s": mean_tokens / wall,
         "turns_per_s": len(states) / wall,
         "tokens_per_turn": mean_tokens / len(states),
+        **quiet.record(),
     }
 
 
@@ -126,12 +142,12 @@ def main() -> None:
     from unipost.rollout.vllm_policy import VLLMPolicy
 
     torch.set_num_threads(args.threads)
+    state_at_start = machine_state()
     model, tokenizer, label = build(args)
     states_all = make_states(max(args.batch))
     hf = TransformersPolicy(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=1.0)
     prompt_tokens = [len(hf.prompt_ids(s)) for s in states_all]
     hf_rows = {b: time_policy(hf, states_all[:b], args.repeats, args.seed) for b in args.batch}
-    load_hf = os.getloadavg()[0]
 
     started = time.perf_counter()
     engine = VLLMPolicy(
@@ -145,7 +161,6 @@ def main() -> None:
     )
     engine_start_s = time.perf_counter() - started
     vllm_rows = {b: time_policy(engine, states_all[:b], args.repeats, args.seed) for b in args.batch}
-    load_vllm = os.getloadavg()[0]
     engine.close()
 
     title = (
@@ -161,14 +176,23 @@ def main() -> None:
         "transformers turns/s",
         "vLLM turns/s",
         "tok/turn (hf / vllm)",
+        *HYGIENE_HEADERS,
     ]
     table = Table(title=title)
     for h in headers:
         table.add_column(h, justify="right")
-    md = [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---:|" * len(headers)]
+    md = [
+        f"**{title}**",
+        "",
+        f"At the start: {header_line(state_at_start)}.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---:|" * len(headers),
+    ]
     rows = []
     for b in args.batch:
         h, v = hf_rows[b], vllm_rows[b]
+        machine = combine_records([h, v])
         cells = [
             str(b),
             f"{h['tokens_per_s']:.3g}",
@@ -177,16 +201,19 @@ def main() -> None:
             f"{h['turns_per_s']:.3g}",
             f"{v['turns_per_s']:.3g}",
             f"{h['tokens_per_turn']:.0f} / {v['tokens_per_turn']:.0f}",
+            *hygiene_cells(machine),
         ]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
-        rows.append({"batch": b, "transformers": h, "vllm": v})
-    Console(width=max(Console().width, 130)).print(table)
+        rows.append({"batch": b, "transformers": h, "vllm": v, **machine})
+    Console(width=max(Console().width, 170)).print(table)
+    note = hygiene_note(rows)
+    print(note)
     md += [
         "",
-        f"vLLM engine start (model already in memory, saved to a temp dir first): {engine_start_s:.0f} s. "
-        f"1-minute load average after each backend: transformers {load_hf:.1f}, vLLM {load_vllm:.1f} "
-        f"(on {os.cpu_count()} CPUs).",
+        f"vLLM engine start (model already in memory, saved to a temp dir first): {engine_start_s:.0f} s.",
+        "",
+        note,
     ]
     import vllm
 
@@ -201,6 +228,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine_at_start": state_at_start,
     }
     suffix = args.tag or ("tiny" if args.model_dir is None else Path(args.model_dir).name)
     if args.quick:

@@ -16,7 +16,12 @@ characters, deep nesting), then checks the host:
 ``--cost`` instead times one sandboxed command (``terminal`` ``echo``), one ``file_editor`` view and
 one verification, as medians, for whichever ``unipost`` is imported: run it against an older
 checkout (``git archive <commit> unipost | tar -x -C /tmp/old`` then ``PYTHONPATH=/tmp/old``) to
-compare. Every figure is printed with the load average beside it.
+compare. Every figure is printed with the machine's state over its measurement beside it
+(``unipost.machine.QuietMonitor``: 1-minute load before/after, other processes' mean CPU use, torch
+threads, ``busy``); a figure taken while other processes used more than a quarter of a core is marked
+busy and warned about. Sandboxed commands are this process's waited-for children, so they count as
+ours; attack processes that outlive their command until the sandbox kills them count as others'.
+Results also go to ``benchmarks/results/soak_env{-quick,-cost}{-tag}.json``.
 
     python benchmarks/soak_env.py                  # 1,000 episodes (~10 min on the 2-core machine)
     python benchmarks/soak_env.py --quick          # 40 episodes, the slow test's configuration
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from unipost.envs.embedded import EmbeddedEnv, Limits, generate_task, tool_call_message, tool_schemas
+from unipost.machine import QuietMonitor, header_line, machine_state
 from unipost.objective import OwnSamples, Recipe, StudentRollout
 from unipost.rendering import format_assistant, make_tool_call, parse_assistant
 from unipost.rollout.engine import RolloutEngine
@@ -47,6 +53,7 @@ from unipost.rollout.policy import PolicyOutput
 from unipost.rollout.scripted import RandomToolPolicy
 from unipost.rollout.store import TrajectoryStore, load
 
+RESULTS = Path(__file__).resolve().parent / "results"
 TAG = "unipost_soak_" + secrets.token_hex(4)  # marks every process an attack starts
 
 
@@ -212,12 +219,12 @@ def soak(episodes: int, *, max_turns: int = 6, concurrency: int = 4, seed: int =
     )
     tasks = [("train", i, "easy") for i in range(episodes)]
     store_path = work / "store.jsonl"
-    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    with TrajectoryStore(store_path, fsync=False) as store:
+    with QuietMonitor() as quiet, TrajectoryStore(store_path, fsync=False) as store:
         batch = engine.collect(tasks, 0, store=store)
         quarantined = store.quarantined
     wall = time.perf_counter() - t0
+    quiet.warn_if_busy(f"soak of {episodes} episodes")
     time.sleep(0.5)
     stored = load(store_path, strict=True)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -225,8 +232,7 @@ def soak(episodes: int, *, max_turns: int = 6, concurrency: int = 4, seed: int =
         "episodes": episodes,
         "turns": sum(len(t.turns) for t in batch.trajectories),
         "wall_s": round(wall, 1),
-        "load_avg_start": round(load0, 2),
-        "load_avg_end": round(os.getloadavg()[0], 2),
+        **quiet.record(),
         "returned": len(batch.trajectories),
         "stored": len(stored.trajectories),
         "quarantined": quarantined,
@@ -264,20 +270,36 @@ def cost(repeats: int = 30) -> dict[str, Any]:
     view = tool_call_message("", "file_editor", {"command": "view", "path": "/testbed"}, "c")
     assert "exit code 0" in env.step(command).observation[0]["content"]
     assert "up to 2 levels deep" in env.step(view).observation[0]["content"]
-    load0 = os.getloadavg()[0]
-    t_cmd = med(lambda: env.step(command), repeats)
-    t_view = med(lambda: env.step(view), repeats)
-    env.submitted = True
-    assert env.verify().submitted
-    t_verify = med(env.verify, max(repeats // 2, 5))
+    with QuietMonitor() as quiet:
+        t_cmd = med(lambda: env.step(command), repeats)
+        t_view = med(lambda: env.step(view), repeats)
+        env.submitted = True
+        assert env.verify().submitted
+        t_verify = med(env.verify, max(repeats // 2, 5))
     env.close()
+    quiet.warn_if_busy("per-call cost")
     return {
         "command_ms": round(t_cmd * 1000, 1),
         "editor_view_ms": round(t_view * 1000, 2),
         "verify_ms": round(t_verify * 1000, 1),
-        "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)],
+        **quiet.record(),
         "unipost": str(Path(sys.modules["unipost"].__file__).parent),
     }
+
+
+def _write(result: dict[str, Any], stem: str, state_at_start: dict[str, Any]) -> None:
+    """Print the result with the machine line and keep it under benchmarks/results/."""
+    print(f"machine at the start: {header_line(state_at_start)}")
+    print(json.dumps(result, indent=1))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "result": result,
+        "argv": sys.argv[1:],
+        "machine_at_start": state_at_start,
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def main() -> None:
@@ -286,12 +308,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="40 episodes")
     ap.add_argument("--cost", action="store_true", help="per-call cost figures instead of the soak")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
+    state_at_start = machine_state()
+    tag = f"-{args.tag}" if args.tag else ""
     if args.cost:
-        print(json.dumps(cost(), indent=1))
+        _write(cost(), f"soak_env-cost{tag}", state_at_start)
         return
     result = soak(40 if args.quick else args.episodes, seed=args.seed)
-    print(json.dumps(result, indent=1))
+    _write(result, f"soak_env{'-quick' if args.quick else ''}{tag}", state_at_start)
     bad = {
         k: result[k]
         for k in ("lost", "bad_lines", "resolved (forged)", "host_effects", "orphans")

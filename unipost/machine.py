@@ -187,8 +187,13 @@ def hygiene_cells(record: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def hygiene_note(records: Iterable[Mapping[str, Any]], state: Mapping[str, Any] | None = None) -> str:
-    """One line for under a table: every row quiet, or which rows are marked BUSY and why it matters."""
+def hygiene_note(
+    records: Iterable[Mapping[str, Any]], state: Mapping[str, Any] | None = None, what: str = "rows"
+) -> str:
+    """One line for under a table: every row quiet, or which rows are marked BUSY and why it matters.
+
+    ``what`` names the records when they are not table rows (e.g. "shapes", "blocks").
+    """
     recs = list(records)
     s = state or machine_state()
     others = [r["others_cores"] for r in recs if r.get("others_cores") is not None]
@@ -202,9 +207,10 @@ def hygiene_note(records: Iterable[Mapping[str, Any]], state: Mapping[str, Any] 
         + (f"{max(others):.2f} cores" if others else "n/a (not measured)")
     )
     if not busy:
-        return f"Machine quiet for all {len(recs)} rows ({facts})."
+        return f"Machine quiet for all {len(recs)} {what} ({facts})."
     return (
-        f"**{len(busy)} of {len(recs)} rows marked {BUSY_MARK}** (rows {', '.join(map(str, busy))}: other "
+        f"**{len(busy)} of {len(recs)} {what} marked {BUSY_MARK}** "
+        f"({what} {', '.join(map(str, busy))}: other "
         f"processes used > {BUSY_CORES} cores, or where not measured the load was > {BUSY_LOAD1}; "
         f"{facts}): their times and ratios are not comparable with a quiet run."
     )
