@@ -22,11 +22,12 @@ ATOL = 1e-5
 
 def separate_logprobs(model, context: list[int], label: list[int]) -> torch.Tensor:
     """The reference: one plain forward of context + label, full logits, log_softmax, gather."""
-    ids = torch.tensor([context + label])
+    device = next(model.parameters()).device
+    ids = torch.tensor([context + label], device=device)
     logits = model(input_ids=ids).logits[0].float()
     c, n = len(context), len(label)
     logp = torch.log_softmax(logits[c - 1 : c + n - 1], dim=-1)
-    return logp.gather(1, torch.tensor(label)[:, None])[:, 0]
+    return logp.gather(1, torch.tensor(label, device=device)[:, None])[:, 0]
 
 
 def random_tree(rng: random.Random, vocab: int, spine_len: int, n_labels: int) -> PackSequence:
@@ -51,16 +52,25 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 
 def check_equal_to_separate(
-    model, sequences: list[PackSequence], impl: str = "fused", attention: str = "auto"
+    model,
+    sequences: list[PackSequence],
+    impl: str = "fused",
+    attention: str = "auto",
+    separate_attention: str | None = None,
 ) -> None:
+    """``separate_attention``: switch the model to it for the separate passes (else they use the pack's)."""
     batch = pack(sequences, vocab_size=model.config.vocab_size)
     torch.manual_seed(1)
     model.zero_grad()
     out = packed_logprobs(model, batch, impl=impl, attention=attention)
-    weights_L = torch.randn(batch.num_label_tokens)  # arbitrary per-token weights w_t
+    weights_L = torch.randn(batch.num_label_tokens).to(out.logp_L)  # arbitrary per-token weights w_t
     (weights_L * out.logp_L).sum().backward()
     packed_grads = grads(model)
 
+    if separate_attention is not None:
+        from unipost.kernels.attention import set_attention
+
+        set_attention(model, separate_attention)
     model.zero_grad()
     expected = []
     offset = 0
@@ -199,3 +209,42 @@ def test_flex_attention_mask_matches_dense(tiny_model):
         finally:
             tiny_model.config._attn_implementation = "sdpa"
     torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ on CUDA (scripts/gpu-check.sh runs these)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA (runs on a GPU: scripts/gpu-check.sh)")
+@pytest.mark.parametrize("kind", ["tree", "varlen"])
+def test_pack_equals_separate_cuda_flex(tokenizer, kind):
+    """On CUDA, ``attention="auto"`` runs a pack through FlexAttention's BlockMask (fwd + bwd): log-probs
+    and every gradient equal separate SDPA forward passes (fp32, same tolerances as on CPU)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from unipost.kernels.attention import select_attention
+    from unipost.models import build_tiny_qwen3
+
+    model = build_tiny_qwen3(len(tokenizer), seed=11).cuda()
+    rng = random.Random(12)
+    vocab = model.config.vocab_size
+    if kind == "tree":
+        sequences = [
+            random_tree(rng, vocab, 60, 8),
+            random_tree(rng, vocab, 35, 5),
+            random_tree(rng, vocab, 9, 2),
+        ]
+    else:
+        sequences = []
+        for _ in range(6):
+            context = [rng.randrange(vocab) for _ in range(rng.randrange(3, 70))]
+            label = [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))]
+            sequences.append(PackSequence(context + label, [Label(len(context), tuple(label))]))
+    batch = pack(sequences)
+    assert batch.has_branches == (kind == "tree")
+    if kind == "varlen":  # flash-attn, when installed, takes branch-free packs; this test is about flex
+        assert select_attention(model, batch, flash_available=False) == "flex_attention"
+        model.set_attn_implementation("flex_attention")
+        check_equal_to_separate(model, sequences, attention="model", separate_attention="sdpa")
+    else:
+        assert select_attention(model, batch) == "flex_attention"
+        check_equal_to_separate(model, sequences, separate_attention="sdpa")
+    assert attention_implementation(model) == "sdpa"

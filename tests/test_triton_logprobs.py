@@ -28,7 +28,7 @@ import torch
 from unipost._optional import available
 from unipost.kernels.logprobs import select_logprobs_backend, token_logprobs
 from unipost.kernels.reference import token_logprobs_reference
-from unipost.kernels.triton import TritonBackendError
+from unipost.kernels.triton import TritonBackendError, interpreter_requested
 
 IGNORE = -100
 # fp32: max |triton - fp64 truth| <= atol + rtol * |truth| (measured ~3e-6 on the weight gradient).
@@ -88,12 +88,13 @@ def _layout(x: torch.Tensor, strided: bool) -> torch.Tensor:
     return x.T.contiguous().T
 
 
-def run_case(fn, case: dict, *, float64: bool = False, **kwargs):
+def run_case(fn, case: dict, *, float64: bool = False, device: str = "cpu", **kwargs):
     """Values and input gradients of sum_t w_logp_t * logp_t + w_ent_t * H_t for one case."""
     hidden, weight, bias, targets, w_logp, w_ent = case_inputs(case)
     tensors = [hidden, weight] + ([bias] if bias is not None else [])
     if float64:
         tensors = [x.double() for x in tensors]
+    tensors, targets = [x.to(device) for x in tensors], targets.to(device)
     leaves = [_layout(x.detach().clone(), case.get("strided", False)).requires_grad_() for x in tensors]
     b = leaves[2] if bias is not None else None
     want_entropy = case["entropy"]
@@ -104,9 +105,9 @@ def run_case(fn, case: dict, *, float64: bool = False, **kwargs):
     logp, ent = out if want_entropy else (out, None)
     loss = logp.new_zeros(())
     if w_logp is not None:
-        loss = loss + (logp * w_logp.to(logp.dtype)).sum()
+        loss = loss + (logp * w_logp.to(logp)).sum()
     if w_ent is not None:
-        loss = loss + (ent * w_ent.to(ent.dtype)).sum()
+        loss = loss + (ent * w_ent.to(ent)).sum()
     loss.backward()
     result = {"logp": logp.detach()}
     if ent is not None:
@@ -189,8 +190,15 @@ def _assert_relative(actual: torch.Tensor, expected: torch.Tensor, rel: float, w
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_matches_reference(triton_results, name):
     case = CASES[name]
-    got = triton_results[name]
-    want = run_case(token_logprobs_reference, case, float64=True)
+    _check_against_reference(
+        name, case, triton_results[name], run_case(token_logprobs_reference, case, float64=True)
+    )
+
+
+def _check_against_reference(
+    name: str, case: dict, got: dict, want: dict, fp32_rel: float | None = None
+) -> None:
+    """``got`` (Triton) against ``want`` (fp64 reference): shapes, dtypes and the tolerances above."""
     assert set(got) == set(want), f"outputs differ: {sorted(got)} vs {sorted(want)}"
     dtype = getattr(torch, case["dtype"])
     for key, expected in want.items():
@@ -202,7 +210,9 @@ def test_triton_matches_reference(triton_results, name):
             assert actual.dtype == dtype, f"{key} must come back in the input dtype, got {actual.dtype}"
         else:
             assert actual.dtype == torch.float32, f"{key} must be float32, got {actual.dtype}"
-        if dtype == torch.float32:
+        if dtype == torch.float32 and fp32_rel is not None:
+            _assert_relative(actual, expected, fp32_rel, f"{name} {key}")
+        elif dtype == torch.float32:
             _assert_fp32(actual, expected, f"{name} {key}")
         else:
             rel = HALF_GRAD_REL if key.startswith("grad_") else HALF_VALUE_REL
@@ -330,6 +340,46 @@ def test_kernels_compile_for_the_gpu(dtype, arch):
     assert out.returncode == 0, out.stderr[-4000:]
     barriers = dict(line.split()[0:1] + line.split("barriers=")[1:] for line in out.stdout.splitlines()[1:])
     assert barriers == {"_forward": "0", "_grad_hidden": "1", "_grad_weight": "1"}, out.stdout
+
+
+# --------------------------------------------------------------------------- on CUDA (scripts/gpu-check.sh)
+# The same cases compiled for the GPU (no interpreter), plus shapes the interpreter cannot afford: default
+# 64 x 128 x 64 blocks with partial tiles on every axis, and Qwen's 151,936-token vocabulary. The fp64
+# reference runs on the same GPU. Skipped without CUDA; scripts/gpu-check.sh runs them on a lent GPU.
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not available("triton") or interpreter_requested(),
+    reason="no CUDA (these run on a GPU: scripts/gpu-check.sh; or triton missing / TRITON_INTERPRET set)",
+)
+_LARGE = {**_BASE, "n": 1531, "h": 520, "v": 32003, "via": "dispatch", "large": True}
+CUDA_CASES: dict[str, dict] = {
+    **CASES,
+    "fp32_large_odd_temperature": {**_LARGE, "temperature": 0.8},
+    "bf16_large_odd": {**_LARGE, "dtype": "bfloat16", "bias": False},
+    "bf16_qwen_vocab_entropy_grad": {**_LARGE, "n": 257, "h": 1024, "v": 151936, "dtype": "bfloat16",
+                                     "upstream": ("logp", "entropy"), "temperature": 1.1},
+}  # fmt: skip
+# fp32 at H = 520, V = 32k: error relative to max |truth| (the absolute 1e-5 above is for small shapes).
+LARGE_FP32_REL = 2e-5
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(CUDA_CASES))
+def test_triton_matches_reference_cuda(name):
+    case = CUDA_CASES[name]
+    got = {k: v.cpu() for k, v in run_case(_triton_fn(case), case, device="cuda").items()}
+    want = {
+        k: v.cpu() for k, v in run_case(token_logprobs_reference, case, float64=True, device="cuda").items()
+    }
+    _check_against_reference(name, case, got, want, LARGE_FP32_REL if case.get("large") else None)
+
+
+@needs_cuda
+def test_triton_backward_is_deterministic_cuda():
+    case = CUDA_CASES["bf16_large_odd"]
+    first, second = (run_case(_triton_fn(case), case, device="cuda") for _ in range(2))
+    for key in first:
+        assert torch.equal(first[key], second[key]), f"{key} differs between two identical runs on CUDA"
 
 
 if __name__ == "__main__":
