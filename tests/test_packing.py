@@ -47,6 +47,16 @@ def random_tree(rng: random.Random, vocab: int, spine_len: int, n_labels: int) -
     return PackSequence(root, labels)
 
 
+def random_varlen(rng: random.Random, vocab: int, count: int, max_context: int) -> list[PackSequence]:
+    """``count`` documents, each a random context and one label (1-11 tokens) at its end: no branches."""
+    sequences = []
+    for _ in range(count):
+        context = [rng.randrange(vocab) for _ in range(rng.randrange(3, max_context))]
+        label = [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))]
+        sequences.append(PackSequence(context + label, [Label(len(context), tuple(label))]))
+    return sequences
+
+
 def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -91,13 +101,7 @@ def check_equal_to_separate(
 @pytest.mark.parametrize("attention", ["auto", "model"])
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 def test_varlen_pack_equals_separate(tiny_model, impl, attention):
-    rng = random.Random(0)
-    vocab = tiny_model.config.vocab_size
-    sequences = []
-    for _ in range(5):
-        context = [rng.randrange(vocab) for _ in range(rng.randrange(3, 40))]
-        label = [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))]
-        sequences.append(PackSequence(context + label, [Label(len(context), tuple(label))]))
+    sequences = random_varlen(random.Random(0), tiny_model.config.vocab_size, 5, 40)
     batch = pack(sequences)
     assert not batch.has_branches and batch.num_docs == 5
     check_equal_to_separate(tiny_model, sequences, impl, attention)
@@ -233,11 +237,7 @@ def test_pack_equals_separate_cuda_flex(tokenizer, kind):
             random_tree(rng, vocab, 9, 2),
         ]
     else:
-        sequences = []
-        for _ in range(6):
-            context = [rng.randrange(vocab) for _ in range(rng.randrange(3, 70))]
-            label = [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))]
-            sequences.append(PackSequence(context + label, [Label(len(context), tuple(label))]))
+        sequences = random_varlen(rng, vocab, 6, 70)
     batch = pack(sequences)
     assert batch.has_branches == (kind == "tree")
     if kind == "varlen":  # flash-attn, when installed, takes branch-free packs; this test is about flex
