@@ -37,6 +37,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,7 +62,7 @@ from importlib import metadata
 info = {"python": platform.python_version(), "executable": sys.executable, "cpus": os.cpu_count()}
 versions = {}
 for name in ("torch", "triton", "transformers", "peft", "accelerate", "liger-kernel", "cut-cross-entropy",
-             "pydantic", "flash-attn", "pytest"):
+             "pydantic", "flash-attn", "pytest", "pytest-xdist"):
     try:
         versions[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -108,6 +109,7 @@ class Step:
     min_s: float = 15.0
     needs_cuda: bool = False
     kind: str = "command"  # "command" | "pytest" | "bench" | "env"
+    workers: int = 0  # pytest: pytest-xdist's -n, where installed (the workers compile in parallel)
     skip: str | None = None  # a reason decided before it runs (e.g. "skipped: dry run")
 
 
@@ -297,50 +299,24 @@ def plan(python: str, dry_run: bool, wheels: list[Path], site: Path) -> list[Ste
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
     steps = []
     if wheels and not dry_run:
-        pip = [
-            python,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-index",
-            "--no-deps",
-            "--no-compile",
-            "--no-cache-dir",
-        ]
-        pip += ["--upgrade", "--target", str(site), *map(str, wheels)]
+        pip = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+        pip += ["--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)]
         steps.append(Step("wheels", f"install {len(wheels)} wheels from .whl/", pip, 90, 10))
     else:
         why = "skipped: dry run" if wheels else "skipped: no .whl/*.whl (scripts/fetch-gpu-wheels.sh)"
         steps.append(Step("wheels", "install .whl/*.whl", [], 0, 0, skip=why))
-    steps.append(
-        Step(
-            "env",
-            "device, driver and versions; unipost imports",
-            [python, "-c", ENV_PROBE],
-            90,
-            10,
-            kind="env",
-        )
-    )
-    triton_tests = [
+    what = "device, driver and versions; unipost imports"
+    steps.append(Step("env", what, [python, "-c", ENV_PROBE], 90, 10, kind="env"))
+    tests = [
         "tests/test_triton_logprobs.py::test_triton_matches_reference_cuda",
         "tests/test_triton_logprobs.py::test_triton_backward_is_deterministic_cuda",
     ]
-    steps.append(Step(
-        "triton", "(a) Triton token_logprobs vs the fp64 reference on CUDA (fp32/bf16/fp16, entropy, "
-        "temperature, odd shapes, V=152k)", pytest + triton_tests, 150, 30, needs_cuda=True, kind="pytest",
-    ))  # fmt: skip
+    what = "(a) Triton token_logprobs vs the fp64 reference on CUDA (fp32/bf16/fp16, entropy, temperature, "
+    what += "odd shapes, V=152k)"
+    steps.append(Step("triton", what, pytest + tests, 150, 30, needs_cuda=True, kind="pytest", workers=4))
     bench = [python, "benchmarks/bench_logprobs.py"]
-    shape = [
-        "--n",
-        str(BENCH_SHAPE["n"]),
-        "--hidden",
-        str(BENCH_SHAPE["hidden"]),
-        "--v",
-        str(BENCH_SHAPE["v"]),
-    ]
-    shape += ["--dtype", BENCH_SHAPE["dtype"], "--repeats", "5"]
+    shape = ["--n", str(BENCH_SHAPE["n"]), "--hidden", str(BENCH_SHAPE["hidden"])]
+    shape += ["--v", str(BENCH_SHAPE["v"]), "--dtype", BENCH_SHAPE["dtype"], "--repeats", "5"]
     for impl in BENCH_IMPLS:
         timeout = 120 if impl == "cce" else 90
         argv = [*bench, "--device", "cuda", "--impls", impl, "--name", f"logprobs-cuda-{_safe(impl)}"]
@@ -350,16 +326,11 @@ def plan(python: str, dry_run: bool, wheels: list[Path], site: Path) -> list[Ste
         steps.append(Step(f"bench:{impl}", what, argv, timeout, 20, needs_cuda=True, kind="bench"))
     if dry_run:  # the bench's CPU path at tiny shapes, so the dry run reads real rows
         argv = [*bench, "--device", "cpu", "--dry-run", "--impls", "naive,ours", "--name", "logprobs-cpu-dry"]
-        steps.append(
-            Step(
-                "bench:cpu-dry", "(c) bench_logprobs dry run on CPU (naive, ours)", argv, 90, 10, kind="bench"
-            )
-        )
-    flex = ["tests/test_packing.py::test_pack_equals_separate_cuda_flex"]
-    steps.append(Step(
-        "flex", "(b) tree and varlen packs through FlexAttention fwd+bwd vs separate sequences on CUDA",
-        pytest + flex, 150, 30, needs_cuda=True, kind="pytest",
-    ))  # fmt: skip
+        what = "(c) bench_logprobs dry run on CPU (naive, ours)"
+        steps.append(Step("bench:cpu-dry", what, argv, 90, 10, kind="bench"))
+    tests = ["tests/test_packing.py::test_pack_equals_separate_cuda_flex"]
+    what = "(b) tree and varlen packs through FlexAttention fwd+bwd vs separate sequences on CUDA"
+    steps.append(Step("flex", what, pytest + tests, 150, 30, needs_cuda=True, kind="pytest", workers=2))
     return steps
 
 
@@ -460,9 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         steps = [s for s in steps if s.name in ("wheels", "env") or any(s.name.startswith(w) for w in wanted)]
 
-    env = {
-        k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"
-    }  # compiled kernels, not the interpreter
+    # compiled kernels, never Triton's CPU interpreter
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
@@ -494,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"[gpu-check] {step.name}: {step.what} (timeout {min(step.timeout_s, left):.0f} s)",
                 flush=True,
             )
+            if step.workers and report["env"].get("versions", {}).get("pytest-xdist"):
+                step.argv += ["-n", str(step.workers)]  # each worker compiles its own kernels
             result = run_step(step, min(step.timeout_s, left), work, env, cuda)
             logs.append(work / f"{_safe(step.name)}.log")
             if step.name == "wheels" and not result.failed:
@@ -510,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = round(time.monotonic() - t0, 1)
     report["over_budget"] = report["wall_s"] > args.budget
     write_results(out, report, results, logs)
+    shutil.rmtree(work, ignore_errors=True)  # every log is in gpu-check.log
     failed = [r.name for r in results if r.failed]
     print(
         f"[gpu-check] wrote {out}/gpu-check.json, .md, .log; {report['wall_s']:.0f} s; "
