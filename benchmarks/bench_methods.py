@@ -225,6 +225,50 @@ def run_settings(size: BenchSize, methods, *, assets: str | None = None) -> dict
     }
 
 
+def run_seed(
+    size: BenchSize,
+    seed: int,
+    trained: list[str],
+    *,
+    runs_dir: Path,
+    assets: str | None,
+    histories: dict[str, dict[int, list[dict]]],
+    minutes: dict[str, float],
+    on_run_done=None,
+) -> None:
+    """Every trained arm of one seed, in order, into ``histories[method][seed]`` (resumable).
+
+    An arm already present in ``histories`` (a resumed run) is not trained again. Every arm of a seed
+    starts from the same warm start, so the warm start is evaluated once (by the first arm) and reused.
+    """
+    from unipost.train.trainer import Trainer
+
+    initial = None
+    for method in trained:
+        done = histories.get(method, {}).get(seed)
+        if done:
+            initial = initial or {k: v for k, v in done[0].items() if k != "step"}
+    for method in trained:
+        if histories.get(method, {}).get(seed):
+            continue
+        cfg = arm_config(size, str(runs_dir), seed, method, assets=assets)  # quiet: one live bar
+        start = time.perf_counter()
+        trainer = Trainer(
+            cfg,
+            recipe=recipe_for(method, size, cfg.rollout.max_turns),
+            heldout_tasks=heldout_for(seed, size),
+        )
+        hist = trainer.fit(initial_eval=initial)
+        minutes[method] = minutes.get(method, 0.0) + (time.perf_counter() - start) / 60
+        if initial is None:
+            initial = {k: v for k, v in hist[0].items() if k != "step"}
+        if "base" in histories:
+            histories["base"][seed] = [{"step": 0, **initial}]
+        histories[method][seed] = hist
+        if on_run_done is not None:
+            on_run_done(method)
+
+
 def run_benchmark(
     size: BenchSize,
     *,
@@ -233,20 +277,34 @@ def run_benchmark(
     methods=METHODS,
     assets: str | None = None,
     progress: bool = True,
+    workers: int = 1,
+    seeds: list[int] | None = None,
 ) -> dict:
-    """Train every method for every seed; returns ``{method: {seed: history}}`` plus timing and settings."""
+    """Train every method for every seed; returns ``{method: {seed: history}}`` plus timing and settings.
+
+    ``workers > 1`` runs seeds in parallel, one child process per seed (``--only-seed``), each with
+    ``cpus // workers`` torch threads: the tiny lab's matrices are too small for two threads to halve a
+    step, so two single-threaded seeds finish ~2x sooner on 2 cores than one two-threaded process.
+    Results are written after every arm (per seed under ``out/seeds/`` when parallel), and a rerun with
+    the same ``--out`` resumes: arms already finished are read back, not trained again.
+    """
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from unipost.train.trainer import Trainer
-
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     trained = [m for m in methods if m != "base"]
     if not trained:
         raise SystemExit("base is the warm start evaluated before training: add a trained method")
+    seeds = list(range(size.seeds)) if seeds is None else seeds
     settings = run_settings(size, methods, assets=assets)
-    histories: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
-    minutes: dict[str, float] = dict.fromkeys(methods, 0.0)
+    previous = _read_blob(out / "histories.json")
+    histories: dict[str, dict[int, list[dict]]] = {
+        m: {int(s): h for s, h in previous.get("histories", {}).get(m, {}).items()} for m in methods
+    }
+    minutes: dict[str, float] = {m: previous.get("minutes", {}).get(m, 0.0) for m in methods}
+    if previous and previous.get("settings", {}).get("size") != asdict(size):
+        raise SystemExit(
+            f"{out}/histories.json holds a run of another size: pass another --out, or delete it"
+        )
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -254,28 +312,99 @@ def run_benchmark(
         TimeElapsedColumn(),
         disable=not progress,
     ) as bar:
-        task = bar.add_task("methods x seeds", total=size.seeds * len(trained))
-        for seed in range(size.seeds):
-            initial = None  # every arm of a seed starts from the same warm start: evaluate it once
-            for method in trained:
-                bar.update(task, description=f"seed {seed}: {TITLES[method]}")
-                cfg = arm_config(size, str(runs_dir), seed, method, assets=assets)  # quiet: one live bar
-                start = time.perf_counter()
-                trainer = Trainer(
-                    cfg,
-                    recipe=recipe_for(method, size, cfg.rollout.max_turns),
-                    heldout_tasks=heldout_for(seed, size),
-                )
-                hist = trainer.fit(initial_eval=initial)
-                minutes[method] += (time.perf_counter() - start) / 60
-                if initial is None:
-                    initial = {k: v for k, v in hist[0].items() if k != "step"}
-                    if "base" in histories:
-                        histories["base"][seed] = [dict(hist[0])]
-                histories[method][seed] = hist
-                save_histories(out, histories, minutes, settings)  # a partial run can still be reported
+        total = len(seeds) * len(trained)
+        finished = sum(1 for m in trained for s in seeds if histories[m].get(s))
+        task = bar.add_task("methods x seeds", total=total, completed=finished)
+        if workers <= 1:
+            torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+            def saved(method: str) -> None:
+                save_histories(out, histories, minutes, settings)  # a partial run can be reported
                 bar.advance(task)
+
+            for seed in seeds:
+                bar.update(task, description=f"seed {seed}")
+                run_seed(
+                    size,
+                    seed,
+                    trained,
+                    runs_dir=runs_dir,
+                    assets=assets,
+                    histories=histories,
+                    minutes=minutes,
+                    on_run_done=saved,
+                )
+        else:
+            _run_seeds_in_children(
+                size, seeds, trained, out, runs_dir, assets, workers, histories, minutes, settings, bar, task
+            )
     return {"histories": histories, "minutes": minutes, "settings": settings}
+
+
+def _run_seeds_in_children(
+    size, seeds, trained, out, runs_dir, assets, workers, histories, minutes, settings, bar, task
+) -> None:
+    """One ``--only-seed`` child per unfinished seed, ``workers`` at a time; merges their files."""
+    import os
+    import subprocess
+
+    todo = [s for s in seeds if not all(histories[m].get(s) for m in trained)]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    running: dict[int, tuple[subprocess.Popen, Any]] = {}
+    failed: list[str] = []
+
+    def merge(seed: int) -> int:
+        blob = _read_blob(out / "seeds" / f"seed{seed}" / "histories.json")
+        for m, by in blob.get("histories", {}).items():
+            if str(seed) in by:
+                histories.setdefault(m, {})[seed] = by[str(seed)]
+        return sum(1 for m in trained if histories[m].get(seed))
+
+    while todo or running:
+        while todo and len(running) < workers:
+            seed = todo.pop(0)
+            seed_out = out / "seeds" / f"seed{seed}"
+            seed_out.mkdir(parents=True, exist_ok=True)
+            log = (seed_out / "log.txt").open("a")
+            args = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--only-seed",
+                str(seed),
+                "--size-json",
+                json.dumps(asdict(size)),
+                "--out",
+                str(seed_out),
+                "--runs-dir",
+                str(runs_dir),
+                "--no-progress",
+                "--methods",
+                *histories,  # "base" too, when asked: the child records the warm start's evaluation
+            ] + (["--assets", assets] if assets else [])
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            running[seed] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        time.sleep(2.0)
+        base = sum(1 for m in trained for s in seeds if histories[m].get(s) and s not in running)
+        live = sum(merge(s) for s in running)
+        bar.update(task, completed=base + live, description=f"seeds {sorted(running)} ({workers} workers)")
+        for seed, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[seed]
+            merge(seed)
+            child = _read_blob(out / "seeds" / f"seed{seed}" / "histories.json")
+            for m, v in child.get("minutes", {}).items():
+                minutes[m] = minutes.get(m, 0.0) + v
+            if proc.returncode != 0:
+                failed.append(f"seed {seed} (exit {proc.returncode}; see {out}/seeds/seed{seed}/log.txt)")
+            save_histories(out, histories, minutes, settings)
+    if failed:
+        raise SystemExit("bench_methods: " + "; ".join(failed) + ". Rerun the same command to resume.")
+
+
+def _read_blob(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def save_histories(
@@ -735,6 +864,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="seeds run in parallel, one process each (2 on a 2-core machine halves the wall time)",
+    )
+    parser.add_argument("--only-seed", type=int, default=None, help=argparse.SUPPRESS)  # a worker
+    parser.add_argument("--size-json", default=None, help=argparse.SUPPRESS)  # the parent's BenchSize
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="re-summarise --out/histories.json with the settings it was run with (no warm start needed)",
@@ -746,6 +883,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.keep_unsubmitted:
         updates["filter_unsubmitted"] = False
     size = BenchSize(**{**asdict(QUICK if args.quick else FULL), **updates})
+    if args.size_json:
+        size = BenchSize(**json.loads(args.size_json))
     here = Path(__file__).resolve().parent
     out = Path(args.out) if args.out else here / "results" / ("methods-quick" if args.quick else "methods")
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path("runs") / "bench_methods"
@@ -766,7 +905,11 @@ def main(argv: list[str] | None = None) -> dict:
             methods=args.methods,
             assets=args.assets,
             progress=not args.no_progress,
+            workers=args.workers,
+            seeds=None if args.only_seed is None else [args.only_seed],
         )
+    if args.only_seed is not None:
+        return {}  # a worker: its parent merges the seeds and writes the report
     report = write_outputs(out, size, result, command.strip())
     print(f"wrote {out} in {(time.perf_counter() - start) / 60:.1f} min")
     return report

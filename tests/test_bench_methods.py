@@ -89,6 +89,8 @@ def quick_run(tmp_path_factory, lab_assets):
             "--assets",
             lab_assets,
             "--no-progress",
+            "--workers",  # QUICK has 2 seeds: one child process each (the parallel path and its merge)
+            "2",
             "--out",
             str(tmp / "out"),
             "--runs-dir",
@@ -174,3 +176,24 @@ def test_report_only_needs_no_warm_start_and_keeps_the_run_size(quick_run, tmp_p
     assert meta["size"] == quick["meta"]["size"] and meta["size"]["quick"] is True
     assert json.dumps(report["rows"], sort_keys=True) == json.dumps(quick["methods"], sort_keys=True)
     assert (tmp_path / "learning_curves.png").stat().st_size > 5_000
+
+
+def test_parallel_seeds_are_merged_and_a_rerun_resumes_without_training(quick_run, tmp_path, lab_assets):
+    """--workers 2: each seed's child wrote its own file; the parent merged both; rerunning the same
+    command trains nothing (every arm is read back) and reports the same numbers."""
+    out, _ = quick_run
+    merged = json.loads((out / "histories.json").read_text())
+    for method, by_seed in merged["histories"].items():
+        assert sorted(by_seed) == ["0", "1"], method
+    for seed in (0, 1):
+        child = json.loads((out / "seeds" / f"seed{seed}" / "histories.json").read_text())
+        for method, by_seed in child["histories"].items():
+            assert list(by_seed) == [str(seed)], method
+            assert by_seed[str(seed)] == merged["histories"][method][str(seed)]
+    bench = _bench()
+    resumed = bench.run_benchmark(
+        bench.QUICK, out=out, runs_dir=tmp_path / "never-used", assets=lab_assets, progress=False
+    )
+    assert not (tmp_path / "never-used").exists()  # nothing was trained
+    for method, by_seed in merged["histories"].items():
+        assert {str(s): h for s, h in resumed["histories"][method].items()} == by_seed, method

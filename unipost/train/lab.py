@@ -87,7 +87,10 @@ def tiny_config(
             context_budget=3072,
             max_new_tokens=24 if quick else MAX_NEW_TOKENS,
             temperature=0.7,
-            concurrency=16,
+            # every held-out episode in one batched generate: on CPU a batch of 16 ran ~8x the
+            # turns/s of one at a time (benchmarks/README.md, Rollout throughput), and 30-50 held-out
+            # episodes in flight replace 2-4 refills with one
+            concurrency=64,
         ),
         optim=OptimConfig(lr=3e-4, epochs_per_batch=1 if quick else 2, micro_batch_tokens=4096),
         eval=EvalConfig(every=1 if quick else 2, kl_tasks=1 if quick else 4),
