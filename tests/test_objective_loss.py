@@ -109,7 +109,8 @@ def test_dagger_teacher_labels_at_every_state_and_submission_filter(tiny_model, 
     selected = [(tr, t.index, t.label, torch.ones_like) for tr in kept for t in tr.turns]
     batch = build_batch(trajs, recipe, renderer)
     assert len(batch.trajectories) == 2
-    assert batch.packed.num_branches == sum(t.executor == "student" for tr in kept for t in tr.turns)
+    per_trajectory = build_batch(trajs, recipe, renderer, share_prefixes=False).packed  # one tree each
+    assert per_trajectory.num_branches == sum(t.executor == "student" for tr in kept for t in tr.turns)
     compare(
         tiny_model,
         lambda: objective_loss(tiny_model, batch, recipe),

@@ -37,9 +37,9 @@ def test_layout_cuts_spines_and_branches():
     layout = PackedLayout.from_batch(batch)
     assert layout.pieces == (
         AttentionPiece(0, 10),  # doc a's spine
-        AttentionPiece(10, 12, prefix_start=0, prefix_len=4),  # (1, 2, 3): inputs 1, 2 after root[:4]
+        AttentionPiece(10, 12, prefix=((0, 4),)),  # (1, 2, 3): inputs 1, 2 after root[:4]
         AttentionPiece(12, 18),  # doc b's spine
-        AttentionPiece(18, 19, prefix_start=12, prefix_len=6),  # (7, 8): input 7 after all of b's root
+        AttentionPiece(18, 19, prefix=((12, 6),)),  # (7, 8): input 7 after all of b's root
     )  # the 1-token branch (9,) has no input tokens: no piece
     assert layout.num_tokens == batch.num_tokens == 19
     mask = layout.branch_mask(1, torch.float32, torch.device("cpu"))

@@ -22,7 +22,7 @@ import torch
 from unipost.data import Trajectory
 from unipost.kernels.loss import weighted_nll
 from unipost.kernels.model import LabelLogprobs, packed_logprobs
-from unipost.kernels.packing import PackedBatch, PackSequence, pack, packed_size
+from unipost.kernels.packing import PackedBatch, PackSequence, first_fit, pack, pack_shared, packed_size
 from unipost.objective import Need, Recipe, RegularizerInputs, ScoreInputs, clipped_ratio
 from unipost.rendering.chat import ChatRenderer, LabelSpec, RenderStats, trajectory_sequences
 
@@ -135,12 +135,20 @@ def pack_rendered(
     vocab_size: int | None = None,
     stats: RenderStats | None = None,
     empty_message: str = "no trajectory has a label to train on",
+    share_prefixes: bool = True,
 ) -> TrainingBatch:
-    """Pack rendered trajectories into one :class:`TrainingBatch` (trajectory b = index in ``rendered``)."""
+    """Pack rendered trajectories into one :class:`TrainingBatch` (trajectory b = index in ``rendered``).
+
+    ``share_prefixes`` (default): one prefix tree over all documents (:func:`pack_shared`), so a
+    prompt shared by a GRPO group, or the system prompt and tool schemas shared by every trajectory,
+    is encoded once; the same labels in the same order, the same log-probs and gradients as one tree
+    per trajectory (:func:`pack`, ``share_prefixes=False``).
+    """
     documents = [doc for r in rendered for doc in r.documents]
     if not documents:
         raise EmptyBatchError(empty_message)
-    packed = pack(documents, vocab_size=vocab_size)
+    packer = pack_shared if share_prefixes else pack
+    packed = packer(documents, vocab_size=vocab_size)
     outcomes = [r.trajectory.outcome for r in rendered]
     return TrainingBatch(
         packed=packed,
@@ -163,29 +171,28 @@ def make_microbatches(
     *,
     max_tokens: int,
     vocab_size: int | None = None,
+    share_prefixes: bool = True,
 ) -> list[TrainingBatch]:
     """Greedy first-fit of whole groups into micro-batches of at most ``max_tokens`` packed tokens.
 
     Every trajectory is rendered once; sizes come from the rendered documents. A group is never split
     (its GRPO baseline must see all its samples). It sits with batch building, not with the optimiser,
-    because evaluation (``eval.imitation``) batches label NLLs the same way.
+    because evaluation (``eval.imitation``) batches label NLLs the same way. With ``share_prefixes``
+    (default) a micro-batch is one prefix tree over all its trajectories (see :func:`pack_rendered`)
+    and its tokens are counted that way: a prefix already in the micro-batch costs nothing.
     """
     groups: dict[int, list[RenderedTrajectory]] = {}
     for rendered in render_trajectories(trajectories, recipe, renderer):
         groups.setdefault(rendered.group, []).append(rendered)
-    bins: list[list[RenderedTrajectory]] = []
-    used: list[int] = []
-    for members in groups.values():
-        size = sum(r.packed_size for r in members)
-        for i in range(len(bins)):
-            if used[i] + size <= max_tokens:
-                bins[i].extend(members)
-                used[i] += size
-                break
-        else:
-            bins.append(list(members))
-            used.append(size)
-    return [pack_rendered(b, vocab_size=vocab_size) for b in bins]
+    members = list(groups.values())
+    units = [[doc for r in group for doc in r.documents] for group in members]
+    bins = first_fit(units, max_tokens, share_prefixes)
+    return [
+        pack_rendered(
+            [r for g in b for r in members[g]], vocab_size=vocab_size, share_prefixes=share_prefixes
+        )
+        for b in bins
+    ]
 
 
 def build_batch(
@@ -195,15 +202,24 @@ def build_batch(
     *,
     mode: str = "tree",
     vocab_size: int | None = None,
+    share_prefixes: bool | None = None,
 ) -> TrainingBatch:
-    """Select, render and pack the recipe's transitions of ``trajectories`` (one batch)."""
+    """Select, render and pack the recipe's transitions of ``trajectories`` (one batch).
+
+    ``share_prefixes`` (default: on for ``mode="tree"``, off for ``"per_transition"``, the unpacked
+    baseline): encode prefixes shared across documents once (:func:`pack_rendered`).
+    """
+    if share_prefixes is None:
+        share_prefixes = mode == "tree"
     stats = RenderStats()
     rendered = render_trajectories(trajectories, recipe, renderer, mode=mode, stats=stats)
     empty = (
         f"none of the {len(trajectories)} trajectories has a label to train on under "
         f"{recipe.display_name} (all filtered out, e.g. no valid submission, or no turns)"
     )
-    return pack_rendered(rendered, vocab_size=vocab_size, stats=stats, empty_message=empty)
+    return pack_rendered(
+        rendered, vocab_size=vocab_size, stats=stats, empty_message=empty, share_prefixes=share_prefixes
+    )
 
 
 def objective_loss(

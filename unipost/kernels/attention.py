@@ -132,13 +132,13 @@ def flex_block_mask(batch: PackedBatch, device: torch.device | str | None = None
     from torch.nn.attention.flex_attention import create_block_mask
 
     device = device or batch.input_ids_T.device
-    span, is_spine, doc = batch.span_T.to(device), batch.is_spine_T.to(device), batch.doc_T.to(device)
-    pos, attach = batch.position_ids_T.to(device), batch.attach_T.to(device)
+    span, pos = batch.span_T.to(device), batch.position_ids_T.to(device)
+    limit = batch.visible_limits().to(device)  # [spans, spans]: see PackedBatch's attention rule
 
     def mask_mod(b, h, q, k):
         same_span = (span[q] == span[k]) & (k <= q)
-        spine_prefix = is_spine[k] & (doc[k] == doc[q]) & (pos[k] < attach[q])
-        return same_span | spine_prefix
+        ancestor_prefix = pos[k] < limit[span[q], span[k]]
+        return same_span | ancestor_prefix
 
     t = batch.num_tokens
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device=device)
@@ -188,14 +188,30 @@ def additive_mask(batch: PackedBatch, dtype: torch.dtype = torch.float32) -> tor
 class AttentionPiece:
     """One attention call of a pack: queries ``[start, end)``; keys = ``prefix`` then the piece, causally.
 
-    A spine has no prefix (``prefix_len == 0``): one ``is_causal=True`` call. A branch's prefix is the
-    spine tokens ``[prefix_start, prefix_start + prefix_len)`` it hangs off (its attach point).
+    A root span has no prefix: one ``is_causal=True`` call. A branch's prefix is the tokens of its
+    ancestor spans it sees, as flat ``(start, length)`` segments, root first (one segment under
+    :func:`~unipost.kernels.packing.pack`: the spine up to the branch's attach point; one per ancestor
+    under :func:`~unipost.kernels.packing.pack_shared`).
     """
 
     start: int
     end: int
-    prefix_start: int = 0
-    prefix_len: int = 0
+    prefix: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def prefix_len(self) -> int:
+        return sum(length for _, length in self.prefix)
+
+    @property
+    def causal_over_prefix(self) -> bool:
+        """Run the piece as one ``is_causal`` call over prefix + piece, dropping the prefix's rows.
+
+        A masked call computes every (query, key) pair of the piece: n * (P + n); the causal call
+        recomputes the prefix's own triangle but skips the piece's upper one: (P + n)^2 / 2. The causal
+        kernel wins when the prefix is shorter than the piece (a trajectory hung off a shared prompt);
+        a short branch off a long context keeps the mask.
+        """
+        return 0 < self.prefix_len < self.end - self.start
 
 
 @dataclass
@@ -208,26 +224,31 @@ class PackedLayout:
 
     @classmethod
     def from_batch(cls, batch: PackedBatch) -> PackedLayout:
-        """Cut the pack at span boundaries (``pack`` lays out each document as spine, then its branches)."""
+        """Cut the pack at span boundaries; each span sees its ancestors' visible prefixes."""
         spans, counts = torch.unique_consecutive(batch.span_T.cpu(), return_counts=True)
         if spans.numel() != torch.unique(spans).numel():
             raise AttentionBackendError("a span of the pack is not contiguous; cannot split its attention")
-        is_spine = batch.is_spine_T.cpu().tolist()
-        doc = batch.doc_T.cpu().tolist()
-        attach = batch.attach_T.cpu().tolist()
-        spine_start: dict[int, int] = {}
-        pieces = []
+        parent = batch.span_parents().tolist()
+        attach = batch.span_attach().tolist()
+        span_start: dict[int, int] = {}
         start = 0
-        for n in counts.tolist():
-            end = start + n
-            if is_spine[start]:
-                spine_start[doc[start]] = start
-                pieces.append(AttentionPiece(start, end))
-            else:
-                if doc[start] not in spine_start:
-                    raise AttentionBackendError(f"branch at token {start} precedes its document's spine")
-                pieces.append(AttentionPiece(start, end, spine_start[doc[start]], attach[start]))
-            start = end
+        bounds = []
+        for span, n in zip(spans.tolist(), counts.tolist(), strict=True):
+            span_start[span] = start
+            bounds.append((span, start, start + n))
+            start += n
+        pieces = []
+        for span, begin, end in bounds:
+            segments = []
+            child, ancestor = span, parent[span]
+            while ancestor >= 0:
+                if ancestor not in span_start:
+                    raise AttentionBackendError(f"span {span} hangs off span {ancestor}, not in the pack")
+                length = attach[child] - attach[ancestor]
+                if length > 0:
+                    segments.append((span_start[ancestor], length))
+                child, ancestor = ancestor, parent[ancestor]
+            pieces.append(AttentionPiece(begin, end, tuple(reversed(segments))))
         return cls(tuple(pieces), batch.num_tokens)
 
     def branch_mask(self, index: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -307,14 +328,18 @@ def packed_sdpa_attention(
     )
     outputs = []
     for index, (piece, q, k, v) in enumerate(pieces):
-        if piece.prefix_len == 0:
+        if not piece.prefix:
             out = sdpa(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
         else:
-            prefix = slice(piece.prefix_start, piece.prefix_start + piece.prefix_len)
-            k = torch.cat([key[:, :, prefix], k], dim=2)
-            v = torch.cat([value[:, :, prefix], v], dim=2)
-            mask = layout.branch_mask(index, query.dtype, query.device)
-            out = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+            k = torch.cat([key[:, :, a : a + n] for a, n in piece.prefix] + [k], dim=2)
+            v = torch.cat([value[:, :, a : a + n] for a, n in piece.prefix] + [v], dim=2)
+            if piece.causal_over_prefix:
+                q = torch.cat([query[:, :, a : a + n] for a, n in piece.prefix] + [q], dim=2)
+                out = sdpa(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+                out = out[:, :, piece.prefix_len :]
+            else:
+                mask = layout.branch_mask(index, query.dtype, query.device)
+                out = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
         outputs.append(out)
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None

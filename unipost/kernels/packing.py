@@ -15,6 +15,14 @@ fall out of the same rule:
   becomes a *branch* appended after the spine whose position ids continue from ``context_len`` and
   which attends only to ``root[:context_len]`` and to itself (causally). Each shared prefix is thus
   encoded once: O(T) tokens for a T-turn trajectory instead of O(T^2).
+* shared-prefix packing (:func:`pack_shared`): the token paths of *all* documents of a micro-batch
+  (roots and label branches) are merged into one trie, so a prefix common to several documents (a
+  GRPO group's prompt, the system prompt and tool schemas every trajectory of an iteration starts
+  with) is encoded once and the documents become branches of one tree. The trie is laid out as
+  *spans* (a span follows a path down the trie; every other child starts a new span that attaches
+  to its parent span at its first position), nested to any depth: a span attends to the visible
+  prefix of each ancestor span and to itself, causally. The same log-probs, loss and gradients as
+  :func:`pack` (which is the two-level special case: spine and branches).
 
 Every label token t is predicted by the hidden state at flat index ``label_src_L[t]`` (the token just
 before it along its own path), so a hidden state can serve several labels (a spine position that is
@@ -65,9 +73,14 @@ class PackedBatch:
     """A flat packed batch ready for :func:`unipost.kernels.packed_logprobs`.
 
     Attention rule (also the FlexAttention ``mask_mod``): query q may attend key k iff
-    ``(span_T[q] == span_T[k] and k <= q) or (is_spine_T[k] and doc_T[k] == doc_T[q] and
-    position_ids_T[k] < attach_T[q])``. Spine tokens have ``attach_T == 0``; a branch's tokens have
-    ``attach_T == context_len`` of their label.
+    ``(span_T[q] == span_T[k] and k <= q) or position_ids_T[k] < limit[span_T[q], span_T[k]]``, where
+    ``limit[s, a]`` (:meth:`visible_limits`) is, for a strict ancestor span ``a`` of span ``s``, the
+    first position of the child of ``a`` on the path to ``s`` (that child sees ``a``'s tokens before
+    it), and 0 otherwise. Spans form a forest through ``span_parent_P`` (-1 for a root span). With
+    :func:`pack` the forest has two levels and the rule reads ``(same span and k <= q) or
+    (is_spine_T[k] and doc_T[k] == doc_T[q] and position_ids_T[k] < attach_T[q])``. Root (spine)
+    tokens have ``attach_T == 0``; a branch's tokens have ``attach_T`` = the span's first position
+    (``context_len`` of their label under :func:`pack`).
     """
 
     input_ids_T: torch.Tensor  # int64
@@ -83,6 +96,44 @@ class PackedBatch:
     seq_doc_S: torch.Tensor  # int64 document of each label
     seq_meta: list[dict] = field(default_factory=list)  # Label.meta of each label, in order
     num_branches: int = 0
+    span_parent_P: torch.Tensor | None = None  # int64 parent span of each span, -1 for roots (None: 2 levels)
+
+    @property
+    def num_spans(self) -> int:
+        """Span ids in use (a one-token branch under :func:`pack` takes an id but holds no token)."""
+        if self.span_parent_P is not None:
+            return int(self.span_parent_P.numel())
+        return int(self.span_T.max().item()) + 1 if self.num_tokens else 0
+
+    def span_parents(self) -> torch.Tensor:
+        """int64 [P]: each span's parent span (-1 for a root); derived from doc/spine under :func:`pack`."""
+        if self.span_parent_P is not None:
+            return self.span_parent_P.cpu()
+        parent = torch.full((self.num_spans,), -1, dtype=torch.long)
+        tokens = list(zip(self.span_T.tolist(), self.doc_T.tolist(), self.is_spine_T.tolist(), strict=True))
+        spine_of_doc = {d: s for s, d, spine in tokens if spine}
+        for s, d, spine in tokens:
+            if not spine:
+                parent[s] = spine_of_doc[d]
+        return parent
+
+    def span_attach(self) -> torch.Tensor:
+        """int64 [P]: each span's first position (0 for a root span)."""
+        out = torch.zeros(self.num_spans, dtype=torch.long)
+        out.scatter_reduce_(0, self.span_T.cpu(), self.position_ids_T.cpu(), "amin", include_self=False)
+        return out
+
+    def visible_limits(self) -> torch.Tensor:
+        """int64 [P, P]: ``limit[s, a]`` of the attention rule (positions of ``a`` below it are visible)."""
+        parent = self.span_parents().tolist()
+        attach = self.span_attach().tolist()
+        limit = torch.zeros(len(parent), len(parent), dtype=torch.long)
+        for s in range(len(parent)):
+            child, a = s, parent[s]
+            while a >= 0:
+                limit[s, a] = attach[child]
+                child, a = a, parent[a]
+        return limit
 
     @property
     def num_tokens(self) -> int:
@@ -110,15 +161,24 @@ class PackedBatch:
         return torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
 
     def dense_mask(self) -> torch.Tensor:
-        """Boolean [T, T] attention mask (True = may attend). O(T^2) memory: the CPU/SDPA path."""
-        q = torch.arange(self.num_tokens)
-        same_span_causal = (self.span_T[:, None] == self.span_T[None, :]) & (q[None, :] <= q[:, None])
-        spine_prefix = (
-            self.is_spine_T[None, :]
-            & (self.doc_T[None, :] == self.doc_T[:, None])
-            & (self.position_ids_T[None, :] < self.attach_T[:, None])
-        )
-        return same_span_causal | spine_prefix
+        """Boolean [T, T] attention mask (True = may attend). O(T^2) memory: the reference path.
+
+        Built span by span (a span's rows are contiguous), so no [T, T] integer temporary exists.
+        """
+        span = self.span_T.cpu()
+        pos = self.position_ids_T.cpu()
+        limit = self.visible_limits()
+        mask = torch.zeros(self.num_tokens, self.num_tokens, dtype=torch.bool)
+        spans, counts = torch.unique_consecutive(span, return_counts=True)
+        start = 0
+        for s, n in zip(spans.tolist(), counts.tolist(), strict=True):
+            end = start + n
+            mask[start:end] |= pos < limit[s][span]  # ancestors' visible prefixes
+            rows = torch.arange(start, end)
+            own = (span == s)[None, :] & (torch.arange(self.num_tokens)[None, :] <= rows[:, None])
+            mask[start:end] |= own
+            start = end
+        return mask.to(self.input_ids_T.device)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {
@@ -158,6 +218,7 @@ def pack(sequences: Sequence[PackSequence], *, vocab_size: int | None = None) ->
     seq_meta: list[dict] = []
     span_counter = 0
     num_branches = 0
+    span_parent: list[int] = []
 
     for doc, seq in enumerate(sequences):
         root = list(seq.root)
@@ -167,6 +228,7 @@ def pack(sequences: Sequence[PackSequence], *, vocab_size: int | None = None) ->
         base = len(input_ids)
         spine_span = span_counter
         span_counter += 1
+        span_parent.append(-1)
         input_ids.extend(root)
         positions.extend(range(len(root)))
         docs.extend([doc] * len(root))
@@ -197,6 +259,7 @@ def pack(sequences: Sequence[PackSequence], *, vocab_size: int | None = None) ->
                 branch_span = span_counter
                 span_counter += 1
                 num_branches += 1
+                span_parent.append(spine_span)
                 branch_base = len(input_ids)
                 branch_inputs = label.token_ids[: n - 1]
                 input_ids.extend(branch_inputs)
@@ -228,30 +291,59 @@ def pack(sequences: Sequence[PackSequence], *, vocab_size: int | None = None) ->
         seq_doc_S=long(seq_doc),
         seq_meta=seq_meta,
         num_branches=num_branches,
+        span_parent_P=long(span_parent),
     )
 
 
-def split_sequences(sequences: Sequence[PackSequence], max_tokens: int) -> list[list[PackSequence]]:
+def split_sequences(
+    sequences: Sequence[PackSequence], max_tokens: int, *, share_prefixes: bool = False
+) -> list[list[PackSequence]]:
     """Greedy first-fit grouping of documents into micro-batches of at most ``max_tokens`` packed tokens.
 
     A document larger than ``max_tokens`` gets a micro-batch of its own (it cannot be split without
-    changing what its labels condition on).
+    changing what its labels condition on). ``share_prefixes=True`` counts tokens as
+    :func:`pack_shared` encodes them (a prefix shared with documents already in a micro-batch is free).
+    """
+    bins = first_fit([[seq] for seq in sequences], max_tokens, share_prefixes)
+    return [[sequences[i] for i in group] for group in bins]
+
+
+def first_fit(
+    units: Sequence[Sequence[PackSequence]], max_tokens: int, share_prefixes: bool = False
+) -> list[list[int]]:
+    """First-fit of units (lists of documents never split, e.g. a GRPO group) into micro-batches.
+
+    Returns the unit indices of each micro-batch. A micro-batch holds at most ``max_tokens`` packed
+    tokens (counted as :func:`pack_shared` lays them out when ``share_prefixes``, else as :func:`pack`),
+    except a unit larger than that alone, which gets a micro-batch of its own.
     """
     if max_tokens <= 0:
         raise PackingError(f"max_tokens must be positive, got {max_tokens}")
-    groups: list[list[PackSequence]] = []
-    sizes: list[int] = []
-    for seq in sequences:
-        size = packed_size(seq)
-        for i, used in enumerate(sizes):
-            if used + size <= max_tokens:
-                groups[i].append(seq)
-                sizes[i] += size
+    bins: list[list[int]] = []
+    used: list[int] = []
+    tries: list[PrefixTrie] = []
+    for index, unit in enumerate(units):
+        if not share_prefixes:
+            size = sum(packed_size(seq) for seq in unit)
+        for i in range(len(bins)):
+            if share_prefixes:
+                size = tries[i].new_tokens(unit)
+            if used[i] + size <= max_tokens:
+                bins[i].append(index)
+                used[i] += size
+                if share_prefixes:
+                    for seq in unit:
+                        tries[i].add(seq)
                 break
         else:
-            groups.append([seq])
-            sizes.append(size)
-    return groups
+            bins.append([index])
+            if share_prefixes:
+                tries.append(PrefixTrie())
+                for seq in unit:
+                    tries[-1].add(seq)
+                size = len(tries[-1])
+            used.append(size)
+    return bins
 
 
 def packed_size(seq: PackSequence) -> int:
@@ -277,3 +369,191 @@ def per_transition(sequences: Sequence[PackSequence]) -> list[PackSequence]:
                 )
             )
     return out
+
+
+def _check_document(doc: int, seq: PackSequence, vocab_size: int | None) -> None:
+    """The input checks :func:`pack` makes, for :func:`pack_shared` (same messages)."""
+    if not seq.root:
+        raise PackingError(f"document {doc} has an empty root sequence")
+    _check_ids(seq.root, f"document {doc}", vocab_size)
+    for label in seq.labels:
+        if not label.token_ids:
+            raise PackingError(f"document {doc}: a label has no tokens")
+        if not 1 <= label.context_len <= len(seq.root):
+            raise PackingError(
+                f"document {doc}: label context_len={label.context_len} must be in [1, {len(seq.root)}] "
+                "(the first label token needs at least one context token to predict it)"
+            )
+        _check_ids(label.token_ids, f"label of document {doc}", vocab_size)
+        label.weights()  # raises on a per-token weight count mismatch
+
+
+class PrefixTrie:
+    """The token paths of documents merged on their common prefixes: one node per distinct prefix.
+
+    A document contributes its root and, per label, the label's input tokens ``y[:-1]`` hung off the
+    root's node at ``context_len - 1``; a label's tokens are then predicted by the nodes of
+    ``root[:context_len] + y[:-1]`` (its last context node, then its own inputs). Node ``i`` holds one
+    token at position ``depth[i]``; ``len(trie)`` is the number of tokens a pack of it encodes.
+    """
+
+    def __init__(self) -> None:
+        self.token: list[int] = []
+        self.parent: list[int] = []
+        self.depth: list[int] = []
+        self.children: list[dict[int, int]] = []
+        self.roots: dict[int, int] = {}  # first token -> node, in insertion order
+
+    def __len__(self) -> int:
+        return len(self.token)
+
+    def _child(self, parent: int, token: int) -> int:
+        kids = self.roots if parent < 0 else self.children[parent]
+        node = kids.get(token)
+        if node is None:
+            node = len(self.token)
+            kids[token] = node
+            self.token.append(token)
+            self.parent.append(parent)
+            self.depth.append(0 if parent < 0 else self.depth[parent] + 1)
+            self.children.append({})
+        return node
+
+    def insert(self, tokens: Sequence[int], parent: int = -1) -> list[int]:
+        """Insert ``tokens`` below node ``parent`` (-1: a new path from the root); their nodes, in order."""
+        nodes = []
+        for token in tokens:
+            parent = self._child(parent, token)
+            nodes.append(parent)
+        return nodes
+
+    def add(self, seq: PackSequence) -> list[list[int]]:
+        """Insert a document; for each of its labels, the nodes whose hidden states predict its tokens."""
+        root_nodes = self.insert(seq.root)
+        sources = []
+        for label in seq.labels:
+            last_context = root_nodes[label.context_len - 1]
+            sources.append([last_context, *self.insert(label.token_ids[:-1], last_context)])
+        return sources
+
+    def new_tokens(self, sequences: Sequence[PackSequence]) -> int:
+        """How many tokens adding ``sequences`` would add (nothing is inserted)."""
+        overlay: dict[tuple[int, int], int] = {}
+        added = 0
+
+        def child(parent: int, token: int) -> int:
+            nonlocal added
+            if parent >= -1:  # a node of the trie (or the root): look among its children first
+                node = (self.roots if parent == -1 else self.children[parent]).get(token)
+                if node is not None:
+                    return node
+            key = (parent, token)
+            node = overlay.get(key)
+            if node is None:
+                added += 1
+                node = overlay[key] = -2 - len(overlay)  # ids <= -2: not in the trie yet
+            return node
+
+        for seq in sequences:
+            parent, root_nodes = -1, []
+            for token in seq.root:
+                parent = child(parent, token)
+                root_nodes.append(parent)
+            for label in seq.labels:
+                parent = root_nodes[label.context_len - 1]
+                for token in label.token_ids[:-1]:
+                    parent = child(parent, token)
+        return added
+
+
+def shared_size(sequences: Sequence[PackSequence]) -> int:
+    """Number of flat tokens :func:`pack_shared` encodes for ``sequences``."""
+    return PrefixTrie().new_tokens(sequences)
+
+
+def pack_shared(sequences: Sequence[PackSequence], *, vocab_size: int | None = None) -> PackedBatch:
+    """Pack documents as one prefix tree: every prefix common to several documents is encoded once.
+
+    The same labels, in the same order, with the same per-token weights and metadata as
+    :func:`pack` (so ``label_*_L``, ``seq_doc_S`` and ``seq_meta`` are interchangeable with its
+    output), and the same log-probs; only the token layout differs. Spans: each trie node's first
+    child continues its span; any other child starts a new span (a branch) whose parent is the span
+    holding that node. ``doc_T`` numbers the trees (documents with no common first token stay apart);
+    ``seq_doc_S`` keeps the input document of each label.
+    """
+    if not sequences:
+        raise PackingError("pack_shared() got no sequences: an empty batch cannot be packed")
+    trie = PrefixTrie()
+    sources: list[list[int]] = []
+    for doc, seq in enumerate(sequences):
+        _check_document(doc, seq, vocab_size)
+        sources.extend(trie.add(seq))
+
+    flat_of_node = [0] * len(trie)
+    input_ids: list[int] = []
+    positions: list[int] = []
+    trees: list[int] = []
+    spans: list[int] = []
+    is_spine: list[bool] = []
+    attach: list[int] = []
+    span_parent: list[int] = []
+    # depth-first over spans: (first node, parent span, tree); a span's children start after it
+    stack = [(node, -1, tree) for tree, node in reversed(list(enumerate(trie.roots.values())))]
+    while stack:
+        node, parent_span, tree = stack.pop()
+        span = len(span_parent)
+        span_parent.append(parent_span)
+        first_position = trie.depth[node]
+        chain = []
+        while True:
+            chain.append(node)
+            kids = trie.children[node]
+            if not kids:
+                break
+            node = next(iter(kids.values()))
+        for node in chain:
+            flat_of_node[node] = len(input_ids)
+            input_ids.append(trie.token[node])
+            positions.append(trie.depth[node])
+        n = len(chain)
+        trees.extend([tree] * n)
+        spans.extend([span] * n)
+        is_spine.extend([parent_span < 0] * n)
+        attach.extend([first_position] * n)
+        others = [kid for node in chain for kid in list(trie.children[node].values())[1:]]
+        stack.extend((kid, span, tree) for kid in reversed(others))
+
+    src: list[int] = []
+    targets: list[int] = []
+    weights: list[float] = []
+    label_seq: list[int] = []
+    seq_doc: list[int] = []
+    seq_meta: list[dict] = []
+    labels = ((doc, label) for doc, seq in enumerate(sequences) for label in seq.labels)
+    for s, ((doc, label), nodes) in enumerate(zip(labels, sources, strict=True)):
+        seq_doc.append(doc)
+        seq_meta.append(label.meta)
+        src.extend(flat_of_node[node] for node in nodes)
+        targets.extend(label.token_ids)
+        weights.extend(label.weights())
+        label_seq.extend([s] * len(label.token_ids))
+
+    def long(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long)
+
+    return PackedBatch(
+        input_ids_T=long(input_ids),
+        position_ids_T=long(positions),
+        doc_T=long(trees),
+        span_T=long(spans),
+        is_spine_T=torch.tensor(is_spine, dtype=torch.bool),
+        attach_T=long(attach),
+        label_src_L=long(src),
+        label_target_L=long(targets),
+        label_weight_L=torch.tensor(weights, dtype=torch.float32),
+        label_seq_L=long(label_seq),
+        seq_doc_S=long(seq_doc),
+        seq_meta=seq_meta,
+        num_branches=len(span_parent) - len(trie.roots),
+        span_parent_P=long(span_parent),
+    )
