@@ -83,6 +83,19 @@ def make_env_factory(env: Any) -> Callable[[Any], Environment]:
     raise ValueError(f"unknown env.name {env.name!r}; choose embedded | openhands | swe")
 
 
+def make_expert(env: Any) -> Any:
+    """The scripted expert of ``env``'s world (a ``Policy`` that acts correctly from any state), or None.
+
+    The embedded world and its OpenHands front share one (it reads the task's privileged workspace);
+    SWE instances have none: a run there needs an OpenAI-compatible teacher.
+    """
+    if env.name in ("embedded", "openhands"):
+        from unipost.envs.embedded.expert import ScriptedExpert
+
+        return ScriptedExpert()
+    return None
+
+
 def swe_instances(env: Any, split: str) -> tuple[Any, ...]:
     """The instances of ``split`` for an EnvConfig: held-out ones from ``env.heldout_tasks_path`` when set
     (GRPO trains on SkyRL-v0 and is evaluated on SWE-Gym Holdout), else from ``env.tasks_path``."""

@@ -8,6 +8,7 @@
 * regularisers (R): KLToReference, EntropyBonus (``a + b``)
 * schedules: Constant, LinearDecay, Cosine; prefix laws UniformPrefix, ShiftingPrefix, FixedPrefix
 * Recipe and the named recipes SFT, GRPO, OPD, DAgger, AggreVaTe
+* recipe_to_spec / recipe_from_spec: a recipe's composition as JSON (what a run's config.json records)
 """
 
 from unipost.objective.labels import LabelError, LabelRef, LabelSource, OwnSamples, TeacherLabels
@@ -64,6 +65,7 @@ from unipost.objective.scores import (
     Uniform,
     score_factors,
 )
+from unipost.objective.spec import recipe_from_spec, recipe_to_spec
 
 __all__ = [
     "GRPO",
@@ -114,5 +116,7 @@ __all__ = [
     "clipped_ratio",
     "get_recipe",
     "needs_of",
+    "recipe_from_spec",
+    "recipe_to_spec",
     "score_factors",
 ]

@@ -296,6 +296,19 @@ class Recipe:
             f"/ reg {reg} ({', '.join(extras)})"
         )
 
+    def to_spec(self) -> dict[str, Any]:
+        """The composition as JSON-able data (:func:`unipost.objective.spec.recipe_to_spec`)."""
+        from unipost.objective.spec import recipe_to_spec
+
+        return recipe_to_spec(self)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Recipe:
+        """The recipe ``to_spec`` recorded (:func:`unipost.objective.spec.recipe_from_spec`)."""
+        from unipost.objective.spec import recipe_from_spec
+
+        return recipe_from_spec(spec)
+
     def __repr__(self) -> str:
         return (
             f"Recipe({self.rollout!r}, {self.labels!r}, {self.score!r}, {self.regularizer!r}, "

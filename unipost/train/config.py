@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from unipost.rollout.sampling import SamplingConfig
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot run, with what to change."""
+
+
 class _Strict(BaseModel):
     """Frozen, and an unknown field is an error that names the closest known one ("did you mean ...?").
 
@@ -353,8 +357,17 @@ class TrainConfig(_Strict):
     """One training run: a recipe, a student, a teacher, an environment, and the loop's knobs."""
 
     name: str = Field("run", description="the run's folder name under output_dir")
-    recipe: str = Field("dagger", description="sft | grpo | opd | dagger | aggrevate")
+    recipe: str = Field(
+        "dagger",
+        description="sft | grpo | opd | dagger | aggrevate, or 'custom': the composition in recipe_spec",
+    )
     recipe_kwargs: dict[str, Any] = Field(default_factory=dict, description="arguments of the named recipe")
+    recipe_spec: dict[str, Any] | None = Field(
+        None,
+        description="recipe='custom': the recipe's parts and their arguments (Recipe.to_spec()). The "
+        "Trainer writes it when handed a recipe object that no named recipe of this config equals, so a "
+        "run's config.json rebuilds the recipe it ran (with_recipe)",
+    )
     iterations: int = Field(
         6, ge=1, description="collect -> optimise iterations (an upper bound under a budget)"
     )
@@ -386,9 +399,21 @@ class TrainConfig(_Strict):
         from unipost.objective import RECIPES
 
         key = v.lower()
-        if key not in {k.lower() for k in RECIPES}:
-            raise ValueError(f"recipe={v!r} unknown; choose one of {sorted(RECIPES)}")
+        if key != "custom" and key not in {k.lower() for k in RECIPES}:
+            raise ValueError(f"recipe={v!r} unknown; choose one of {sorted(RECIPES)} or 'custom'")
         return key
+
+    @model_validator(mode="after")
+    def _custom_has_spec(self) -> TrainConfig:
+        if (self.recipe == "custom") != (self.recipe_spec is not None):
+            raise ValueError(
+                "recipe='custom' goes with recipe_spec (a recipe's composition, Recipe.to_spec()) and a "
+                "named recipe without it; got "
+                f"recipe={self.recipe!r} and recipe_spec={'set' if self.recipe_spec else None}"
+            )
+        if self.recipe == "custom" and self.recipe_kwargs:
+            raise ValueError("recipe='custom' takes its arguments from recipe_spec; leave recipe_kwargs {}")
+        return self
 
     @model_validator(mode="after")
     def _distilled_teacher_needs_tiny_student(self) -> TrainConfig:
@@ -412,18 +437,38 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _recipe_builds(self) -> TrainConfig:
+        from unipost.objective.spec import unsaved_parts
+
+        if self.recipe_spec is not None and unsaved_parts(self.recipe_spec):
+            return self  # a faithful record of a recipe that only code can rebuild: build_recipe says so
         self.build_recipe()  # surfaces e.g. beta outside [0, 1] now, naming the bad part
         return self
 
     def build_recipe(self):
-        from unipost.objective import RecipeError, get_recipe
+        """The run's Recipe: the named one with recipe_kwargs, or the composition in recipe_spec."""
+        from unipost.objective import RecipeError, get_recipe, recipe_from_spec
 
+        if self.recipe_spec is not None:
+            try:
+                return recipe_from_spec(self.recipe_spec)
+            except (RecipeError, ValueError, TypeError) as exc:
+                raise ConfigError(f"recipe='custom': {exc}") from exc
         try:
             return get_recipe(self.recipe, **self.recipe_kwargs)
         except (RecipeError, ValueError, TypeError) as exc:
             raise ValueError(
                 f"recipe {self.recipe!r} with recipe_kwargs={self.recipe_kwargs}: {exc}"
             ) from exc
+
+    def with_recipe(self, recipe: Any) -> TrainConfig:
+        """This config recording ``recipe`` (a Recipe object): unchanged when its named recipe equals it,
+        else ``recipe='custom'`` with the composition in ``recipe_spec``, never a named recipe it is not."""
+        try:
+            if self.build_recipe() == recipe:
+                return self
+        except ValueError:  # a recorded recipe only code can rebuild: record the one given
+            pass
+        return self.replace(recipe="custom", recipe_kwargs={}, recipe_spec=recipe.to_spec())
 
     def replace(self, **updates: Any) -> TrainConfig:
         """A validated copy with top-level fields replaced (``model_copy`` would skip validation)."""

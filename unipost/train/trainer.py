@@ -16,7 +16,6 @@ only in the recipe object handed in.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -30,18 +29,21 @@ import torch
 
 from unipost.batch import group_keys
 from unipost.data import Trajectory
-from unipost.envs.embedded.expert import ScriptedExpert
-from unipost.envs.registry import make_env_factory
-from unipost.objective import Need, Recipe
-from unipost.rendering.chat import ChatRenderer
-from unipost.rollout.engine import RolloutEngine
+from unipost.objective import Recipe
 from unipost.rollout.store import TrajectoryStore
-from unipost.rollout.transformers_policy import TransformersPolicy
-from unipost.train.build import ConfigError, api_teacher, build_reference, failure_judge, task_pool
+from unipost.train.build import (
+    ConfigError,
+    build_components,
+    build_engine,
+    failure_judge,
+    scripted_expert,
+    task_pool,
+)
+from unipost.train.checkpoint import CheckpointManager
 from unipost.train.config import TrainConfig
 from unipost.train.distributed import Distributed
+from unipost.train.metrics import MetricsLogger
 from unipost.train.optimise import lr_factor, make_microbatches, optimise_epoch, record_old_logprobs
-from unipost.train.setup import build_task_tokenizer, cached_clones
 
 logger = logging.getLogger(__name__)
 
@@ -72,40 +74,44 @@ class Trainer:
         teacher_model: torch.nn.Module | None = None,
         reference_model: torch.nn.Module | None = None,
     ) -> None:
-        """Build everything a run needs; every component can be injected instead of built.
+        """Build everything a run needs (:func:`unipost.train.build.build_components`); every component
+        can be injected instead of built.
 
         Injection is how a user brings their own environment (``env_factory`` + task lists), a
         pretrained student and its tokenizer, an API teacher policy, a white-box teacher model, or
         the frozen reference of a KL regulariser (default: built when the recipe needs one).
         """
-        self.config = cfg = config
+        # a recipe object is recorded in the config the run saves (its composition, if not a named one)
+        self.config = cfg = config.with_recipe(recipe) if recipe is not None else config
         self.recipe = recipe or cfg.build_recipe()
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         # started by `accelerate launch` / torchrun: the main process collects, every process trains
         self.dist = Distributed.from_environment()
-        self.make_env = env_factory or make_env_factory(cfg.env)  # embedded | openhands | swe
         self._train_tasks = list(train_tasks) if train_tasks is not None else None
         self._heldout_tasks = list(heldout_tasks) if heldout_tasks is not None else None
-        self.tools = self._tool_schemas()
-        with self.dist.main_first() if self.dist else contextlib.nullcontext():  # caches built once
-            self.tokenizer = tokenizer if tokenizer is not None else self._tokenizer()
-            self.renderer = ChatRenderer(self.tokenizer, self.tools)
-            self.teacher_policy = teacher_policy if teacher_policy is not None else self._teacher_policy()
-            self.student = student if student is not None else self._student()
-            self.teacher_model = teacher_model if teacher_model is not None else self._white_box_teacher()
-        if teacher_model is not None:
-            teacher_model.eval().requires_grad_(False)
-        # pi_ref is the initial student: copied before any update and before _resume loads weights
-        self.reference = (
-            reference_model.eval().requires_grad_(False)
-            if reference_model is not None
-            else build_reference(cfg, self.recipe, self.student)
+        parts = build_components(
+            cfg,
+            self.recipe,
+            probe_task=lambda: self.tasks_for(0)[0],
+            run_dir=self.run_dir,
+            is_main=self.is_main,
+            dist=self.dist,
+            env_factory=env_factory,
+            student=student,
+            tokenizer=tokenizer,
+            teacher_policy=teacher_policy,
+            teacher_model=teacher_model,
+            reference_model=reference_model,
         )
-        self.student_policy = self._student_policy()
-        self._check_context_budget()
-        self.engine = self._engine()
+        self.make_env, self.tools, self.tokenizer, self.renderer = (
+            parts.make_env, parts.tools, parts.tokenizer, parts.renderer
+        )  # fmt: skip
+        self.student, self.student_policy = parts.student, parts.student_policy
+        self.teacher_policy, self.teacher_model = parts.teacher_policy, parts.teacher_model
+        self.reference = parts.reference
+        self.engine = build_engine(cfg, self.recipe, parts)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         # stepped once per optimiser step; its horizon (schedule_steps) is known once data is seen
@@ -117,9 +123,6 @@ class Trainer:
             _, self.train_optimizer = self.dist.prepare(self.student, self.optimizer)
             self.dist.require_replicated("the Trainer's rollouts, evaluation and checkpoints")
         self.store = TrajectoryStore(self.run_dir / "trajectories.jsonl")
-        from unipost.train.checkpoint import CheckpointManager
-        from unipost.train.metrics import MetricsLogger
-
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=2)
         self.history: list[dict[str, float]] = []
         self.start_iteration = 0
@@ -140,201 +143,13 @@ class Trainer:
         """This process collects rollouts, evaluates, logs and writes the store and checkpoints."""
         return self.dist is None or self.dist.is_main
 
-    # -- construction -------------------------------------------------------------------------------
-
-    def _engine(self) -> RolloutEngine | None:
-        """The rollout engine; None when the recipe replays stored data (offline SFT collects nothing)."""
-        cfg = self.config
-        if not self.recipe.rollout.collects:
-            return None
-        return RolloutEngine(
-            self.make_env,
-            student=self.student_policy if self.recipe.rollout.uses_student else None,
-            teacher=self.teacher_policy,
-            recipe=self.recipe,
-            max_turns=cfg.rollout.max_turns,
-            context_budget=cfg.rollout.context_budget,
-            count_tokens=self.renderer.count_tokens,
-            concurrency=cfg.rollout.concurrency,
-            seed=cfg.seed,
-            progress=cfg.progress,
-        )
-
-    def _student_policy(self) -> Any:
-        """TransformersPolicy on the trained module, or a vLLM engine fed its weights after each step."""
-        cfg = self.config
-        sampling = dict(sampling=cfg.rollout.sampling(), seed=cfg.seed)
-        if cfg.rollout.backend == "transformers" or not self.is_main:  # only the main process rolls out
-            return TransformersPolicy(self.student, self.tokenizer, **sampling)
-        from unipost.rollout.vllm_policy import VLLMPolicy
-
-        engine = cfg.rollout.vllm
-        return VLLMPolicy(
-            self.student,
-            self.tokenizer,
-            **sampling,
-            dtype=str(next(self.student.parameters()).dtype).removeprefix("torch."),
-            max_model_len=cfg.rollout.context_budget + cfg.rollout.max_new_tokens,
-            gpu_memory_utilization=engine.gpu_memory_utilization,
-            tensor_parallel_size=engine.tensor_parallel_size,
-            kv_cache_gib=engine.kv_cache_gib,
-            enforce_eager=engine.enforce_eager,
-        )
+    # -- the optimiser's schedule -------------------------------------------------------------------
 
     def _sync_student_policy(self) -> None:
         """Push the student's current weights into a policy that holds its own copy (vLLM)."""
         sync = getattr(self.student_policy, "sync_weights", None)
         if sync is not None:
             sync(self.student)
-
-    def _tokenizer(self):
-        from transformers import PreTrainedTokenizerFast
-
-        from unipost.models.tiny import load_template
-
-        if self.config.model.kind == "pretrained":  # the model's own vocabulary, with a tool template
-            from unipost.models.pretrained import load_pretrained_tokenizer
-
-            return load_pretrained_tokenizer(self.config.model.path)
-        path = self.run_dir / "tokenizer"
-        if (path / "tokenizer.json").exists():  # a resumed run keeps its own tokenizer
-            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-            tok.chat_template = load_template()
-            return tok
-        cfg = self.config
-        tok = build_task_tokenizer(
-            cfg.model.tokenizer_vocab,
-            difficulty=cfg.env.difficulty,
-            max_observation_chars=cfg.env.max_observation_chars,
-            cache_dir=cfg.cache_dir,
-        )
-        tok.save_pretrained(str(path))
-        return tok
-
-    def _model_kwargs(self) -> dict[str, Any]:
-        m = self.config.model
-        return {
-            "hidden_size": m.hidden_size,
-            "num_layers": m.num_layers,
-            "num_heads": m.num_heads,
-            "num_kv_heads": m.num_kv_heads,
-        }
-
-    def _clone(self, which: str) -> torch.nn.Module:
-        """The warm-started student or the distilled teacher: snapshots of one cached BC run."""
-        cfg = self.config
-        snapshots = {"student": cfg.warm_start.epochs, "teacher": cfg.teacher.distill_epochs}
-        if cfg.teacher.white_box == "none":
-            snapshots.pop("teacher")
-        models = cached_clones(
-            self._model_kwargs(),
-            self.tokenizer,
-            demos=cfg.warm_start.demos,
-            snapshots=list(snapshots.values()),
-            lr=cfg.warm_start.lr,
-            difficulty=cfg.env.difficulty,
-            max_observation_chars=cfg.env.max_observation_chars,
-            tools=self.tools,
-            cache_dir=cfg.cache_dir,
-            seed=cfg.seed,
-            progress=cfg.progress,
-        )
-        return models[snapshots[which]]
-
-    def _student(self) -> torch.nn.Module:
-        cfg = self.config
-        if cfg.model.kind == "pretrained":
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(
-                cfg.model.path, attn_implementation="sdpa", dtype=getattr(torch, cfg.model.dtype)
-            )
-        else:
-            model = self._clone("student")
-        if cfg.model.lora_rank:
-            from peft import LoraConfig, get_peft_model
-
-            lora = LoraConfig(
-                r=cfg.model.lora_rank,
-                lora_alpha=cfg.model.lora_alpha,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                lora_dropout=0.0,
-            )
-            model = get_peft_model(model, lora)
-        return model
-
-    def _teacher_policy(self):
-        cfg = self.config
-        # a live teacher policy acts or labels during rollouts; stored data (offline SFT) needs none
-        needs_teacher = self.recipe.rollout.collects and (
-            self.recipe.rollout.uses_teacher or Need.TEACHER_ACTIONS in self.recipe.needs
-        )
-        if cfg.teacher.kind == "openai":
-            # OPD with an API teacher and no local white-box weights is refused here
-            self.recipe.check_teacher(white_box=cfg.teacher.white_box != "none")
-            if not needs_teacher:  # e.g. GRPO, or OPD scoring with the local white-box weights
-                return None
-            policy = api_teacher(cfg)  # samples with the rollout's temperature / top-p / max tokens
-            policy.check()  # fail fast when the endpoint does not answer
-            return policy
-        return ScriptedExpert() if needs_teacher else None
-
-    def _white_box_teacher(self) -> torch.nn.Module | None:
-        cfg = self.config
-        needs_logprobs = Need.TEACHER_LOGPROBS in self.recipe.needs
-        if needs_logprobs and cfg.teacher.white_box == "none":
-            raise ConfigError(
-                f"{self.recipe.display_name} needs teacher log-probs but teacher.white_box='none'; set "
-                "teacher.white_box='distilled' (tiny) or 'pretrained' (a local checkpoint), or choose a "
-                "recipe that needs only teacher actions"
-            )
-        if not (needs_logprobs or cfg.eval.kl_tasks > 0) or cfg.teacher.white_box == "none":
-            return None
-        if cfg.teacher.white_box == "pretrained":
-            model = self._pretrained_teacher()
-        else:
-            model = self._clone("teacher")
-        model.eval().requires_grad_(False)
-        return model
-
-    def _pretrained_teacher(self) -> torch.nn.Module:
-        """A local teacher checkpoint scoring the student's tokens: it must share the vocabulary."""
-        from transformers import AutoModelForCausalLM
-
-        t = self.config.teacher
-        model = AutoModelForCausalLM.from_pretrained(
-            t.white_box_path, attn_implementation="sdpa", dtype=getattr(torch, t.white_box_dtype)
-        )
-        teacher_vocab = model.get_output_embeddings().weight.shape[0]
-        if teacher_vocab < len(self.tokenizer):
-            raise ConfigError(
-                f"teacher.white_box_path={t.white_box_path!r} has an output vocabulary of {teacher_vocab} "
-                f"tokens but the student's tokenizer has {len(self.tokenizer)}: token-level log-probs need "
-                "one vocabulary (same model family), or use a recipe that needs only teacher actions"
-            )
-        return model
-
-    def _tool_schemas(self) -> list[dict]:
-        env = self.make_env(self.tasks_for(0)[0])
-        try:
-            env.reset()
-            return list(env.tools)
-        finally:
-            env.close()
-
-    def _check_context_budget(self) -> None:
-        env = self.make_env(self.tasks_for(0)[0])
-        try:
-            prompt = env.reset()
-        finally:
-            env.close()
-        n = len(self.renderer.context_ids(prompt))
-        if n >= self.config.rollout.context_budget:
-            raise ConfigError(
-                f"rollout.context_budget={self.config.rollout.context_budget} is smaller than the task "
-                "prompt "
-                f"({n} tokens with the tool schemas); raise rollout.context_budget above {n + 256}"
-            )
 
     def _lr_factor(self, step: int) -> float:
         """LambdaLR's multiplier at optimiser step ``step`` (:func:`unipost.train.optimise.lr_factor`)."""
@@ -436,6 +251,7 @@ class Trainer:
         started = time.perf_counter()
         self.student_policy.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
         self.student.eval()
+        self._say(f"iteration {i + 1} of {self._iterations_phrase()}: {self._collect_phrase(i)}")
         batch, data = self._collect(i)
         rollout = _floats(batch.stats.to_dict()) if batch is not None else {}  # None: offline data
         metrics: dict[str, float] = {f"rollout/{k}": v for k, v in rollout.items()}
@@ -450,7 +266,9 @@ class Trainer:
         if self.recipe.ratio_clip is not None:  # pi_old of the importance ratio: before any update
             record_old_logprobs(self.student, microbatches)
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + i)
-        for _ in range(cfg.optim.epochs_per_batch):
+        epochs = cfg.optim.epochs_per_batch
+        for epoch in range(epochs):
+            epoch_started = time.perf_counter()
             stats = optimise_epoch(
                 self.student,
                 microbatches,
@@ -465,6 +283,11 @@ class Trainer:
                 scheduler=self.scheduler,
             )
             metrics.update({f"train/{k}": v for k, v in stats.items()})
+            self._say(
+                f"optimised epoch {epoch + 1}/{epochs} over {len(microbatches)} micro-batches "
+                f"({labels} labelled transitions): loss {stats.get('loss', float('nan')):.3f}, "
+                f"{time.perf_counter() - epoch_started:.0f} s"
+            )
         self._sync_student_policy()
         self.effective_samples += labels
         metrics["train/effective_samples"] = float(self.effective_samples)
@@ -549,8 +372,12 @@ class Trainer:
 
         cfg = self.config
         self.student.eval()
-        expert = (self.teacher_policy or ScriptedExpert()) if cfg.eval.expert_labels else None
-        result = self.evaluate_heldout(expert=expert)
+        expert = None
+        if cfg.eval.expert_labels:  # the live teacher, else the environment's scripted expert
+            expert = self.teacher_policy or scripted_expert(cfg.env, why="eval.expert_labels=True")
+        tasks = len(self.heldout_tasks())
+        self._say(f"step {step}: held-out evaluation, {tasks} greedy student episodes")
+        result = self.evaluate_heldout(expert=expert, progress=cfg.progress)
         judge = failure_judge(cfg)
         if judge is not None:  # the paper's LLM judge instead of the environment's rules (§4.5)
             result = EvalResult.from_trajectories(
@@ -570,18 +397,44 @@ class Trainer:
                 out["eval/expert_nll"] = nll
         if self.teacher_model is not None and cfg.eval.kl_tasks > 0:
             self.student_policy.generator = torch.Generator().manual_seed(cfg.seed * 31 + step)
+            kl_tasks = self.heldout_tasks()[: cfg.eval.kl_tasks]
+            self._say(
+                f"step {step}: reverse KL to the teacher (§4.4), {len(kl_tasks)} sampled student episodes"
+            )
             trajs = collect_student_states(
                 self.make_env,
                 self.student_policy,
-                self.heldout_tasks()[: cfg.eval.kl_tasks],
+                kl_tasks,
                 max_turns=cfg.rollout.max_turns,
                 context_budget=cfg.rollout.context_budget,
                 count_tokens=self.renderer.count_tokens,
                 seed=cfg.seed + step,
+                progress=cfg.progress,
             )
             kl = reverse_kl_on_student_states(self.student, self.teacher_model, trajs, self.renderer)
             out["eval/reverse_kl"] = float(kl.mean_kl)
         return out
+
+    def _say(self, message: str) -> None:
+        """One progress line on the terminal (``config.progress``, main process), naming the run."""
+        if self.config.progress and self.is_main:
+            print(f"[{self.config.name}] {message}", flush=True)
+
+    def _iterations_phrase(self) -> str:
+        """``"4"``, or ``"at most 6 (until 320 effective samples; 120 so far)"`` under a budget."""
+        cfg = self.config
+        if cfg.max_effective_samples is None:
+            return str(cfg.iterations)
+        return (
+            f"at most {cfg.iterations} (until {cfg.max_effective_samples} effective samples; "
+            f"{self.effective_samples} so far)"
+        )
+
+    def _collect_phrase(self, i: int) -> str:
+        if self.engine is None:
+            return "one epoch over the stored dataset"
+        n = self.config.rollout.episodes_per_iteration * self.recipe.group_size
+        return f"collecting {n} training episodes ({self.recipe.display_name})"
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": float(step), **metrics}
