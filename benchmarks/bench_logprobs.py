@@ -1,27 +1,46 @@
-"""Peak memory and time of fused ``token_logprobs`` (+ backward) against the naive log-softmax path.
+"""Token log-probs from an LM head, fwd + bwd, side by side: naive vs unipost vs cut-cross-entropy vs Liger.
 
-    python benchmarks/bench_logprobs.py            # full sweep N x V, bf16, H = 896
-    python benchmarks/bench_logprobs.py --quick    # tiny sweep, a few seconds
+    python benchmarks/bench_logprobs.py --dtype fp32 --n 4096 --v 32768           # one CPU case
+    python benchmarks/bench_logprobs.py --dry-run --out /tmp/x                     # tiny, seconds (tests)
+    python benchmarks/bench_logprobs.py --device cuda --dtype bf16 --n 16384 --hidden 4096 --v 152064 \\
+        --impls naive,ours-triton,liger,cce --out DIR                              # the GPU check
 
-Methods, run side by side on identical inputs (fwd + bwd of ``sum_t w_t * logp_t`` with random w_t):
+What is timed: forward + backward of ``sum_t w_t * logp_t`` with random per-token weights ``w_t`` (the
+upstream gradient every unipost objective gives the head), no bias, no ignored rows, temperature 1.
 
-* ``naive``  : ``unipost.kernels.reference.token_logprobs_reference`` (linear -> fp32 log_softmax -> gather);
-* ``fused``  : ``unipost.kernels.token_logprobs`` (tiled, never builds [N, V]);
-* ``liger``  : liger-kernel's ``chunked_loss`` log-prob function (plain torch, seq x vocab chunks; the
-  private ``_ChunkedSelectiveLogProbFunction`` that its fused PPO/GRPO losses call), when installed;
-* ``cce``    : cut-cross-entropy ``linear_cross_entropy(..., reduction="none", impl="torch_compile")``
-  returning ``-logp`` (the only CCE mode that runs on CPU; it materialises logits), when installed.
+Implementations (``--impls``), each case in its OWN fresh Python process, one after the other:
 
-How memory is measured (honestly, and the same way for every method): each (method, N, V) runs in its own
-fresh Python process. The process builds the inputs, runs a small warm-up, frees everything but the
-inputs, resets the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``), then runs the measured
-forward + backward passes and reads ``VmHWM``. "peak MiB" = VmHWM - RSS just before the measured run:
-the physical memory the computation needed on top of its inputs, including the gradients it returns
-(``grad MiB`` column, unavoidable for any method), the allocator's slack and library scratch buffers.
-Time is the best of ``--repeats`` runs (wall clock, ``torch.set_num_threads`` = all cores).
+* ``naive``       : ``unipost.kernels.reference.token_logprobs_reference`` (linear -> fp32 log_softmax ->
+  gather; materialises [N, V] logits, its log-softmax and their gradients);
+* ``ours``        : ``unipost.kernels.token_logprobs(..., backend="torch")`` as a user gets it (on CPU its
+  tile bodies are compiled once per shape class above 16M logits);
+* ``ours-eager``  : the same with ``compile=False`` (what the torch kernel did before compiled tiles);
+* ``ours-triton`` : ``backend="triton"`` (CUDA; on CPU only under Triton's interpreter, tiny shapes);
+* ``cce``         : cut-cross-entropy ``linear_cross_entropy(..., reduction="none")`` returning ``-logp``,
+  ``impl="torch_compile"`` on CPU (its only CPU mode; it materialises the logits), its default ``"cce"``
+  Triton kernels on CUDA;
+* ``liger``       : liger-kernel; on CPU its plain-torch chunked log-prob function
+  (``chunked_loss.fused_linear_ppo._ChunkedSelectiveLogProbFunction``, what its GRPO/PPO losses call), on
+  CUDA its fused linear cross-entropy (``liger_fused_linear_cross_entropy(..., reduction="none")``).
 
-Cases whose naive [N, V] tensors would not fit (estimated from the bytes per logit element measured on
-small cases) are skipped for the methods that materialise logits, and marked "skipped (memory)".
+Every process: builds the inputs; checks its numbers on a small problem against the fp64 reference
+(``err_logp``, ``err_grad`` columns); runs two warm-up calls at ``--warm-n`` rows (the first includes any
+compilation: ``first_s - second_s`` is reported as ``compile_s``, apart from the timed figures); then
+``--repeats`` timed fwd+bwd calls at the measured shape (median reported). Compiled graphs are counted
+before and after the timed calls: equal counts mean no recompilation for the new N (one compile per
+shape class). Memory on CPU: the kernel's peak-RSS counter is reset before the timed calls
+(``/proc/self/clear_refs``) and ``peak MiB = VmHWM - RSS before``: what the computation needed on top of
+its inputs, including the returned gradients (``grads MiB``, the same for every method); ``extra MiB =
+peak - grads``. On CUDA: ``torch.cuda.max_memory_allocated`` beyond what was allocated before.
+
+Every row records the 1-minute load average before/after, the CPU time other processes used meanwhile
+(``others_cores``), torch's thread count and a ``busy`` flag (``unipost.machine.QuietMonitor``). Ratios
+are only comparable within one quiet run. On these CPUs bf16 matrix products are slow: bf16 rows record
+memory; their time is a GPU target and is marked so.
+
+Cases whose [N, V] tensors would not fit (``naive``, ``cce``; estimated from bytes per logit measured on
+smaller cases) are skipped with the estimate as the reason, never attempted: an out-of-memory kill on a
+shared machine takes other people's processes with it.
 """
 
 from __future__ import annotations
@@ -30,17 +49,19 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("naive", "fused", "liger", "cce")
-MATERIALISES_LOGITS = {"naive", "cce"}
-# Bytes per [N, V] element the naive bf16 path peaks at in fwd+bwd (bf16 logits, fp32 copy, saved
-# log-softmax, its gradient and the gradient of the logits); measured ~12 on this machine, 14 for margin.
-NAIVE_BYTES_PER_LOGIT = {"bf16": 14, "fp32": 16}
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+IMPLS = ("naive", "ours", "ours-eager", "ours-triton", "cce", "liger")
+# Peak bytes per [N, V] logit in fwd+bwd for the methods that materialise logits (measured here: naive
+# ~12 in fp32 and bf16, CCE's torch_compile ~4 in fp32 and ~2.3 in bf16), with a margin.
+BYTES_PER_LOGIT = {"naive": {"fp32": 14, "bf16": 14}, "cce": {"fp32": 6, "bf16": 4}}
+DRY = {"n": [96], "v": [512], "hidden": 32, "warm_n": 64, "repeats": 1, "check": (48, 256, 32)}
 
 
 # ----------------------------------------------------------------------------- worker (one process per case)
@@ -54,266 +75,377 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _method(name: str):
-    """Return ``fn(hidden, weight, targets) -> logp [N]`` for one method (imports happen here)."""
+def _impl(name: str, device: str):
+    """``(fn(hidden, weight, targets) -> logp [N], variant label)``; imports happen here, per process."""
     if name == "naive":
         from unipost.kernels.reference import token_logprobs_reference
 
-        return token_logprobs_reference
-    if name == "fused":
+        return token_logprobs_reference, "reference"
+    if name in ("ours", "ours-eager"):
         from unipost.kernels.logprobs import token_logprobs
 
-        return token_logprobs
-    if name == "liger":
-        from liger_kernel.chunked_loss.fused_linear_ppo import _ChunkedSelectiveLogProbFunction as fn
+        compile_ = None if name == "ours" else False
+        return (lambda h, w, t: token_logprobs(h, w, t, backend="torch", compile=compile_)), "torch"
+    if name == "ours-triton":
+        from unipost.kernels.logprobs import token_logprobs
 
-        return lambda h, w, t: fn.apply(h, w, t, None, 1.0, 4096)
+        return (lambda h, w, t: token_logprobs(h, w, t, backend="triton")), "triton"
     if name == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
-        return lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none", impl="torch_compile")
-    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+        mode = "torch_compile" if device == "cpu" else "cce"
+        return (lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none", impl=mode)), mode
+    if name == "liger":
+        if device == "cpu":
+            from liger_kernel.chunked_loss.fused_linear_ppo import _ChunkedSelectiveLogProbFunction as f
+
+            return (lambda h, w, t: f.apply(h, w, t, None, 1.0, 4096)), "chunked_logprob"
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return (lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="none")), "flce"
+    raise ValueError(f"unknown impl {name!r}; choose from {IMPLS}")
 
 
-def available_methods() -> list[str]:
-    import importlib.util
-
-    found = ["naive", "fused"]
-    if importlib.util.find_spec("liger_kernel") is not None:
-        found.append("liger")
-    if importlib.util.find_spec("cut_cross_entropy") is not None:
-        found.append("cce")
-    return found
-
-
-def _inputs(n: int, v: int, h: int, dtype, seed: int = 0):
+def _inputs(n: int, v: int, h: int, dtype, device: str, seed: int = 0):
     import torch
 
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g).to(dtype)
-    weight = (torch.randn(v, h, generator=g) * 0.02).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * (1.0 / h**0.5)).to(dtype)
     targets = torch.randint(0, v, (n,), generator=g)
     w_N = torch.randn(n, generator=g)
-    return hidden, weight, targets, w_N
+    return tuple(x.to(device) for x in (hidden, weight, targets, w_N))
 
 
-def _step(fn, hidden, weight, targets, w_N) -> tuple[float, float]:
-    """One forward + backward; returns (forward seconds, backward seconds)."""
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _step(fn, hidden, weight, targets, w_N, device: str) -> tuple[float, float]:
+    """One forward + backward of sum_t w_t logp_t; returns (forward s, backward s)."""
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
+    _sync(device)
     t0 = time.perf_counter()
     logp = fn(h, w, targets)
+    _sync(device)
     t1 = time.perf_counter()
     (logp.float() * w_N).sum().backward()
+    _sync(device)
     t2 = time.perf_counter()
     del logp, h, w  # frees the gradients too
     return t1 - t0, t2 - t1
 
 
-def worker(method: str, n: int, v: int, h: int, dtype_name: str, repeats: int) -> dict:
+def _check(fn, n: int, v: int, h: int, dtype, device: str) -> tuple[float, float]:
+    """Max |logp - fp64 truth| and max relative gradient error on a small problem (same impl)."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    fn = _method(method)
-    # Warm-up on two small shapes (lazy init, oneDNN kernel creation; for torch.compile the second
-    # distinct shape makes the graph dynamic, so the measured shape does not recompile).
-    for wn, wv in ((64, 256), (96, 384)):
-        _step(fn, *_inputs(wn, wv, h, dtype, seed=1))
-    hidden, weight, targets, w_N = _inputs(n, v, h, dtype)
-    base_kib = _rss_kib("VmRSS")
-    _reset_peak_rss()
-    times = [_step(fn, hidden, weight, targets, w_N) for _ in range(repeats)]
-    peak_kib = _rss_kib("VmHWM") - base_kib
-    fwd, bwd = min(times, key=lambda fb: fb[0] + fb[1])
+    from unipost.kernels.reference import token_logprobs_reference
+
+    hidden, weight, targets, w_N = _inputs(n, v, h, dtype, device, seed=2)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = token_logprobs_reference(h64, w64, targets)
+    (ref * w_N.double()).sum().backward()
+    hh, ww = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    logp = fn(hh, ww, targets)
+    (logp.float() * w_N).sum().backward()
+    err = (logp.double() - ref.detach()).abs().max().item()
+    gerr = max(
+        ((a.grad.double() - b.grad).abs().max() / b.grad.abs().max()).item()
+        for a, b in ((hh, h64), (ww, w64))
+    )
+    del torch
+    return err, gerr
+
+
+def _graphs() -> dict:
+    """Compiled graphs so far in this process (dynamo's count; unipost's own tile stats when loaded)."""
+    out = {}
+    try:
+        from torch._dynamo.utils import counters
+
+        out["dynamo_graphs"] = int(counters["stats"]["unique_graphs"])
+        out["fxgraph_cache_hit"] = int(counters["inductor"]["fxgraph_cache_hit"])
+        out["fxgraph_cache_miss"] = int(counters["inductor"]["fxgraph_cache_miss"])
+    except Exception:
+        pass
+    if "unipost.kernels.logprob_tiles" in sys.modules:
+        from unipost.kernels.logprob_tiles import compile_stats
+
+        out["tile_graphs"] = compile_stats()["graphs"]
+    return out
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    from unipost.machine import QuietMonitor
+
+    torch.set_num_threads(spec["threads"] or os.cpu_count() or 1)
+    device, n, v, h = spec["device"], spec["n"], spec["v"], spec["hidden"]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
+    fn, variant = _impl(spec["impl"], device)
+    row: dict = {"variant": variant}
+    row["err_logp"], row["err_grad"] = _check(fn, *spec["check"], dtype, device)
+
+    warm = _inputs(spec["warm_n"], v, h, dtype, device, seed=1)
+    first, second = (sum(_step(fn, *warm, device)) for _ in range(2))
+    row.update(first_s=round(first, 3), compile_s=round(max(0.0, first - second), 2))
+    del warm
+    graphs_before = _graphs()
+
+    hidden, weight, targets, w_N = _inputs(n, v, h, dtype, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_kib("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
+            f.write("5")
+    with QuietMonitor() as quiet:
+        times = [_step(fn, hidden, weight, targets, w_N, device) for _ in range(spec["repeats"])]
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024
+    graphs_after = _graphs()
     grad_bytes = (n * h + v * h) * hidden.element_size()
-    return {
-        "method": method,
-        "N": n,
-        "V": v,
-        "H": h,
-        "dtype": dtype_name,
-        "fwd_s": round(fwd, 3),
-        "bwd_s": round(bwd, 3),
-        "total_s": round(fwd + bwd, 3),
-        "peak_mib": round(peak_kib / 1024, 1),
-        "grad_mib": round(grad_bytes / 2**20, 1),
-        "repeats": repeats,
-    }
+    row.update(
+        fwd_s=round(statistics.median(t[0] for t in times), 3),
+        bwd_s=round(statistics.median(t[1] for t in times), 3),
+        total_s=round(statistics.median(t[0] + t[1] for t in times), 3),
+        min_total_s=round(min(t[0] + t[1] for t in times), 3),
+        peak_mib=round((peak - base) / 2**20, 1),
+        grad_mib=round(grad_bytes / 2**20, 1),
+        repeats=len(times),
+        recompiled=graphs_after.get("dynamo_graphs") != graphs_before.get("dynamo_graphs"),
+        graphs=graphs_after.get("dynamo_graphs"),
+        fxgraph_cache=f"{graphs_after.get('fxgraph_cache_hit', 0)} hit / "
+        f"{graphs_after.get('fxgraph_cache_miss', 0)} miss",
+    )
+    row["extra_mib"] = round(row["peak_mib"] - row["grad_mib"], 1)
+    row.update(quiet.record())
+    quiet.warn_if_busy(f"{spec['impl']} N={n} V={v}")
+    return row
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def correctness_check(methods: list[str]) -> list[str]:
-    """Every method on one small shape vs the fp64 reference: the numbers below compare like with like."""
-    import torch
-
-    from unipost.kernels.reference import token_logprobs_reference
-
-    hidden, weight, targets, w_N = _inputs(256, 1000, 64, torch.bfloat16)
-    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    (token_logprobs_reference(h64, w64, targets) * w_N.double()).sum().backward()
-    lines = []
-    for m in methods:
-        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-        logp = _method(m)(h, w, targets)
-        (logp.float() * w_N).sum().backward()
-        err = (logp.double() - token_logprobs_reference(h64, w64, targets).detach()).abs().max().item()
-        gerr = (h.grad.double() - h64.grad).abs().max().item() / h64.grad.abs().max().item()
-        werr = (w.grad.double() - w64.grad).abs().max().item() / w64.grad.abs().max().item()
-        lines.append(f"{m:6s} max|dlogp| {err:.1e}, grad_hidden rel {gerr:.1e}, grad_weight rel {werr:.1e}")
-    return lines
-
-
-def _run_case(method, n, v, h, dtype, repeats, timeout) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, str(n), str(v), str(h), dtype, str(repeats)]
-    base = {"method": method, "N": n, "V": v, "H": h, "dtype": dtype}
+def _mem_available_gib() -> float:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 8.0
+
+
+def run_case(spec: dict, timeout: int) -> dict:
+    env = dict(os.environ)
+    if spec["impl"] == "ours-triton" and spec["device"] == "cpu":
+        env["TRITON_INTERPRET"] = "1"  # must be set before triton is imported: a fresh process
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return {**base, "status": f"timeout > {timeout}s"}
+        return {"status": f"timeout > {timeout}s"}
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"rc {proc.returncode}"]
-        return {**base, "status": f"failed: {tail[0][:120]}"}
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "status": "ok"}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        tail = next((ln for ln in reversed(lines) if ln.strip() and not ln.startswith(" ")), "")
+        killed = " (killed: out of memory?)" if proc.returncode < 0 else ""
+        return {"status": f"failed rc={proc.returncode}{killed}: {tail[:160]}"}
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return {**json.loads(line), "status": "ok"}
+    return {"status": "failed: no result line"}
+
+
+def _skip_reason(impl: str, n: int, v: int, dtype: str, device: str, args) -> str | None:
+    if impl == "liger" or impl == "cce":
+        mod = "liger_kernel" if impl == "liger" else "cut_cross_entropy"
+        import importlib.util
+
+        if importlib.util.find_spec(mod) is None:
+            return f"unavailable: {mod} not installed (pip install -e '.[bench]')"
+    if impl == "ours-triton":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return "unavailable: triton not installed"
+        if device == "cpu" and n * v > 1 << 20:
+            return "skipped: Triton on CPU is its interpreter (tiny shapes only)"
+    per = BYTES_PER_LOGIT.get(impl, {}).get(dtype)
+    if per and device == "cpu":
+        est = n * v * per / 2**30
+        if est > args.mem_limit_gib:
+            return f"skipped (memory: ~{est:.0f} GiB est. > {args.mem_limit_gib:.0f} GiB limit)"
+    if args.max_logits.get(impl) and n * v > args.max_logits[impl]:
+        return f"skipped (sweep time: N*V > {args.max_logits[impl]:.2g})"
+    return None
 
 
 def _ratios(rows: list[dict]) -> None:
-    naive = {(r["N"], r["V"]): r for r in rows if r["method"] == "naive" and r["status"] == "ok"}
-    for r in naive.values():
-        r["extra_mib"] = round(float(r["peak_mib"]) - float(r["grad_mib"]), 1)
+    groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        ref = naive.get((r["N"], r["V"]))
-        ok = r["status"] == "ok" and ref is not None
         if r["status"] == "ok":
-            # Memory beyond inputs AND the returned gradients (which every method must produce).
-            r["extra_mib"] = round(float(r["peak_mib"]) - float(r["grad_mib"]), 1)
-        r["mem_ratio"] = round(float(r["peak_mib"]) / float(ref["peak_mib"]), 3) if ok else None
-        r["extra_ratio"] = round(r["extra_mib"] / ref["extra_mib"], 3) if ok else None
-        r["time_ratio"] = round(float(r["total_s"]) / float(ref["total_s"]), 2) if ok else None
+            groups.setdefault((r["dtype"], r["N"], r["V"]), {})[r["impl"]] = r
+    for r in rows:
+        g = groups.get((r["dtype"], r["N"], r["V"]), {})
+        for ref_name, col in (("naive", "naive"), ("cce", "cce")):
+            ref = g.get(ref_name)
+            ok = r["status"] == "ok" and ref is not None
+            r[f"time_vs_{col}"] = round(r["total_s"] / ref["total_s"], 3) if ok else None
+        ref = g.get("naive")
+        ok = r["status"] == "ok" and ref is not None and ref["extra_mib"] > 0
+        r["extra_vs_naive"] = round(r["extra_mib"] / ref["extra_mib"], 4) if ok else None
 
 
-def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+COLS = [
+    "impl", "variant", "device", "dtype", "N", "V", "H", "status", "fwd_s", "bwd_s", "total_s", "min_total_s",
+    "repeats", "time_vs_naive", "time_vs_cce", "peak_mib", "grad_mib", "extra_mib", "extra_vs_naive",
+    "first_s", "compile_s", "recompiled", "graphs", "fxgraph_cache", "err_logp", "err_grad",
+    "load1_before", "load1_after", "others_cores", "threads", "busy", "time_note",
+]  # fmt: skip
 
 
-def write_outputs(rows: list[dict], header: str, stem: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    cols = ["method", "N", "V", "H", "dtype", "status", "fwd_s", "bwd_s", "total_s", "peak_mib", "grad_mib"]
-    cols += ["extra_mib", "mem_ratio", "extra_ratio", "time_ratio", "repeats"]
-    csv_path, md_path = RESULTS / f"{stem}.csv", RESULTS / f"{stem}.md"
+def _f(x, spec: str) -> str:
+    return "-" if x is None or x == "" else format(x, spec)
+
+
+def write_outputs(rows: list[dict], header: list[str], out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path, json_path = (out_dir / f"{name}.{ext}" for ext in ("csv", "md", "json"))
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=COLS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [
-        header,
-        "",
-        "| N | V | method | fwd+bwd s | peak MiB | grads MiB | extra MiB | peak / naive | extra / naive "
-        "| time / naive |",
-    ]
-    lines.append("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+    lines = [*header, ""]
+    lines.append(
+        "| dtype | N | V | impl | fwd+bwd s (median) | vs naive | vs CCE | extra MiB | extra / naive "
+        "| compile s | err logp | load before/after | others cores | threads | busy |"
+    )
+    lines.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
     for r in rows:
+        head = f"| {r['dtype']} | {r['N']} | {r['V']} | {r['impl']}"
         if r["status"] != "ok":
-            lines.append(f"| {r['N']} | {r['V']} | {r['method']} | {r['status']} | | | | | | |")
+            lines.append(f"{head} | {r['status']} | | | | | | | | | | |")
             continue
+        t = f"{r['total_s']:.2f}" + (" (GPU target)" if r.get("time_note") else "")
         lines.append(
-            f"| {r['N']} | {r['V']} | {r['method']} | {float(r['total_s']):.2f} | "
-            f"{float(r['peak_mib']):.0f} | "
-            f"{float(r['grad_mib']):.0f} | {r['extra_mib']:.0f} | {_fmt(r['mem_ratio'], '.3f')} | "
-            f"{_fmt(r['extra_ratio'], '.3f')} | {_fmt(r['time_ratio'], '.2f')} |"
+            f"{head} | {t} | {_f(r['time_vs_naive'], '.2f')} | {_f(r['time_vs_cce'], '.2f')} | "
+            f"{r['extra_mib']:.0f} | {_f(r['extra_vs_naive'], '.2%')} | {_f(r.get('compile_s'), '.1f')} | "
+            f"{r['err_logp']:.1e} | {r['load1_before']}/{r['load1_after']} | {r['others_cores']} | "
+            f"{r['threads']} | {'BUSY' if r['busy'] else 'no'} |"
         )
     md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
+    return [csv_path, md_path, json_path]
 
 
-def print_table(rows: list[dict], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("N", "V", "method", "fwd s", "bwd s", "peak MiB", "grads MiB", "mem/naive", "time/naive"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for r in rows:
-        if r["status"] != "ok":
-            table.add_row(str(r["N"]), str(r["V"]), r["method"], r["status"], *[""] * 5)
-            continue
-        table.add_row(
-            str(r["N"]), str(r["V"]), r["method"], f"{r['fwd_s']:.2f}", f"{r['bwd_s']:.2f}",
-            f"{r['peak_mib']:.0f}", f"{r['grad_mib']:.0f}",
-            _fmt(r["mem_ratio"], ".3f"), _fmt(r["time_ratio"], ".2f"),
-        )  # fmt: skip
-    Console().print(table)
+def _csv_list(text: str, cast=str) -> list:
+    return [cast(x) for x in str(text).replace(" ", ",").split(",") if x]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sweep (seconds), for CI and smoke tests")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--hidden", type=int, default=896, help="H (896 = Qwen2.5-0.5B)")
-    parser.add_argument("--n", type=int, nargs="+", default=[2048, 8192, 16384])
-    parser.add_argument("--v", type=int, nargs="+", default=[32768, 49152, 151936])
-    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {METHODS}")
-    parser.add_argument("--mem-limit-gib", type=float, default=14.0, help="skip naive/CCE above this")
-    parser.add_argument("--peer-max-nv", type=float, default=1.3e9, help="skip liger above this N*V (time)")
-    parser.add_argument("--cce-max-nv", type=float, default=3.2e8, help="skip cce above this N*V (compiles)")
-    parser.add_argument("--repeats", type=int, default=None, help="default: 3 for small cases, 1 for large")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per (method, case) process")
-    parser.add_argument("--out", default="logprobs", help="results/<out>.csv and .md")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.n, args.v, args.hidden = [256, 1024], [4096, 8192], 128
-        args.out = args.out if args.out != "logprobs" else "logprobs_quick"
-
-    default = [m for m in available_methods() if not (args.quick and m == "cce")]  # cce: compile minutes
-    methods = [m for m in (args.methods or default) if m in available_methods()]
-    print("correctness on (N=256, V=1000, H=64) bf16 vs the fp64 reference:")
-    for line in correctness_check(methods):
-        print("  " + line)
-
-    load_before = os.getloadavg()
-    rows, started = [], time.time()
-    for n in args.n:
-        for v in args.v:
-            est_gib = n * v * NAIVE_BYTES_PER_LOGIT[args.dtype] / 2**30
-            repeats = args.repeats or (3 if n * v <= 64 * 2**20 else 1)
-            for m in methods:  # interleaved per case, so background load hits all methods alike
-                skip = None
-                if m in MATERIALISES_LOGITS and est_gib > args.mem_limit_gib:
-                    skip = f"skipped (memory: ~{est_gib:.0f} GiB est.)"
-                elif m in ("liger", "cce") and n * v > (args.cce_max_nv if m == "cce" else args.peer_max_nv):
-                    skip = "skipped (sweep time)"
-                if skip:
-                    rows.append({"method": m, "N": n, "V": v, "H": args.hidden, "dtype": args.dtype})
-                    rows[-1]["status"] = skip
-                    print(f"  N={n} V={v} {m}: {skip}")
-                    continue
-                row = _run_case(m, n, v, args.hidden, args.dtype, repeats, args.timeout)
-                rows.append(row)
-                print(f"  N={n} V={v} {m}: {row.get('total_s', row['status'])} s, {row.get('peak_mib')} MiB")
-    _ratios(rows)
-    load_after = os.getloadavg()
-    header = (
-        f"token_logprobs benchmark: dtype={args.dtype}, H={args.hidden}, {os.cpu_count()} CPU threads, "
-        f"torch {__import__('torch').__version__}; load average before/after "
-        f"{load_before[0]:.1f}/{load_after[0]:.1f}; sweep took {time.time() - started:.0f} s.\n"
-        "peak MiB = VmHWM - RSS before the measured fwd+bwd, per fresh process (includes the returned "
-        "gradients, listed separately). Time = best of repeats."
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--impls", default="naive,ours,cce,liger", help=f"comma list from {IMPLS}")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or both (comma list)")
+    p.add_argument("--n", default="4096", help="token rows, comma list (e.g. 4096,16384)")
+    p.add_argument("--v", default="32768", help="vocabulary sizes, comma list (e.g. 32768,152064)")
+    p.add_argument("--hidden", type=int, default=256, help="H (default 256: CPU-sized; 4096 on the GPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed fwd+bwd calls per case (median)")
+    p.add_argument("--warm-n", type=int, default=1024, help="rows of the two warm-up calls (compile)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all CPUs)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per (impl, case) process")
+    p.add_argument(
+        "--mem-limit-gib", type=float, default=None, help="skip naive/CCE above (default 85%% free)"
     )
-    print_table(rows, f"token_logprobs fwd+bwd, {args.dtype}, H={args.hidden}")
-    csv_path, md_path = write_outputs(rows, header, args.out)
-    print(f"wrote {csv_path} and {md_path}")
+    p.add_argument(
+        "--max-logits", action="append", default=[], metavar="IMPL=N",
+        help="skip IMPL above N*V logits (sweep time), e.g. liger=2e8; repeatable",
+    )  # fmt: skip
+    p.add_argument("--out", default=str(RESULTS), help="output directory")
+    p.add_argument("--name", default="logprobs", help="output stem: <out>/<name>.{csv,md,json}")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, 1 repeat: seconds (tests, CI)")
+    args = p.parse_args(argv)
+    args.impls = _csv_list(args.impls)
+    bad = [i for i in args.impls if i not in IMPLS]
+    if bad:
+        p.error(f"unknown impls {bad}; choose from {IMPLS}")
+    args.dtype, args.n, args.v = _csv_list(args.dtype), _csv_list(args.n, int), _csv_list(args.v, int)
+    if any(d not in ("fp32", "bf16") for d in args.dtype):
+        p.error("--dtype takes fp32, bf16")
+    args.max_logits = {k: float(x) for k, x in (s.split("=", 1) for s in args.max_logits)}
+    args.check = (256, 2048, 64)
+    if args.dry_run:
+        args.n, args.v, args.hidden = DRY["n"], DRY["v"], DRY["hidden"]
+        args.warm_n, args.repeats, args.check = DRY["warm_n"], DRY["repeats"], DRY["check"]
+        if args.name == "logprobs":
+            args.name = "logprobs-dry-run"
+    if args.mem_limit_gib is None:
+        args.mem_limit_gib = 0.85 * _mem_available_gib()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unipost.machine import header_line, machine_state
+
+    args = parse_args(argv)
+    threads = args.threads or os.cpu_count()
+    state = machine_state()
+    state["threads"] = threads
+    started = time.time()
+    torch_version = __import__("torch").__version__
+    header = [
+        f"token_logprobs fwd+bwd side by side, each (impl, case) in a fresh process; device={args.device}, "
+        f"H={args.hidden}, torch {torch_version}, {args.repeats} timed repeats (median), warm-up at "
+        f"N={args.warm_n}; started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}",
+        f"machine at start: {header_line(state)}",
+    ]
+    print(header[0] + "\n" + header[1], flush=True)
+    rows = []
+    for dtype in args.dtype:
+        for n in args.n:
+            for v in args.v:
+                for impl in args.impls:  # interleaved per case, so drifting load hits all impls alike
+                    base = {"impl": impl, "device": args.device, "dtype": dtype, "N": n, "V": v}
+                    base["H"] = args.hidden
+                    reason = _skip_reason(impl, n, v, dtype, args.device, args)
+                    if reason:
+                        row = {**base, "status": reason}
+                    else:
+                        spec = {**base, "n": n, "v": v, "hidden": args.hidden, "repeats": args.repeats}
+                        spec.update(warm_n=args.warm_n, threads=threads, check=list(args.check))
+                        row = {**base, **run_case(spec, args.timeout)}
+                    if dtype == "bf16" and args.device == "cpu":
+                        row["time_note"] = "bf16 time is a GPU target, not a CPU one (slow bf16 GEMMs here)"
+                    rows.append(row)
+                    shown = (
+                        f"{row['total_s']:.2f} s, extra {row['extra_mib']:.0f} MiB"
+                        if "total_s" in row
+                        else ""
+                    )
+                    print(f"  {dtype} N={n} V={v} {impl}: {row['status']} {shown}", flush=True)
+    _ratios(rows)
+    end = machine_state()
+    header.append(
+        f"machine at end: load average {end['load1']}/{end['load5']}/{end['load15']}; sweep took "
+        f"{time.time() - started:.0f} s. peak = VmHWM - RSS before the timed calls (CPU) or "
+        "max_memory_allocated beyond the inputs (CUDA); extra = peak - returned gradients."
+    )
+    paths = write_outputs(rows, header, Path(args.out), args.name)
+    print(Path(paths[1]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _, _, method, n, v, h, dtype, repeats = sys.argv
-        print(json.dumps(worker(method, int(n), int(v), int(h), dtype, int(repeats))))
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
     else:
-        main()
+        sys.exit(main())

@@ -34,6 +34,8 @@ import math
 import torch
 from torch import Tensor
 
+from unipost.kernels.logprob_tiles import tile_ops
+
 __all__ = ["BACKENDS", "select_logprobs_backend", "token_logprobs"]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -60,6 +62,7 @@ def token_logprobs(
     return_entropy: bool = False,
     vocab_chunk_size: int | None = None,
     backend: str = "auto",
+    compile: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token ``log_softmax((hidden @ weight.T + bias) / T)[target]``, never building ``[N, V]`` logits.
 
@@ -82,6 +85,12 @@ def token_logprobs(
             ``vocab_chunk_size`` tile the torch kernel only; the Triton kernel has its own compile-time
             blocks (``unipost.kernels.triton.DEFAULT_BLOCKS``). ``"triton"`` on CPU needs
             ``TRITON_INTERPRET=1`` (Triton's interpreter, for testing) and says so otherwise.
+        compile: torch backend only. ``None`` (auto): on CPU, problems of at least 16M logits (N * V)
+            run the tile bodies compiled by ``torch.compile`` (fused elementwise passes; compiled once
+            per dtype/flags class, not per shape: see :mod:`unipost.kernels.logprob_tiles`), smaller
+            ones and fp64 eager; ``UNIPOST_LOGPROBS_COMPILE=0``/``1`` overrides the auto choice.
+            ``True`` / ``False`` force it. Same arithmetic either way; a failed compile falls back to
+            eager with a warning.
 
     Per-token weights (advantages, DAgger / AggreVaTe weights) are not an argument: they are the
     upstream gradient of ``logp`` (``(w_N * logp_N).sum().backward()``), which both backends apply per
@@ -113,9 +122,11 @@ def token_logprobs(
         )  # fmt: skip
     n, v = hidden.shape[0], weight.shape[0]
     rows, cols = _plan_tiles(n, v, chunk_size, vocab_chunk_size)
+    ops = tile_ops(hidden.device, hidden.dtype, n * v, compile)
     logp_N, entropy_N = _TokenLogprobs.apply(
-        hidden, weight, bias, targets, int(ignore_index), rows, cols, 1.0 / float(temperature), return_entropy
-    )
+        hidden, weight, bias, targets, int(ignore_index), rows, cols, 1.0 / float(temperature),
+        return_entropy, ops,
+    )  # fmt: skip
     return (logp_N, entropy_N) if return_entropy else logp_N
 
 
@@ -225,30 +236,22 @@ def _raw_logits(h_c: Tensor, w_t: Tensor, b_t: Tensor | None) -> Tensor:
     return torch.addmm(b_t, h_c, w_t.T) if b_t is not None else h_c @ w_t.T  # (C, Cv)
 
 
-def _shifted(raw: Tensor, shift_C: Tensor, inv_temp: float) -> Tensor:
-    """``raw * inv_temp - shift`` in the compute dtype, in one pass.
-
-    For low-precision ``raw`` the upcast, the temperature and the shift happen in a single ``add`` (type
-    promotion writes fp32); for fp32/fp64 it reuses ``raw``'s storage instead of allocating a tile.
-    """
-    if raw.dtype == shift_C.dtype:
-        if inv_temp != 1.0:
-            raw = raw.mul_(inv_temp)
-        return raw.sub_(shift_C[:, None])
-    return torch.add(-shift_C[:, None], raw, alpha=inv_temp)
-
-
 class _TokenLogprobs(torch.autograd.Function):
-    """Tiled forward (online log-sum-exp) and backward (recomputed tiles); see the module docstring."""
+    """Tiled forward (online log-sum-exp) and backward (recomputed tiles); see the module docstring.
+
+    The elementwise work on each tile is done by ``ops`` (:mod:`unipost.kernels.logprob_tiles`: eager, or
+    the same bodies compiled once per shape class); the GEMMs and the loops are here.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, rows, cols, inv_temp, want_entropy):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, rows, cols, inv_temp, want_entropy, ops):
         n, v = hidden.shape[0], weight.shape[0]
         cdtype = _compute_dtype(hidden.dtype)
         valid_N = targets != ignore_index
         lse_N = hidden.new_empty(n, dtype=cdtype)
         target_logit_N = hidden.new_zeros(n, dtype=cdtype)
         entropy_N = hidden.new_zeros(n, dtype=cdtype) if want_entropy else None
+        temp = ops.inv_temp(inv_temp, hidden)
 
         with torch.no_grad():
             for r0 in range(0, n, rows):
@@ -259,28 +262,16 @@ class _TokenLogprobs(torch.autograd.Function):
                     v1 = min(v, v0 + cols)
                     b_t = bias[v0:v1] if bias is not None else None
                     raw = _raw_logits(h_c, weight[v0:v1], b_t)  # (C, Cv) input dtype
-                    # The target's logit, for the rows whose target falls in this tile.
+                    # The target's logit, read from the same (rounded) tile the log-sum-exp is taken
+                    # over, so logp <= 0 holds in every dtype.
                     in_tile = (tgt_c >= v0) & (tgt_c < v1)
                     local = (tgt_c - v0).clamp(0, v1 - v0 - 1).long()
                     z_tgt = raw.gather(1, local[:, None]).squeeze(1).to(cdtype) * inv_temp
                     target_logit_N[r0:r1] = torch.where(in_tile, z_tgt, target_logit_N[r0:r1])
-                    # Tile log-sum-exp with the max taken on the (cheaper) input-dtype tile; T > 0 keeps
-                    # the argmax, so max(z) = max(raw) / T.
-                    m_t = raw.amax(dim=1).to(cdtype) * inv_temp
-                    y = _shifted(raw, m_t, inv_temp)  # (C, Cv) z - m_t
-                    if want_entropy:
-                        e = torch.exp(y)
-                        s_t = e.sum(dim=1)
-                        # Entropy of the tile's softmax q = e / s_t: -sum q log q = log s_t - <e, y> / s_t.
-                        # Centring on the tile max keeps it well conditioned (no lse - E[z] cancellation).
-                        ent_t = torch.log(s_t) - torch.linalg.vecdot(e, y, dim=1) / s_t
-                        del e
-                    else:
-                        s_t = y.exp_().sum(dim=1)
-                    del y, raw
-                    lse_t = m_t + torch.log(s_t)
+                    lse_t, ent_t = ops.fwd(raw, temp, want_entropy)
+                    del raw
                     if lse_c is None:
-                        lse_c, ent_c = lse_t, (ent_t if want_entropy else None)
+                        lse_c, ent_c = lse_t, ent_t
                         continue
                     lse_new = torch.logaddexp(lse_c, lse_t)
                     if want_entropy:
@@ -300,7 +291,7 @@ class _TokenLogprobs(torch.autograd.Function):
             entropy_out_N = hidden.new_zeros(0, dtype=cdtype)
             ctx.mark_non_differentiable(entropy_out_N)
         ctx.save_for_backward(hidden, weight, bias, targets, lse_N, entropy_N)
-        ctx.meta = (ignore_index, rows, cols, inv_temp, want_entropy)
+        ctx.meta = (ignore_index, rows, cols, inv_temp, want_entropy, ops)
         ctx.set_materialize_grads(False)
         return logp_N, entropy_out_N
 
@@ -308,33 +299,38 @@ class _TokenLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp_N, grad_entropy_N):
         hidden, weight, bias, targets, lse_N, entropy_N = ctx.saved_tensors
-        ignore_index, rows, cols, inv_temp, want_entropy = ctx.meta
+        ignore_index, rows, cols, inv_temp, want_entropy, ops = ctx.meta
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         use_entropy = want_entropy and grad_entropy_N is not None
+        nones = (None,) * 10
         if (grad_logp_N is None and not use_entropy) or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None, None, None, None
+            return nones
 
         n, v = hidden.shape[0], weight.shape[0]
         dtype, cdtype = hidden.dtype, _compute_dtype(hidden.dtype)
         valid_N = targets != ignore_index
+        safe_N = torch.where(valid_N, targets, torch.zeros_like(targets)).long()
         zero_N = torch.zeros_like(lse_N)
         # Per-row coefficients of dL/dz, with 1/T folded in (dz/dlogits = 1/T) and masked rows zeroed:
         #   dL/dz_j = gl * (onehot_j - p_j) - ge * p_j * (z_j - E_p[z])
-        #           = p_j * (-ge * (z_j - lse) + c) + gl * onehot_j,   c = -ge * H - gl
-        # since E_p[z] - lse = -H.
+        #           = p_j * (c - ge * log p_j) + gl * onehot_j,   c = -ge * H - gl
+        # since E_p[z] - lse = -H. The tiles compute the p_j part; the one-hot part (one column per row)
+        # is added to the gradients directly, in the accumulation dtype, below.
         gl_N = zero_N
         if grad_logp_N is not None:
             gl_N = torch.where(valid_N, grad_logp_N.to(cdtype) * inv_temp, zero_N)
+        ge_N = None
         if use_entropy:
             ge_N = torch.where(valid_N, grad_entropy_N.to(cdtype) * inv_temp, zero_N)
             c_N = -ge_N * entropy_N - gl_N
         else:
             c_N = -gl_N
+        temp = ops.inv_temp(inv_temp, hidden)
 
-        # Outputs in the input dtype accumulate in place; for bf16/fp16 the side that accumulates across
-        # the outer loop gets an fp32 buffer. The outer loop runs over the longer axis so that buffer is
-        # the smaller of [N, H] and [V, H].
+        # Outputs in the input dtype accumulate in place. For bf16/fp16 the side that accumulates across
+        # the outer loop gets an fp32 buffer, the other side an fp32 tile-local one. The outer loop runs
+        # over the longer axis so that the full buffer is the smaller of [N, H] and [V, H].
         direct = dtype == cdtype
         rows_outer = n >= v
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -344,57 +340,73 @@ class _TokenLogprobs(torch.autograd.Function):
             acc_h = torch.zeros(hidden.shape, dtype=cdtype, device=hidden.device)
         if need_w and not direct and rows_outer:
             acc_w = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)
+        full_h = grad_h if direct else acc_h  # where grad_h accumulates across the outer loop (or None)
+        full_w = grad_w if direct else acc_w
         grad_b = torch.zeros(v, dtype=cdtype, device=weight.device) if need_b else None
+        if need_b:
+            grad_b.index_add_(0, safe_N, gl_N)
+
+        def onehot_h(buf: Tensor, r0: int, r1: int) -> None:
+            """buf [r1 - r0, H] += gl_r * W[y_r]: the one-hot part of the hidden gradient."""
+            buf.addcmul_(gl_N[r0:r1, None].to(buf.dtype), weight[safe_N[r0:r1]].to(buf.dtype))
+
+        def onehot_w(buf: Tensor, v0: int, v1: int, r0: int, r1: int) -> None:
+            """buf [v1 - v0, H] rows y += gl * h for rows r0:r1 whose target is in [v0, v1)."""
+            y = safe_N[r0:r1]
+            sel = ((y >= v0) & (y < v1) & valid_N[r0:r1]).nonzero().squeeze(1)
+            if sel.numel():
+                contrib = hidden[r0:r1][sel].to(buf.dtype) * gl_N[r0:r1][sel, None].to(buf.dtype)
+                buf.index_add_(0, y[sel] - v0, contrib)
+
+        # One-hot parts landing in the full-size buffers: once, by row chunks.
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            if full_h is not None:
+                onehot_h(full_h[r0:r1], r0, r1)
+            if full_w is not None:
+                onehot_w(full_w, 0, v, r0, r1)
 
         row_starts, col_starts = range(0, n, rows), range(0, v, cols)
         outer, inner = (row_starts, col_starts) if rows_outer else (col_starts, row_starts)
         for o0 in outer:
             # Tile-local fp32 accumulator for the outer side's gradient (low precision only).
             local = None
+            if not direct and (need_h if rows_outer else need_w):
+                o1 = min(n if rows_outer else v, o0 + (rows if rows_outer else cols))
+                local = torch.zeros(o1 - o0, hidden.shape[1], dtype=cdtype, device=hidden.device)
+                if rows_outer:
+                    onehot_h(local, o0, o1)
+                else:
+                    onehot_w(local, o0, o1, 0, n)
             for i0 in inner:
                 r0, v0 = (o0, i0) if rows_outer else (i0, o0)
                 r1, v1 = min(n, r0 + rows), min(v, v0 + cols)
                 h_c, w_t = hidden[r0:r1], weight[v0:v1]
                 b_t = bias[v0:v1] if bias is not None else None
-                g = _shifted(_raw_logits(h_c, w_t, b_t), lse_N[r0:r1], inv_temp)  # (C, Cv) log p
-                if use_entropy:
-                    p = torch.exp(g)
-                    g = p.mul_(g.mul_(-ge_N[r0:r1, None]).add_(c_N[r0:r1, None]))
-                    del p
-                else:
-                    g = g.exp_().mul_(c_N[r0:r1, None])
-                tgt_c = targets[r0:r1]
-                in_tile = (tgt_c >= v0) & (tgt_c < v1)
-                col = (tgt_c - v0).clamp(0, v1 - v0 - 1).long()
-                g.scatter_add_(1, col[:, None], torch.where(in_tile, gl_N[r0:r1], zero_N[r0:r1])[:, None])
+                ge_c = ge_N[r0:r1] if ge_N is not None else None
+                g, colsum = ops.bwd(_raw_logits(h_c, w_t, b_t), lse_N[r0:r1], c_N[r0:r1], ge_c, temp, need_b)
                 if need_b:
-                    grad_b[v0:v1] += g.sum(0)
-                g_lp = g if direct else g.to(dtype)
+                    grad_b[v0:v1] += colsum
                 if need_h:
                     if direct:
-                        grad_h[r0:r1].addmm_(g_lp, w_t)
-                    elif rows_outer:
-                        part = g_lp @ w_t
-                        local = part.to(cdtype) if local is None else local.add_(part)
-                    else:
-                        acc_h[r0:r1].add_(g_lp @ w_t)
+                        grad_h[r0:r1].addmm_(g, w_t)
+                    else:  # the low-precision product, accumulated in fp32
+                        (local if rows_outer else acc_h[r0:r1]).add_(g @ w_t)
                 if need_w:
                     if direct:
-                        grad_w[v0:v1].addmm_(g_lp.T, h_c)
-                    elif rows_outer:
-                        acc_w[v0:v1].add_(g_lp.T @ h_c)
+                        grad_w[v0:v1].addmm_(g.T, h_c)
                     else:
-                        part = g_lp.T @ h_c
-                        local = part.to(cdtype) if local is None else local.add_(part)
+                        (acc_w[v0:v1] if rows_outer else local).add_(g.T @ h_c)
+                del g
             if local is not None:
                 if rows_outer:
-                    grad_h[o0 : min(n, o0 + rows)] = local
+                    grad_h[o0 : o0 + local.shape[0]] = local
                 else:
-                    grad_w[o0 : min(v, o0 + cols)] = local
+                    grad_w[o0 : o0 + local.shape[0]] = local
         if not direct:
-            if need_h and not rows_outer:
+            if acc_h is not None:
                 grad_h.copy_(acc_h)
-            if need_w and rows_outer:
+            if acc_w is not None:
                 grad_w.copy_(acc_w)
         grad_bias = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_bias, None, None, None, None, None, None
+        return grad_h, grad_w, grad_bias, None, None, None, None, None, None, None

@@ -1,0 +1,233 @@
+"""The per-tile bodies of the torch ``token_logprobs`` kernel, eager or compiled once per shape class.
+
+Why a separate module: the tile loops in :mod:`unipost.kernels.logprobs` spend their time in two kinds of
+work per ``[C, Cv]`` tile of logits: the GEMMs (extern BLAS calls either way) and a handful of elementwise
+passes around them (upcast, temperature, shift, exp, row sums; in the backward the softmax gradient and
+the cast back to the GEMM dtype). Eager PyTorch runs each of those as its own pass over the tile, with a
+temporary per pass; ``torch.compile`` (inductor's C++ backend on CPU) fuses them into one or two loops
+that read the GEMM output once and write at most one tile. That is the whole difference between the
+eager and compiled modes: the same functions, the same arithmetic, the same GEMMs.
+
+Compilation is once per *shape class*, not per micro-batch: the tile functions are compiled with
+``dynamic=True``, so the tile's row and column counts (which change with N and V, and at the edges) are
+symbols, and the temperature is a 0-d tensor input rather than a constant. What still selects a separate
+graph: the dtype (fp32 / bf16 / fp16), whether the entropy is wanted, whether a bias gradient is wanted.
+That is at most a handful of compiles per process, each cached on disk by inductor (a second process
+with a warm cache loads them in seconds). :func:`compile_stats` counts them.
+
+When compiled mode is unavailable (no C++ compiler, an unsupported platform, a compile error) the first
+failure is reported once as a warning and the eager bodies are used from then on: compiled mode is a
+speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["TileOps", "compile_stats", "compiled_available", "tile_ops"]
+
+# Auto mode compiles only problems at least this large (N * V logits): below it a compile (seconds, or
+# tens of seconds on a cold cache) costs more than it can save, and small shapes (tests, tiny models)
+# keep the plain eager path. Override with UNIPOST_LOGPROBS_COMPILE=0 / 1.
+AUTO_COMPILE_MIN_LOGITS = 1 << 24
+
+
+# ----------------------------------------------------------------------------- tile bodies (plain torch)
+
+
+def fwd_tile(raw: Tensor, inv_temp: Tensor | float, want_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """One tile's log-sum-exp (and entropy of its softmax) from the GEMM output ``raw`` [C, Cv].
+
+    ``z = raw * inv_temp`` in the compute dtype; returns ``lse_t`` [C] and, if wanted, the entropy of
+    ``softmax(z)`` restricted to this tile, ``log s - <e, z - m> / s`` with ``e = exp(z - m)``, centred on
+    the tile max so it is well conditioned. The caller merges tiles online.
+    """
+    cdtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    z = raw.to(cdtype) * inv_temp
+    m = z.amax(dim=1)
+    y = z - m[:, None]
+    e = torch.exp(y)
+    s = e.sum(dim=1)
+    log_s = torch.log(s)
+    ent = log_s - (e * y).sum(dim=1) / s if want_entropy else None
+    return m + log_s, ent
+
+
+def bwd_tile(
+    raw: Tensor,
+    lse: Tensor,
+    coef: Tensor,
+    ge: Tensor | None,
+    inv_temp: Tensor | float,
+    want_colsum: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The softmax part of ``dL/dz`` for one tile, in the GEMM dtype, from the recomputed ``raw``.
+
+    ``g = p * (coef - ge * log p)`` with ``log p = z - lse`` (``ge`` None: ``g = p * coef``); the caller
+    adds the one-hot part ``gl`` at each row's target outside the tile. Returns ``g`` cast to
+    ``raw.dtype`` (what the two gradient GEMMs consume) and, if wanted, its column sums in the compute
+    dtype (the bias gradient), taken before that cast.
+    """
+    cdtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    logp = raw.to(cdtype) * inv_temp - lse[:, None]
+    p = torch.exp(logp)
+    g = p * (coef[:, None] - ge[:, None] * logp) if ge is not None else p * coef[:, None]
+    colsum = g.sum(dim=0) if want_colsum else None
+    return g.to(raw.dtype), colsum
+
+
+def _fwd_tile_eager(raw: Tensor, inv_temp: float, want_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """:func:`fwd_tile` with in-place passes (eager runs each op as a pass: fewer temporaries)."""
+    cdtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    m = raw.amax(dim=1).to(cdtype) * inv_temp  # T > 0 keeps the argmax: max(z) = max(raw) / T
+    if raw.dtype == cdtype:
+        y = raw.mul_(inv_temp) if inv_temp != 1.0 else raw
+        y = y.sub_(m[:, None])
+    else:  # upcast, temperature and shift in one pass
+        y = torch.add(-m[:, None], raw, alpha=inv_temp)
+    if want_entropy:
+        e = torch.exp(y)
+        s = e.sum(dim=1)
+        log_s = torch.log(s)
+        return m + log_s, log_s - torch.linalg.vecdot(e, y, dim=1) / s
+    s = y.exp_().sum(dim=1)
+    return m + torch.log(s), None
+
+
+def _bwd_tile_eager(raw, lse, coef, ge, inv_temp, want_colsum):
+    """:func:`bwd_tile` with in-place passes."""
+    cdtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    if raw.dtype == cdtype:
+        g = raw.mul_(inv_temp) if inv_temp != 1.0 else raw
+        g = g.sub_(lse[:, None])
+    else:
+        g = torch.add(-lse[:, None], raw, alpha=inv_temp)
+    if ge is not None:
+        p = torch.exp(g)
+        g = p.mul_(g.mul_(-ge[:, None]).add_(coef[:, None]))
+    else:
+        g = g.exp_().mul_(coef[:, None])
+    colsum = g.sum(dim=0) if want_colsum else None
+    return (g if g.dtype == raw.dtype else g.to(raw.dtype)), colsum
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+class TileOps:
+    """The two tile functions of one mode; ``inv_temp(x)`` makes the temperature argument they take."""
+
+    def __init__(self, name: str, fwd: Callable, bwd: Callable, tensor_temp: bool) -> None:
+        self.name, self.fwd, self.bwd, self._tensor_temp = name, fwd, bwd, tensor_temp
+
+    def inv_temp(self, value: float, like: Tensor) -> Tensor | float:
+        if not self._tensor_temp:
+            return value
+        cdtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return torch.tensor(value, dtype=cdtype, device=like.device)
+
+
+EAGER = TileOps("eager", _fwd_tile_eager, _bwd_tile_eager, tensor_temp=False)
+
+_lock = threading.Lock()
+_compiled: TileOps | None = None
+_broken: str | None = None  # why compiled mode failed, once it has
+_stats = {"compiled_calls_first": 0, "compile_seconds": 0.0}
+
+
+def _make_compiled() -> TileOps:
+    return TileOps("compiled", _Compiled(fwd_tile), _Compiled(bwd_tile), tensor_temp=True)
+
+
+class _Compiled:
+    """``fn`` compiled once per signature (dtypes and flags; sizes are dynamic), eager after a failure.
+
+    One ``torch.compile`` object per signature keeps each class's recompile budget to itself (sizes 0
+    and 1 still specialise, once each), and times the first call of each: the one-off cost, reported
+    apart from steady-state time by :func:`compile_stats`.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.by_key: dict[tuple, Callable] = {}
+
+    def __call__(self, *args):
+        global _broken
+        if _broken is not None:
+            return self.fn(*args)
+        key = tuple((a.dtype, a.dim() == 0) if isinstance(a, Tensor) else a for a in args)
+        compiled = self.by_key.get(key)
+        first = compiled is None
+        if first:
+            compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        t0 = time.perf_counter()
+        try:
+            out = compiled(*args)
+        except Exception as exc:  # no compiler, unsupported platform: keep working, say so once
+            _broken = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            warnings.warn(
+                f"unipost token_logprobs: compiling the tile bodies failed ({_broken}); using the eager "
+                "tiles (same results, slower). Set UNIPOST_LOGPROBS_COMPILE=0 to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return self.fn(*args)
+        if first:
+            self.by_key[key] = compiled
+            _stats["compiled_calls_first"] += 1
+            _stats["compile_seconds"] += time.perf_counter() - t0
+        return out
+
+
+def compiled_available() -> bool:
+    """False once a compile has failed in this process (then every call uses the eager tiles)."""
+    return _broken is None
+
+
+def compile_stats() -> dict:
+    """Compiled graphs built (first calls per dtype/flags signature) and the seconds they took here.
+
+    The seconds include dynamo tracing and inductor's C++ build (or its on-disk cache hit) and the
+    first run of each graph: the one-off cost, reported apart from steady-state time.
+    """
+    frames = None
+    try:
+        from torch._dynamo.utils import counters
+
+        frames = int(counters["stats"]["unique_graphs"])
+    except Exception:  # private counters: informative only
+        pass
+    return {
+        "graphs": _stats["compiled_calls_first"],
+        "compile_s": round(_stats["compile_seconds"], 2),
+        "dynamo_unique_graphs": frames,
+        "broken": _broken,
+    }
+
+
+def tile_ops(device: torch.device, dtype: torch.dtype, logits: int, compile: bool | None) -> TileOps:
+    """Eager or compiled tile bodies for one call.
+
+    ``compile=None`` (auto): compiled on CPU for fp32/bf16/fp16 problems of at least
+    ``AUTO_COMPILE_MIN_LOGITS`` logits (N * V), unless ``UNIPOST_LOGPROBS_COMPILE=0``
+    (``=1`` compiles whatever the size). fp64 (gradcheck) and non-CPU devices stay eager in auto mode;
+    ``compile=True`` forces compiled mode anywhere torch.compile runs.
+    """
+    global _compiled
+    if compile is None:
+        env = os.environ.get("UNIPOST_LOGPROBS_COMPILE", "").strip()
+        want = env == "1" if env in ("0", "1") else logits >= AUTO_COMPILE_MIN_LOGITS
+        compile = want and torch.device(device).type == "cpu" and dtype != torch.float64
+    if not compile or _broken is not None:
+        return EAGER
+    with _lock:
+        if _compiled is None:
+            _compiled = _make_compiled()
+    return _compiled
