@@ -50,7 +50,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 480.0
-RESERVE_S = 5.0  # kept back from the budget for writing the results
+RESERVE_S = 5.0
+DRY_RUN_TIMEOUT_FACTOR = 3  # kept back from the budget for writing the results
 BENCH_IMPLS = ("naive", "ours-triton", "liger", "cce")
 # The GPU shape of issue 14: Qwen3's vocabulary, a 4096-wide hidden state, 16k tokens, bf16.
 BENCH_SHAPE = {"n": 16384, "hidden": 4096, "v": 152064, "dtype": "bf16"}
@@ -362,13 +363,17 @@ def _num(row: dict, *keys: str) -> float | None:
     return None
 
 
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def markdown(report: dict, results: list[StepResult]) -> str:
     env = report.get("env", {})
     versions = env.get("versions", {})
     vtext = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
     lines = [
         f"GPU check ({report['mode']}), {report['started_utc']}: {env.get('device', 'device unknown')}"
-        f" ({env.get('nvidia_smi', '')}); CUDA {env.get('torch_cuda')}; {vtext}.",
+        f" (nvidia-smi: {env.get('nvidia_smi', '-')}); CUDA {env.get('torch_cuda')}; {vtext}.",
         f"Wall {report.get('wall_s', 0):.0f} s of a {report['budget_s']:.0f} s budget.",
         "",
         "| step | what | status | seconds |",
@@ -383,8 +388,9 @@ def markdown(report: dict, results: list[StepResult]) -> str:
         )
         lines += [
             "",
-            "| impl | device | N | H | V | dtype | status | fwd+bwd s (median) | extra MiB | time / naive |",
-            "|---|---|---:|---:|---:|---|---|---:|---:|---:|",
+            "| impl | device | N | H | V | dtype | status | fwd+bwd s (median) | extra MiB | time / naive "
+            "| max err logp |",
+            "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
         ]
         for r in rows:
             total = _num(r, "total_s", "total_median_s")
@@ -394,7 +400,7 @@ def markdown(report: dict, results: list[StepResult]) -> str:
                 f"| {_row_impl(r)} | {r.get('device', '')} | {r.get('N', r.get('n', ''))} | "
                 f"{r.get('H', r.get('hidden', ''))} | {r.get('V', r.get('v', ''))} | {r.get('dtype', '')} | "
                 f"{r.get('status', '')} | {'-' if total is None else f'{total:.4f}'} | "
-                f"{'-' if mem is None else f'{mem:.0f}'} | {ratio} |"
+                f"{'-' if mem is None else f'{mem:.0f}'} | {ratio} | {_fmt(_num(r, 'err_logp'), '.1e')} |"
             )
     failures = [f"- {r.name}: {f}" for r in results for f in r.failures]
     if failures:
@@ -420,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default=None, help="comma list of step names or prefixes (e.g. triton,bench)"
     )
     parser.add_argument("--python", default=sys.executable, help="the interpreter the steps run with")
+    parser.add_argument("--plan", action="store_true", help="print the steps and their commands; run nothing")
     args = parser.parse_args(argv)
     out = Path(args.out or os.environ.get("OUT") or ROOT / "outputs" / "gpu-check").resolve()
     started, t0 = _now(), time.monotonic()
@@ -430,6 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         steps = [s for s in steps if s.name in ("wheels", "env") or any(s.name.startswith(w) for w in wanted)]
+    if args.dry_run:  # a loaded CPU machine is slow; the dry run checks logic, not speed
+        for step in steps:
+            step.timeout_s *= DRY_RUN_TIMEOUT_FACTOR
+    if args.plan:
+        for step in steps:
+            print(f"{step.name} (timeout {step.timeout_s:.0f} s{', needs CUDA' if step.needs_cuda else ''}): "
+                  f"{step.skip or shlex.join(step.argv)[:200]}".replace("\n", " "))  # fmt: skip
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     # compiled kernels, never Triton's CPU interpreter
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
