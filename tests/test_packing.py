@@ -224,7 +224,7 @@ def test_pack_equals_separate_cuda_flex(tokenizer, kind):
     """On CUDA, ``attention="auto"`` runs a pack through FlexAttention's BlockMask (fwd + bwd): log-probs
     and every gradient equal separate SDPA forward passes (fp32, same tolerances as on CPU)."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    from unipost.kernels.attention import select_attention
+    from unipost.kernels.attention import select_attention, set_attention
     from unipost.models import build_tiny_qwen3
 
     model = build_tiny_qwen3(len(tokenizer), seed=11).cuda()
@@ -242,7 +242,7 @@ def test_pack_equals_separate_cuda_flex(tokenizer, kind):
     assert batch.has_branches == (kind == "tree")
     if kind == "varlen":  # flash-attn, when installed, takes branch-free packs; this test is about flex
         assert select_attention(model, batch, flash_available=False) == "flex_attention"
-        model.set_attn_implementation("flex_attention")
+        set_attention(model, "flex_attention")
         check_equal_to_separate(model, sequences, attention="model", separate_attention="sdpa")
     else:
         assert select_attention(model, batch) == "flex_attention"
