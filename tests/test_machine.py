@@ -39,19 +39,20 @@ def test_a_process_we_do_not_wait_for_counts_as_someone_elses_load():
 BUSY_FLOOR = 0.3  # the spinner alone is ~0.8 cores over the block; 0.3 leaves room for a loaded machine
 
 
-def _fake_clock(monkeypatch, *, machine: list[float], own: list[float], load1: float = 0.1):
-    """Replay /proc/stat busy seconds and our own CPU seconds (enter, exit) and a fixed load."""
-    machine_it, own_it = iter(machine), iter(own)
+def _fake_clock(monkeypatch, *, machine: list[float], own: list[float], wall: float, load1: float = 0.1):
+    """Replay /proc/stat busy seconds, our own CPU seconds and the wall clock (enter, exit); fixed load."""
+    machine_it, own_it, wall_it = iter(machine), iter(own), iter([1000.0, 1000.0 + wall])
     monkeypatch.setattr(m, "_busy_seconds", lambda: next(machine_it))
     monkeypatch.setattr(m, "_own_seconds", lambda: next(own_it))
+    monkeypatch.setattr(m.time, "perf_counter", lambda: next(wall_it))
     monkeypatch.setattr(m.os, "getloadavg", lambda: (load1, load1, load1))
 
 
 def test_our_own_earlier_rows_in_the_load_average_do_not_mark_the_next_row_busy(monkeypatch):
     """Row 2 of a benchmark starts with load ~2 from row 1 (ours); others used nothing: not busy."""
-    _fake_clock(monkeypatch, machine=[100.0, 101.6], own=[50.0, 51.6], load1=2.0)
+    _fake_clock(monkeypatch, machine=[100.0, 101.6], own=[50.0, 51.6], wall=0.8, load1=2.0)
     with QuietMonitor() as quiet:
-        time.sleep(m.MIN_WINDOW_S + 0.05)
+        pass
     rec = quiet.record()
     assert rec["others_cores"] == 0.0
     assert rec["load1_before"] == 2.0
@@ -61,7 +62,7 @@ def test_our_own_earlier_rows_in_the_load_average_do_not_mark_the_next_row_busy(
 
 def test_a_block_shorter_than_the_tick_resolution_is_not_called_busy_from_one_tick(monkeypatch):
     """A 1 ms block that sees one 10 ms /proc/stat tick is not '10 cores of others': not measured."""
-    _fake_clock(monkeypatch, machine=[100.0, 100.01], own=[50.0, 50.0])
+    _fake_clock(monkeypatch, machine=[100.0, 100.01], own=[50.0, 50.0], wall=0.001)
     with QuietMonitor() as quiet:
         pass
     assert quiet.wall_s < m.MIN_WINDOW_S
@@ -70,7 +71,7 @@ def test_a_block_shorter_than_the_tick_resolution_is_not_called_busy_from_one_ti
 
 
 def test_without_a_measure_of_others_the_load_before_decides(monkeypatch):
-    _fake_clock(monkeypatch, machine=[100.0, 100.0], own=[50.0, 50.0], load1=3.0)
+    _fake_clock(monkeypatch, machine=[100.0, 100.0], own=[50.0, 50.0], wall=0.001, load1=3.0)
     with QuietMonitor() as quiet:
         pass
     assert quiet.record()["others_cores"] is None and quiet.busy
@@ -93,12 +94,11 @@ def test_no_load_average_is_unknown_not_busy(monkeypatch):
 
 
 def test_others_over_the_threshold_mark_the_row_and_warn(monkeypatch, capsys):
-    wall = m.MIN_WINDOW_S + 0.05
-    _fake_clock(monkeypatch, machine=[100.0, 100.0 + 2 * wall], own=[50.0, 50.0 + wall])
+    _fake_clock(monkeypatch, machine=[100.0, 102.0], own=[50.0, 51.0], wall=1.0)
     with QuietMonitor() as quiet:
-        time.sleep(wall)
+        pass
     rec = quiet.record()
-    assert 0.5 < rec["others_cores"] <= 1.0  # we used one core, the machine two
+    assert rec["others_cores"] == 1.0  # we used one core, the machine two
     assert rec["busy"] and quiet.warn_if_busy("row 1")
     assert "row 1 taken on a busy machine" in capsys.readouterr().err
 
