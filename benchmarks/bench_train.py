@@ -28,8 +28,21 @@ interleaved with the others so a change in machine load hits all of them alike; 
 reported with the load average and torch thread count. These CPU machines are shared: compare ratios
 within one run.
 
+The whole training step (``--step``): the lab's student (the shipped 192 x 4 Qwen3 warm start,
+``unipost/assets/tiny-lab/student``, what ``unipost.train.lab.tiny_config`` trains) on an iteration
+shaped like the lab's DAgger iteration (16 trajectories of ~1k tokens, the embedded environment's real
+system prompt tokens shared by all, a synthetic ~100-token issue each, turns of a ~60-token action and
+a ~150-token observation, beta 0.5: student turns carry the teacher's label as a branch), micro-batches
+of 4096 tokens (the lab's ``micro_batch_tokens``), AdamW. One step = packing (``first_fit`` +
+``pack``/``pack_shared``), per micro-batch the backbone forward (embeddings, decoder layers with their
+attention), the fused head's forward and backward (``token_logprobs``), the backbone backward, then the
+optimiser step. Each part is timed on its own (the head's backward is split from the backbone's by
+detaching the hidden states), for one tree per trajectory and for the cross-trajectory tree. Rows
+record load, threads, others' CPU use and a busy mark (``unipost.machine``).
+
     python benchmarks/bench_train.py            # the recorded configuration (tiny + wide student)
     python benchmarks/bench_train.py --quick    # a smoke run (seconds)
+    python benchmarks/bench_train.py --step     # the lab's whole training step, parts and shares
 """
 
 from __future__ import annotations
@@ -49,7 +62,16 @@ from rich.table import Table
 
 from unipost.kernels import Label, PackSequence, pack, packed_logprobs, weighted_nll
 from unipost.kernels.attention import attention_implementation, set_attention
-from unipost.kernels.packing import per_transition, split_sequences
+from unipost.kernels.packing import first_fit, pack_shared, per_transition, split_sequences
+from unipost.machine import (
+    HYGIENE_HEADERS,
+    QuietMonitor,
+    combine_records,
+    header_line,
+    hygiene_cells,
+    hygiene_note,
+    machine_state,
+)
 from unipost.models import build_tiny_qwen3
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -168,6 +190,165 @@ def run_size(name: str, args, workload: str) -> list[dict]:
     return rows
 
 
+LAB_STUDENT = Path(__file__).resolve().parents[1] / "unipost" / "assets" / "tiny-lab" / "student"
+STEP_PARTS = ("pack", "backbone fwd", "head fwd", "head bwd", "backbone bwd", "optimiser")
+
+
+def lab_iteration(rng: random.Random, vocab: int, system: list[int], args) -> list[PackSequence]:
+    """``args.step_trajectories`` DAgger trajectories sharing ``system``, ~``args.step_doc_tokens`` each."""
+
+    def tokens(mean: int) -> list[int]:
+        return [rng.randrange(vocab) for _ in range(max(4, int(rng.gauss(mean, mean / 4))))]
+
+    docs = []
+    for _ in range(args.step_trajectories):
+        root, labels = list(system) + tokens(100), []
+        while len(root) < args.step_doc_tokens - 150:
+            executed = tokens(60)
+            teacher = executed if rng.random() < 0.5 else tokens(60)
+            labels.append(Label(len(root), tuple(teacher)))
+            root += executed + tokens(150)
+        docs.append(PackSequence(root, labels))
+    return docs
+
+
+def timed_step(model, optimizer, docs, budget: int, share: bool) -> tuple[dict[str, float], list]:
+    """One optimiser step over ``docs``; seconds per part (see ``STEP_PARTS``) and the packs."""
+    from unipost.kernels.logprobs import token_logprobs
+    from unipost.kernels.model import head_params, hidden_states, split_causal_lm
+
+    parts = dict.fromkeys(STEP_PARTS, 0.0)
+    clock = time.perf_counter
+    normaliser = float(sum(len(label.token_ids) for d in docs for label in d.labels))
+    t = clock()
+    packer = pack_shared if share else pack
+    batches = [packer([docs[j] for j in b]) for b in first_fit([[d] for d in docs], budget, share)]
+    parts["pack"] += clock() - t
+    weight, bias = head_params(split_causal_lm(model)[1])
+    for batch in batches:
+        t = clock()
+        hidden = hidden_states(model, batch)
+        parts["backbone fwd"] += clock() - t
+        t = clock()
+        detached = hidden.detach().requires_grad_()
+        logp = token_logprobs(
+            detached.index_select(0, batch.label_src_L), weight, batch.label_target_L, bias=bias
+        )
+        loss, _ = weighted_nll(logp, batch.label_weight_L, normalization="constant", constant=normaliser)
+        parts["head fwd"] += clock() - t
+        t = clock()
+        loss.backward()
+        parts["head bwd"] += clock() - t
+        t = clock()
+        hidden.backward(detached.grad)
+        parts["backbone bwd"] += clock() - t
+    t = clock()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    parts["optimiser"] += clock() - t
+    return parts, batches
+
+
+def step_rows(args) -> list[dict]:
+    """The lab student's whole training step, per-trajectory trees vs the cross-trajectory tree."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unipost.envs.embedded import SYSTEM_PROMPT
+
+    tokenizer = AutoTokenizer.from_pretrained(str(LAB_STUDENT))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(LAB_STUDENT), attn_implementation="sdpa", dtype=torch.float32
+    )
+    model.train()
+    system = tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM_PROMPT}], tokenize=True, add_generation_prompt=False
+    )
+    system = list(system["input_ids"] if isinstance(system, dict) else system)
+    docs = lab_iteration(random.Random(args.seed), model.config.vocab_size, system, args)
+    params = sum(p.numel() for p in model.parameters())
+    # lr 0: the step runs (AdamW's update arithmetic) but the weights stay, so every repeat is alike
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    modes = {"per-trajectory trees": False, "cross-trajectory tree": True}
+    seconds: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    records: dict[str, list[dict]] = {m: [] for m in modes}
+    packs: dict[str, list] = {}
+    for repeat in range(args.repeats + 1):  # repeat 0 warms up and is dropped
+        for mode, share in modes.items():
+            with QuietMonitor() as quiet:
+                parts, packs[mode] = timed_step(model, optimizer, docs, args.step_budget, share)
+            total = sum(parts.values())
+            print(
+                f"step {mode} repeat {repeat}: {total:.2f} s "
+                + str({k: round(v, 3) for k, v in parts.items()}),
+                flush=True,
+            )
+            if repeat:
+                seconds[mode].append(parts)
+                records[mode].append(quiet.record())
+    rows = []
+    base = None
+    for mode in modes:
+        totals = [sum(p.values()) for p in seconds[mode]]
+        median_index = totals.index(statistics.median_low(totals))
+        parts = seconds[mode][median_index]  # the parts of the median step
+        total = totals[median_index]
+        base = base or total
+        rows.append(
+            {
+                "mode": mode,
+                "params": params,
+                "system_tokens": len(system),
+                "trajectories": len(docs),
+                "label_tokens": int(sum(len(label.token_ids) for d in docs for label in d.labels)),
+                "micro_batches": len(packs[mode]),
+                "tokens": sum(b.num_tokens for b in packs[mode]),
+                "step_seconds": round(total, 3),
+                "step_seconds_all": [round(t, 3) for t in totals],
+                "speedup": round(base / total, 2),
+                **{f"{part} s": round(parts[part], 3) for part in STEP_PARTS},
+                "head_share": round((parts["head fwd"] + parts["head bwd"]) / total, 3),
+                **combine_records(records[mode]),
+            }
+        )
+    return rows
+
+
+def write_step(rows: list[dict], state: dict, args) -> None:
+    table = Table(title="The lab's whole training step (192x4 student): parts and shares")
+    cols = ["mode", "mbs", "tokens", "step s", "x", *STEP_PARTS, "head share"]
+    for col in [*cols, *HYGIENE_HEADERS]:
+        table.add_column(col, justify="right")
+    md = [
+        header_line(state),
+        "",
+        "| mode | micro-batches | tokens | step s (median) | speed-up | "
+        + " | ".join(f"{p} s" for p in STEP_PARTS)
+        + " | head share of the step | "
+        + " | ".join(HYGIENE_HEADERS)
+        + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(STEP_PARTS) + "---:|" + "---|" * len(HYGIENE_HEADERS),
+    ]
+    for r in rows:
+        cells = [
+            r["mode"],
+            str(r["micro_batches"]),
+            str(r["tokens"]),
+            f"{r['step_seconds']:.2f}",
+            f"{r['speedup']:.2f}x",
+            *(f"{r[f'{p} s']:.3f}" for p in STEP_PARTS),
+            f"{100 * r['head_share']:.1f}%",
+        ]
+        table.add_row(*cells, *hygiene_cells(r))
+        md.append("| " + " | ".join(cells + hygiene_cells(r)) + " |")
+    Console().print(table)
+    md += ["", hygiene_note(rows, state)]
+    RESULTS.mkdir(exist_ok=True)
+    stem = "train-step" + ("-quick" if args.quick else "") + (f"-{args.tag}" if args.tag else "")
+    payload = {"meta": {"machine": state, "config": vars(args)}, "rows": rows}
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -189,7 +370,19 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the results files")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", action="store_true", help="the lab student's whole training step")
+    parser.add_argument("--step-trajectories", type=int, default=16, help="the lab's episodes per iteration")
+    parser.add_argument("--step-doc-tokens", type=int, default=1050, help="tokens per trajectory (lab demos)")
+    parser.add_argument("--step-budget", type=int, default=4096, help="micro-batch tokens (the lab's)")
     args = parser.parse_args()
+    if args.step:
+        if args.quick:
+            args.step_trajectories, args.repeats = 4, 1
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        state = machine_state()
+        print(header_line(state), flush=True)
+        write_step(step_rows(args), state, args)
+        return
     if args.quick:
         args.docs, args.doc_tokens, args.repeats, args.sizes = 4, 700, 1, "tiny"
         args.max_tokens, args.big_tokens = 1500, 4096

@@ -13,8 +13,13 @@
 * ``unipost_packed_sdpa`` (:data:`PACKED_SDPA`, the CPU training path): the pack is cut into the
   attention calls it really needs, so no pair of tokens that cannot see each other is ever computed.
   Each document's spine is one ``is_causal=True`` SDPA call (the fused causal kernel, fwd and bwd);
-  each branch is one small SDPA call whose queries are the branch tokens and whose keys are the spine
-  prefix it hangs off (``root[:attach]``) followed by the branch itself, causally. Registered with
+  each branch is one small SDPA call whose queries are the branch tokens and whose keys are the prefix
+  it hangs off (its ancestors' visible tokens: ``root[:attach]`` under ``pack``, one segment per
+  ancestor span of a cross-trajectory tree under ``pack_shared``) followed by the branch itself,
+  causally. A branch longer than its prefix (a trajectory hung off a shared prompt) runs instead as one
+  ``is_causal`` call over prefix + branch whose prefix rows are dropped
+  (:attr:`AttentionPiece.causal_over_prefix`): the fused causal kernel skips the branch's upper
+  triangle, which a masked call computes. Registered with
   transformers' ``AttentionInterface`` (and ``AttentionMaskInterface``, as SDPA's mask), so a model
   switched to it runs every other call (``generate``, a plain forward with a padding mask) exactly as
   ``sdpa`` does; only a pack's marker mask (:func:`packed_layout_mask`) takes the split path.
