@@ -121,3 +121,17 @@ def test_every_part_unipost_objective_exports_is_saved_by_name():
     not_parts = {"Recipe", "EpisodePlan", "LabelRef", "ScoreInputs", "RegularizerInputs"}  # data, not parts
     parts = {n: c for n, c in exported.items() if n not in not_parts}
     assert parts == {n: PARTS[n] for n in parts} and set(parts) == set(PARTS)
+
+
+def test_training_from_a_config_whose_recipe_only_code_can_rebuild_is_a_one_line_error(tmp_path, capsys):
+    from unipost.cli import app
+
+    recipe = Recipe(TurnMixture(lambda i: 0.5), TeacherLabels(), Uniform())
+    path = tmp_path / "config.json"
+    path.write_text(TrainConfig(output_dir=str(tmp_path)).with_recipe(recipe).to_json())
+    with pytest.raises(SystemExit) as exit_:
+        app(["train", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 2, err
+    assert err[0].startswith("error: recipe='custom': this recipe was recorded but cannot be rebuilt")
+    assert "recipe.rollout.beta = <function" in err[0] and "recipe()" in err[0]

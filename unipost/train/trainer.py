@@ -284,7 +284,7 @@ class Trainer:
             )
             metrics.update({f"train/{k}": v for k, v in stats.items()})
             self._say(
-                f"optimised epoch {epoch + 1}/{epochs} over {len(microbatches)} micro-batches "
+                f"optimised epoch {epoch + 1}/{epochs} over {_n(len(microbatches), 'micro-batch')} "
                 f"({labels} labelled transitions): loss {stats.get('loss', float('nan')):.3f}, "
                 f"{time.perf_counter() - epoch_started:.0f} s"
             )
@@ -376,7 +376,7 @@ class Trainer:
         if cfg.eval.expert_labels:  # the live teacher, else the environment's scripted expert
             expert = self.teacher_policy or scripted_expert(cfg.env, why="eval.expert_labels=True")
         tasks = len(self.heldout_tasks())
-        self._say(f"step {step}: held-out evaluation, {tasks} greedy student episodes")
+        self._say(f"step {step}: held-out evaluation, {_n(tasks, 'greedy student episode')}")
         result = self.evaluate_heldout(expert=expert, progress=cfg.progress)
         judge = failure_judge(cfg)
         if judge is not None:  # the paper's LLM judge instead of the environment's rules (§4.5)
@@ -398,9 +398,8 @@ class Trainer:
         if self.teacher_model is not None and cfg.eval.kl_tasks > 0:
             self.student_policy.generator = torch.Generator().manual_seed(cfg.seed * 31 + step)
             kl_tasks = self.heldout_tasks()[: cfg.eval.kl_tasks]
-            self._say(
-                f"step {step}: reverse KL to the teacher (§4.4), {len(kl_tasks)} sampled student episodes"
-            )
+            episodes = _n(len(kl_tasks), "sampled student episode")
+            self._say(f"step {step}: reverse KL to the teacher (§4.4), {episodes}")
             trajs = collect_student_states(
                 self.make_env,
                 self.student_policy,
@@ -434,7 +433,7 @@ class Trainer:
         if self.engine is None:
             return "one epoch over the stored dataset"
         n = self.config.rollout.episodes_per_iteration * self.recipe.group_size
-        return f"collecting {n} training episodes ({self.recipe.display_name})"
+        return f"collecting {_n(n, 'training episode')} ({self.recipe.display_name})"
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": float(step), **metrics}
@@ -472,6 +471,11 @@ class _NoMetrics:
 
     def close(self) -> None:
         pass
+
+
+def _n(count: int, noun: str) -> str:
+    """``"1 micro-batch"``, ``"3 micro-batches"``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith('h') else 's'}"
 
 
 def _floats(d: dict[str, Any]) -> dict[str, float]:
