@@ -194,18 +194,28 @@ LAB_STUDENT = Path(__file__).resolve().parents[1] / "unipost" / "assets" / "tiny
 STEP_PARTS = ("pack", "backbone fwd", "head fwd", "head bwd", "backbone bwd", "optimiser")
 
 
-def lab_iteration(rng: random.Random, vocab: int, system: list[int], args) -> list[PackSequence]:
-    """``args.step_trajectories`` DAgger trajectories sharing ``system``, ~``args.step_doc_tokens`` each."""
+def lab_iteration(
+    rng: random.Random, vocab: int, system: list[int], args, group: int = 1
+) -> list[PackSequence]:
+    """``args.step_trajectories`` trajectories sharing ``system``, ~``args.step_doc_tokens`` each.
+
+    ``group == 1``: DAgger (beta 0.5: a student turn's teacher label is a branch), one task each.
+    ``group > 1``: GRPO, groups of ``group`` samples of one task (system prompt and issue shared), the
+    loss on the samples' own actions.
+    """
 
     def tokens(mean: int) -> list[int]:
         return [rng.randrange(vocab) for _ in range(max(4, int(rng.gauss(mean, mean / 4))))]
 
     docs = []
-    for _ in range(args.step_trajectories):
-        root, labels = list(system) + tokens(100), []
+    issue = []
+    for i in range(args.step_trajectories):
+        if i % group == 0:
+            issue = tokens(100)
+        root, labels = list(system) + issue, []
         while len(root) < args.step_doc_tokens - 150:
             executed = tokens(60)
-            teacher = executed if rng.random() < 0.5 else tokens(60)
+            teacher = executed if group > 1 or rng.random() < 0.5 else tokens(60)
             labels.append(Label(len(root), tuple(teacher)))
             root += executed + tokens(150)
         docs.append(PackSequence(root, labels))
@@ -260,11 +270,25 @@ def step_rows(args) -> list[dict]:
         str(LAB_STUDENT), attn_implementation="sdpa", dtype=torch.float32
     )
     model.train()
-    system = tokenizer.apply_chat_template(
-        [{"role": "system", "content": SYSTEM_PROMPT}], tokenize=True, add_generation_prompt=False
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM_PROMPT}], tokenize=False, add_generation_prompt=False
     )
-    system = list(system["input_ids"] if isinstance(system, dict) else system)
-    docs = lab_iteration(random.Random(args.seed), model.config.vocab_size, system, args)
+    system = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    workloads = {
+        "dagger": lab_iteration(random.Random(args.seed), model.config.vocab_size, system, args),
+        f"grpo (groups of {args.step_group})": lab_iteration(
+            random.Random(args.seed + 1), model.config.vocab_size, system, args, group=args.step_group
+        ),
+    }
+    rows = []
+    for workload, docs in workloads.items():
+        rows += step_workload_rows(model, workload, docs, len(system), args)
+    return rows
+
+
+def step_workload_rows(
+    model, workload: str, docs: list[PackSequence], system_tokens: int, args
+) -> list[dict]:
     params = sum(p.numel() for p in model.parameters())
     # lr 0: the step runs (AdamW's update arithmetic) but the weights stay, so every repeat is alike
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
@@ -295,9 +319,10 @@ def step_rows(args) -> list[dict]:
         base = base or total
         rows.append(
             {
+                "workload": workload,
                 "mode": mode,
                 "params": params,
-                "system_tokens": len(system),
+                "system_tokens": system_tokens,
                 "trajectories": len(docs),
                 "label_tokens": int(sum(len(label.token_ids) for d in docs for label in d.labels)),
                 "micro_batches": len(packs[mode]),
@@ -315,21 +340,22 @@ def step_rows(args) -> list[dict]:
 
 def write_step(rows: list[dict], state: dict, args) -> None:
     table = Table(title="The lab's whole training step (192x4 student): parts and shares")
-    cols = ["mode", "mbs", "tokens", "step s", "x", *STEP_PARTS, "head share"]
+    cols = ["workload", "mode", "mbs", "tokens", "step s", "x", *STEP_PARTS, "head share"]
     for col in [*cols, *HYGIENE_HEADERS]:
         table.add_column(col, justify="right")
     md = [
         header_line(state),
         "",
-        "| mode | micro-batches | tokens | step s (median) | speed-up | "
+        "| workload | mode | micro-batches | tokens | step s (median) | speed-up | "
         + " | ".join(f"{p} s" for p in STEP_PARTS)
         + " | head share of the step | "
         + " | ".join(HYGIENE_HEADERS)
         + " |",
-        "|---|---:|---:|---:|---:|" + "---:|" * len(STEP_PARTS) + "---:|" + "---|" * len(HYGIENE_HEADERS),
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(STEP_PARTS) + "---:|" + "---|" * len(HYGIENE_HEADERS),
     ]
     for r in rows:
         cells = [
+            r["workload"],
             r["mode"],
             str(r["micro_batches"]),
             str(r["tokens"]),
@@ -373,6 +399,7 @@ def main() -> None:
     parser.add_argument("--step", action="store_true", help="the lab student's whole training step")
     parser.add_argument("--step-trajectories", type=int, default=16, help="the lab's episodes per iteration")
     parser.add_argument("--step-doc-tokens", type=int, default=1050, help="tokens per trajectory (lab demos)")
+    parser.add_argument("--step-group", type=int, default=4, help="GRPO group size (bench_methods')")
     parser.add_argument("--step-budget", type=int, default=4096, help="micro-batch tokens (the lab's)")
     args = parser.parse_args()
     if args.step:
