@@ -294,3 +294,114 @@ def test_default_tile_plan_stays_within_budget():
     n, h, v = 2048, 4, 4096
     largest = _largest_tensor(token_logprobs, n, h, v)
     assert largest <= 2 * 1024 * 1024 < n * v, largest
+
+
+# ----------------------------------------------------------------------------- compiled tile bodies
+# The same kernel with its per-tile elementwise work compiled by torch.compile (the CPU fast path that
+# auto mode picks above 16M logits), forced on small shapes here. Same tolerances as the eager kernel:
+# fp32 within FP32_TOL of the fp64 truth, bf16 within BF16_REL of the largest magnitude.
+
+
+def _compiled_ok():
+    from unipost.kernels.logprob_tiles import compiled_available
+
+    return compiled_available()
+
+
+@pytest.mark.parametrize(
+    ("n", "h", "v", "rows", "cols", "bias", "temperature", "entropy"),
+    [
+        (70, 31, 250, 32, 64, True, 0.7, True),  # N < V (vocabulary outer), edge tiles on both axes
+        (300, 17, 50, 64, 16, False, 1.0, False),  # N > V (rows outer), logp only
+    ],
+)
+def test_compiled_tiles_match_reference_fp32(n, h, v, rows, cols, bias, temperature, entropy):
+    hidden, weight, b, targets, w_logp, w_ent = _inputs(n, h, v, bias=bias)
+    w_ent = w_ent if entropy else None
+    kw = {"temperature": temperature, "entropy": entropy}
+    got = _run(
+        token_logprobs, hidden, weight, b, targets, w_logp, w_ent,
+        chunk_size=rows, vocab_chunk_size=cols, compile=True, **kw,
+    )  # fmt: skip
+    assert _compiled_ok(), "the compiled path fell back to eager: this test would not test it"
+    want = _run(token_logprobs_reference, hidden, weight, b, targets, w_logp, w_ent, upcast=True, **kw)
+    _close_fp32(got[0], want[0], "logp")
+    if entropy:
+        _close_fp32(got[1], want[1], "entropy")
+    _close_grads(got[2], want[2], _close_fp32)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize(("n", "v", "rows", "cols"), [(64, 700, 16, 50), (300, 123, 64, 16)])
+def test_bf16_accumulation_both_loop_orders(compile, n, v, rows, cols):
+    """bf16 in, bf16 gradients out, accumulated in fp32 across 14 vocabulary tiles (N < V: the hidden
+    gradient's full fp32 buffer) or 5 row tiles (N > V: the weight gradient's); within BF16_REL."""
+    hidden, weight, b, targets, w_logp, w_ent = _inputs(n, 64, v, dtype=torch.bfloat16)
+    got = _run(
+        token_logprobs, hidden, weight, b, targets, w_logp, w_ent, temperature=0.9,
+        chunk_size=rows, vocab_chunk_size=cols, compile=compile,
+    )  # fmt: skip
+    want = _run(
+        token_logprobs_reference, hidden, weight, b, targets, w_logp, w_ent, upcast=True, temperature=0.9
+    )
+    assert all(g.dtype == torch.bfloat16 for g in got[2])
+    _close_bf16(got[0], want[0], "logp")
+    _close_bf16(got[1], want[1], "entropy")
+    _close_grads(got[2], want[2], _close_bf16)
+    assert (got[0] <= 0).all(), "logp is read from the same rounded tile as its log-sum-exp: never > 0"
+
+
+def test_compiled_once_per_shape_class_not_per_micro_batch():
+    """New N (so new edge tiles) and new V reuse the compiled graphs: sizes are dynamic."""
+    from torch._dynamo.utils import counters
+
+    from unipost.kernels.logprob_tiles import compile_stats
+
+    def call(n, v):
+        hidden, weight, _, targets, w_logp, _ = _inputs(n, 16, v, bias=False, mask_every=0)
+        _run(token_logprobs, hidden, weight, None, targets, w_logp, None, entropy=False,
+             chunk_size=32, vocab_chunk_size=48, compile=True)  # fmt: skip
+
+    call(100, 200)
+    call(70, 150)  # a second size lets dynamo settle on symbolic sizes where it had specialised
+    graphs, ours = counters["stats"]["unique_graphs"], compile_stats()["graphs"]
+    for n, v in ((90, 170), (123, 260), (40, 100)):  # edge tiles of 26, 27, 8 rows; 26, 20, 4 columns
+        call(n, v)
+    assert compile_stats()["graphs"] == ours
+    assert counters["stats"]["unique_graphs"] == graphs, "a new micro-batch size recompiled the tiles"
+
+
+def test_failed_compile_falls_back_to_eager_with_a_warning(monkeypatch):
+    import unipost.kernels.logprob_tiles as tiles
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(tiles, "_broken", None)
+    monkeypatch.setattr(tiles, "_compiled", None)
+    monkeypatch.setattr(tiles.torch, "compile", lambda fn, **kw: broken)
+    hidden, weight, b, targets, w_logp, w_ent = _inputs(47, 31, 123)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"):
+        got = _run(token_logprobs, hidden, weight, b, targets, w_logp, w_ent, chunk_size=16, compile=True)
+    assert not tiles.compiled_available()
+    want = _run(token_logprobs_reference, hidden, weight, b, targets, w_logp, w_ent, upcast=True)
+    _close_fp32(got[0], want[0], "logp")
+    _close_grads(got[2], want[2], _close_fp32)
+
+
+def test_auto_mode_compiles_only_large_cpu_problems(monkeypatch):
+    from unipost.kernels.logprob_tiles import AUTO_COMPILE_MIN_LOGITS, EAGER, tile_ops
+
+    monkeypatch.delenv("UNIPOST_LOGPROBS_COMPILE", raising=False)
+    cpu, big = torch.device("cpu"), AUTO_COMPILE_MIN_LOGITS
+    assert tile_ops(cpu, torch.float32, big - 1, None) is EAGER
+    assert tile_ops(cpu, torch.float32, big, None).name == "compiled"
+    assert tile_ops(cpu, torch.bfloat16, big, None).name == "compiled"
+    assert tile_ops(cpu, torch.float64, big, None) is EAGER  # gradcheck stays eager
+    assert tile_ops(torch.device("meta"), torch.float32, big, None) is EAGER  # CPU only in auto mode
+    assert tile_ops(cpu, torch.float32, 10, True).name == "compiled"
+    assert tile_ops(cpu, torch.float32, big, False) is EAGER
+    monkeypatch.setenv("UNIPOST_LOGPROBS_COMPILE", "0")
+    assert tile_ops(cpu, torch.float32, big, None) is EAGER
+    monkeypatch.setenv("UNIPOST_LOGPROBS_COMPILE", "1")
+    assert tile_ops(cpu, torch.float32, 10, None).name == "compiled"

@@ -1,0 +1,61 @@
+"""benchmarks/bench_logprobs.py: its tiny ``--dry-run`` path runs end to end and records the machine state.
+
+Runs the real script (fresh worker processes per implementation, as in a recorded run) on tiny shapes and
+checks what it writes: one row per implementation, numbers that agree with the fp64 reference, and the
+load / threads / busy columns every recorded figure must carry (issue 14, item 0). No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_logprobs.py"
+HYGIENE = ("load1_before", "load1_after", "others_cores", "threads", "busy")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_logprobs")
+    cmd = [sys.executable, str(SCRIPT), "--dry-run", "--impls", "naive,ours,ours-eager", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc
+
+
+def test_dry_run_writes_one_ok_row_per_impl_with_load_columns(dry_run):
+    out, _ = dry_run
+    rows = list(csv.DictReader((out / "logprobs-dry-run.csv").open()))
+    assert [r["impl"] for r in rows] == ["naive", "ours", "ours-eager"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["dtype"] == "fp32" and r["device"] == "cpu"
+        assert all(r[c] != "" for c in HYGIENE if c != "others_cores"), r
+        assert r["busy"] in ("True", "False") and int(r["threads"]) >= 1
+        assert float(r["total_s"]) > 0 and float(r["peak_mib"]) >= 0
+        assert float(r["err_logp"]) < 1e-4 and float(r["err_grad"]) < 1e-4, "disagrees with the fp64 truth"
+    assert float(rows[0]["time_vs_naive"]) == 1.0
+    doc = json.loads((out / "logprobs-dry-run.json").read_text())
+    assert any("load average" in line for line in doc["header"]), doc["header"]
+    md = (out / "logprobs-dry-run.md").read_text()
+    assert "load before/after" in md and "| fp32 | 96 | 512 | ours |" in md
+
+
+def test_missing_peer_or_unusable_impl_is_a_row_not_a_crash(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_logprobs as bench
+    finally:
+        sys.path.pop(0)
+    args = bench.parse_args(["--dry-run", "--out", str(tmp_path)])
+    assert "skipped" in bench._skip_reason("ours-triton", 4096, 32768, "fp32", "cpu", args)
+    args.mem_limit_gib = 1.0
+    assert "memory" in bench._skip_reason("naive", 16384, 152064, "fp32", "cpu", args)
+    assert bench._skip_reason("ours", 16384, 152064, "fp32", "cpu", args) is None
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--impls", "naive,nonsense"])
