@@ -15,8 +15,19 @@ import time
 from pathlib import Path
 
 
-def execute_notebook(path: str | Path, *, cwd: str | Path, budget: str, timeout_s: int = 1800):
-    """The executed notebook (an nbformat node); raises nbclient's CellExecutionError on a failing cell."""
+def execute_notebook(
+    path: str | Path,
+    *,
+    cwd: str | Path,
+    budget: str,
+    timeout_s: int = 1800,
+    save_partial: str | Path | None = None,
+):
+    """The executed notebook (an nbformat node); raises nbclient's CellExecutionError on a failing cell.
+
+    ``save_partial``: where to write the notebook as far as it ran when a cell fails (its outputs and
+    the error), so a long run's results are not lost with the exception.
+    """
     import jupytext
     from nbclient import NotebookClient
 
@@ -33,7 +44,14 @@ def execute_notebook(path: str | Path, *, cwd: str | Path, budget: str, timeout_
     client = NotebookClient(
         nb, kernel_name="python3", timeout=timeout_s, resources={"metadata": {"path": str(cwd)}}
     )
-    client.execute(cwd=str(cwd), env=env)
+    try:
+        client.execute(cwd=str(cwd), env=env)
+    except Exception:
+        if save_partial is not None:  # what ran (minutes of training) is kept, with the failing cell
+            import jupytext
+
+            jupytext.write(nb, save_partial)
+        raise
     return nb
 
 
@@ -46,8 +64,10 @@ def main() -> None:
     import jupytext
 
     started = time.perf_counter()
-    nb = execute_notebook(args.notebook, cwd=args.cwd or args.notebook.parent, budget=args.budget)
     out = args.notebook.with_suffix(".ipynb")
+    nb = execute_notebook(
+        args.notebook, cwd=args.cwd or args.notebook.parent, budget=args.budget, save_partial=out
+    )
     jupytext.write(nb, out)
     print(
         f"executed {args.notebook} at budget {args.budget} in {time.perf_counter() - started:.0f}s -> {out}"
