@@ -302,7 +302,7 @@ def step_workload_rows(
                 parts, packs[mode] = timed_step(model, optimizer, docs, args.step_budget, share)
             total = sum(parts.values())
             print(
-                f"step {mode} repeat {repeat}: {total:.2f} s "
+                f"step {workload} {mode} repeat {repeat}: {total:.2f} s "
                 + str({k: round(v, 3) for k, v in parts.items()}),
                 flush=True,
             )
