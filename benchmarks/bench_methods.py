@@ -424,8 +424,11 @@ def save_histories(
     tmp.replace(out / "histories.json")
 
 
-def load_histories(out: Path) -> dict:
+def load_histories(out: Path, methods=None) -> dict:
     """``--report-only``: re-summarise a (possibly partial) run; methods or seeds missing are left out.
+
+    ``methods`` restricts the report to those arms, so that a partial run can still compare the arms
+    that every seed finished (the seeds kept are those all the *reported* arms finished).
 
     Needs no warm start and trains nothing: the run's settings (its ``BenchSize`` included) are read
     back from the file, so a ``--quick`` run is reported as the quick run it was.
@@ -434,7 +437,11 @@ def load_histories(out: Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"--report-only: no {path}; run the benchmark first (or pass its --out)")
     blob = json.loads(path.read_text())
-    histories = {m: {int(s): h for s, h in by.items()} for m, by in blob["histories"].items() if by}
+    histories = {
+        m: {int(s): h for s, h in by.items()}
+        for m, by in blob["histories"].items()
+        if by and (methods is None or m in methods)
+    }
     complete = set.intersection(*(set(by) for by in histories.values())) if histories else set()
     if not complete:
         raise SystemExit(f"{path} holds no seed that every method finished")
@@ -891,7 +898,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python benchmarks/bench_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     if args.report_only:
-        result = load_histories(out)
+        result = load_histories(out, args.methods)
         saved = result["settings"].get("size")
         size = BenchSize(**saved) if saved else size  # the size it ran with, not this command line's
         if len(result["seeds"]) < size.seeds:

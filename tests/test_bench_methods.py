@@ -178,6 +178,20 @@ def test_report_only_needs_no_warm_start_and_keeps_the_run_size(quick_run, tmp_p
     assert (tmp_path / "learning_curves.png").stat().st_size > 5_000
 
 
+def test_report_only_of_some_methods_keeps_the_seeds_those_methods_finished(quick_run, tmp_path):
+    """A partial run (one arm of seed 1 missing) still compares the arms every seed finished: with
+    --methods naming them, both seeds are kept; with every method, only the complete seed."""
+    out, _ = quick_run
+    blob = json.loads((out / "histories.json").read_text())
+    del blob["histories"]["aggrevate"]["1"]
+    (tmp_path / "histories.json").write_text(json.dumps(blob))
+    bench = _bench()
+    some = bench.load_histories(tmp_path, ["base", "sft", "dagger"])
+    assert some["seeds"] == [0, 1] and sorted(some["histories"]) == ["base", "dagger", "sft"]
+    everything = bench.load_histories(tmp_path)
+    assert everything["seeds"] == [0] and "aggrevate" in everything["histories"]
+
+
 def test_parallel_seeds_are_merged_and_a_rerun_resumes_without_training(quick_run, tmp_path, lab_assets):
     """--workers 2: each seed's child wrote its own file; the parent merged both; rerunning the same
     command trains nothing (every arm is read back) and reports the same numbers."""
