@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
+from functools import cache
 
 from unipost.data import Outcome, Trajectory, Turn
 
@@ -74,8 +78,21 @@ def make_trajectory(
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
 
 
+@cache
+def session_cache() -> str:
+    """One unipost cache for the whole test process (task tokenizer, random inits, clones), removed at
+    exit: test modules share one tokenizer build instead of one each, and nothing lands in
+    ~/.cache/unipost. A test that checks the cold path passes an empty folder of its own instead."""
+    path = tempfile.mkdtemp(prefix="unipost-test-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def tiny_train_config(output_dir, cache_dir, recipe: str, **updates):
     """A seconds-long TrainConfig: 1-layer Qwen3, random init, easy tasks, no evaluation.
+
+    ``cache_dir``: :func:`session_cache` to share the process's warm cache, or an empty folder to test
+    the cold path.
 
     Not the tiny lab (``unipost.train.lab.tiny_config``, which the main job, bench_methods and the
     notebooks use): this is the ``ModelConfig(kind="tiny")`` path, a model built from its sizes with the

@@ -15,12 +15,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import threading
 from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
-from factories import TINY, tiny_train_config
+from factories import TINY, session_cache, tiny_train_config
 
 from unipost.batch import build_batch, objective_loss
 from unipost.data import Outcome
@@ -39,8 +40,10 @@ from unipost.train.trainer import ConfigError, Trainer
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("unipost-cache"))
+def cache_dir():
+    """The test process's shared cache (its task tokenizer is built once for every module that uses it);
+    test_max_effective_samples_stops_on_the_budget is the one Trainer test on an empty cache."""
+    return session_cache()
 
 
 @pytest.fixture(scope="module")
@@ -430,15 +433,67 @@ def test_offline_sft_needs_no_live_teacher(tmp_path, cache_dir, task_tokenizer):
     assert trainer.teacher_policy is None and trainer.engine is None
 
 
-def test_max_effective_samples_stops_on_the_budget(tmp_path, cache_dir):
+def test_max_effective_samples_stops_on_the_budget(tmp_path):
     """The matched budget ends a run after the iteration that reaches it, overshooting by < 1 trajectory.
-    (Moved here from test_bench_methods.py: it tests the Trainer, not the benchmark.)"""
-    cfg = tiny_train_config(tmp_path / "runs", cache_dir, "sft", iterations=4, max_effective_samples=7)
+    (Moved here from test_bench_methods.py: it tests the Trainer, not the benchmark.) It is also the
+    cold-cache test: an empty cache, so the Trainer builds the task tokenizer and the student itself."""
+    cold = tmp_path / "empty-cache"
+    cfg = tiny_train_config(tmp_path / "runs", cold, "sft", iterations=4, max_effective_samples=7)
     cfg = cfg.replace(recipe_kwargs={"rejection_sampling": False})
     history = Trainer(cfg).fit()
+    assert any(cold.iterdir()) and (tmp_path / "runs" / "sft" / "tokenizer" / "tokenizer.json").is_file()
     per_iteration = [r["train/batch_labels"] for r in history]
     assert len(history) < 4  # stopped by the budget, not by the iteration count
     assert history[-1]["train/effective_samples"] == sum(per_iteration) >= 7
     assert sum(per_iteration[:-1]) < 7  # it did not run an iteration past the budget
     labels_per_trajectory = cfg.rollout.max_turns
     assert history[-1]["train/effective_samples"] < 7 + labels_per_trajectory
+
+
+# -- what a run says while it works (issue 13, item 9) ---------------------------------------------
+
+
+def test_every_phase_says_what_it_does_and_shows_progress(tmp_path, lab_assets, capsys):
+    """Collecting, optimising, the held-out evaluation and the KL diagnostic each print a line naming the
+    phase and what it counts, and every episode phase has a live bar (evaluation used to be silent for
+    minutes: no bar, no line)."""
+    from unipost.train.lab import tiny_config as lab_config
+
+    cfg = lab_config(str(tmp_path), quick=True, assets=lab_assets, max_effective_samples=1000)
+    trainer = Trainer(cfg)
+    assert cfg.progress and cfg.eval.kl_tasks == 1 and cfg.env.heldout_tasks == 2
+    trainer.fit(initial_eval={})  # step 0's evaluation given: one evaluation, after the iteration
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[dagger]")]
+    assert lines[0] == (
+        "[dagger] iteration 1 of at most 1 (until 1000 effective samples; 0 so far): "
+        "collecting 2 training episodes (DAgger)"
+    )
+    epoch = r"\[dagger\] optimised epoch 1/1 over \d+ micro-batch(es)? \(\d+ labelled transitions?\): .* s"
+    assert re.fullmatch(epoch, lines[1]), lines[1]
+    assert lines[2] == "[dagger] step 1: held-out evaluation, 2 greedy student episodes"
+    assert lines[3] == "[dagger] step 1: reverse KL to the teacher (§4.4), 1 sampled student episode"
+    assert lines[4].startswith("[dagger] step 1: resolve_rate ")
+    bars = [line for line in out.splitlines() if line.startswith("rollouts")]
+    assert [bar.split()[2] for bar in bars] == ["2/2", "2/2", "1/1"]  # training, evaluation, KL states
+
+
+# -- building apart from the loop (issue 13, item 2) -----------------------------------------------
+
+
+def test_the_expert_comes_from_the_env_registry_and_swe_has_none(tmp_path):
+    """The teacher of env.name='swe' used to be the embedded world's ScriptedExpert (hard-coded in the
+    Trainer), which cannot act in a SWE container; now each environment names its own expert."""
+    from unipost.envs.embedded.expert import ScriptedExpert
+    from unipost.objective import GRPO, DAgger
+    from unipost.train.build import build_teacher_policy
+    from unipost.train.config import EnvConfig
+
+    embedded = TrainConfig(output_dir=str(tmp_path))
+    assert isinstance(build_teacher_policy(embedded, DAgger()), ScriptedExpert)
+    openhands = embedded.replace(env=EnvConfig(name="openhands"))
+    assert isinstance(build_teacher_policy(openhands, DAgger()), ScriptedExpert)
+    swe = embedded.replace(env=EnvConfig(name="swe", tasks_path=str(tmp_path / "instances.jsonl")))
+    assert build_teacher_policy(swe, GRPO()) is None  # no live teacher needed: nothing to refuse
+    with pytest.raises(ConfigError, match=r"'swe' has no scripted expert; set teacher.kind='openai'"):
+        build_teacher_policy(swe, DAgger())

@@ -11,7 +11,9 @@
         checkpoint  model, optimizer, scheduler, RNG, iteration, store position, metrics: atomically
 
 There is no per-method branch below: SFT, GRPO, OPD, DAgger, AggreVaTe and user compositions differ
-only in the recipe object handed in.
+only in the recipe object handed in. Nothing is built here either: :mod:`unipost.train.build` turns the
+config into the student, tokenizer, policies, teacher and environment (or takes them injected), and
+the config the run saves records the recipe it runs (a custom one part by part).
 """
 
 from __future__ import annotations
@@ -285,7 +287,7 @@ class Trainer:
             metrics.update({f"train/{k}": v for k, v in stats.items()})
             self._say(
                 f"optimised epoch {epoch + 1}/{epochs} over {_n(len(microbatches), 'micro-batch')} "
-                f"({labels} labelled transitions): loss {stats.get('loss', float('nan')):.3f}, "
+                f"({_n(labels, 'labelled transition')}): loss {stats.get('loss', float('nan')):.3f}, "
                 f"{time.perf_counter() - epoch_started:.0f} s"
             )
         self._sync_student_policy()
@@ -442,7 +444,8 @@ class Trainer:
         if self.config.progress:
             keys = ["eval/resolve_rate", "eval/submission_rate", "eval/reverse_kl", "train/loss"]
             shown = ", ".join(f"{k.split('/')[1]} {metrics[k]:.3f}" for k in keys if k in metrics)
-            print(f"[{self.config.name}] step {step}: {shown}")
+            if shown:  # step 0 handed in by fit(initial_eval=...) may hold nothing to show
+                print(f"[{self.config.name}] step {step}: {shown}")
 
     def _resume(self) -> int | None:
         ckpt = self.checkpoints.latest()
