@@ -241,13 +241,16 @@ def run_seed(
     An arm already present in ``histories`` (a resumed run) is not trained again. Every arm of a seed
     starts from the same warm start, so the warm start is evaluated once (by the first arm) and reused.
     """
+    from unipost.machine import QuietMonitor
     from unipost.train.trainer import Trainer
 
     initial = None
     for method in trained:
         done = histories.get(method, {}).get(seed)
         if done:
-            initial = initial or {k: v for k, v in done[0].items() if k != "step"}
+            initial = initial or {
+                k: v for k, v in done[0].items() if k != "step" and not k.startswith("machine/")
+            }
     for method in trained:
         if histories.get(method, {}).get(seed):
             continue
@@ -258,10 +261,13 @@ def run_seed(
             recipe=recipe_for(method, size, cfg.rollout.max_turns),
             heldout_tasks=heldout_for(seed, size),
         )
-        hist = trainer.fit(initial_eval=initial)
+        with QuietMonitor() as quiet:
+            hist = trainer.fit(initial_eval=initial)
+        # the machine's state over this arm rides on its last record (``machine_note`` reports it)
+        hist[-1] = {**hist[-1], **{f"machine/{k}": v for k, v in quiet.record().items()}}
         minutes[method] = minutes.get(method, 0.0) + (time.perf_counter() - start) / 60
         if initial is None:
-            initial = {k: v for k, v in hist[0].items() if k != "step"}
+            initial = {k: v for k, v in hist[0].items() if k != "step" and not k.startswith("machine/")}
         if "base" in histories:
             histories["base"][seed] = [{"step": 0, **initial}]
         histories[method][seed] = hist
@@ -734,6 +740,26 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machine_note(histories: dict[str, dict[int, list[dict]]]) -> str:
+    """One line: how many arms ran while other jobs used the CPU (``unipost.machine.QuietMonitor``).
+
+    A run of hours on a shared machine is rarely quiet; resolve rates do not depend on it (greedy
+    evaluation), but the minutes in the table do.
+    """
+    from unipost.machine import header_line
+
+    recs = [h[-1] for by in histories.values() for h in by.values() if h and "machine/busy" in h[-1]]
+    if not recs:
+        return f"machine: not recorded per arm (a run from before the hygiene columns); now: {header_line()}"
+    others = [r["machine/others_cores"] for r in recs if r.get("machine/others_cores") is not None]
+    busy = sum(bool(r["machine/busy"]) for r in recs)
+    mean = f"{sum(others) / len(others):.2f}" if others else "n/a"
+    return (
+        f"machine: {busy} of {len(recs)} arms ran BUSY (other jobs' mean CPU use over an arm: {mean} cores; "
+        f"torch threads {recs[0].get('machine/threads')})"
+    )
+
+
 def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -811,8 +837,11 @@ def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dic
         )
     console.print(f"{claims['kl_rebound_claim']['claim']}: {claims['kl_rebound_claim']['verdict']}")
 
+    machine = machine_note(histories)
+    console.print(machine)
     meta = {
         "command": command,
+        "machine": machine,
         "size": asdict(size),
         "settings": result.get("settings", {}),
         "minutes": result["minutes"],
@@ -833,7 +862,7 @@ def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dic
         for m, r in modes.items():
             writer.writerow([m, *[r[k] for k in keys]])
     (out / "results.md").write_text(
-        f"`{command}`\n\n"
+        f"`{command}`\n\n{machine}\n\n"
         + markdown(header, body)
         + "\n"
         + markdown(mode_header, mode_rows)
