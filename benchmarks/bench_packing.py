@@ -282,6 +282,9 @@ def shared_rows(model, workloads: dict[str, list[PackSequence]], repeats: int, b
 
 def single_trajectory_rows(model, docs, args) -> list[dict]:
     normaliser = float(sum(len(label.token_ids) for d in docs for label in d.labels))
+    # warm-up (untimed): the first fwd+bwd of a process pays one-off costs (allocator, thread pool, the
+    # head's first call per shape class) that would otherwise land on the first row
+    timed(run_tree, model, docs, normaliser)
     results = {}
     for name, fn, extra in [
         ("tree", run_tree, ()),
