@@ -60,13 +60,23 @@ def main() -> None:
     parser.add_argument("notebook", type=Path)
     parser.add_argument("--budget", default="small", choices=["smoke", "small", "full"])
     parser.add_argument("--cwd", type=Path, default=None, help="working directory (default: the notebook's)")
+    parser.add_argument(
+        "--timeout",
+        type=int,
+        default=1800,
+        help="seconds one cell may run (the full budget's training cell can need more on a busy machine)",
+    )
     args = parser.parse_args()
     import jupytext
 
     started = time.perf_counter()
     out = args.notebook.with_suffix(".ipynb")
     nb = execute_notebook(
-        args.notebook, cwd=args.cwd or args.notebook.parent, budget=args.budget, save_partial=out
+        args.notebook,
+        cwd=args.cwd or args.notebook.parent,
+        budget=args.budget,
+        timeout_s=args.timeout,
+        save_partial=out,
     )
     jupytext.write(nb, out)
     print(
