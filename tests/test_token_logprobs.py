@@ -405,3 +405,18 @@ def test_auto_mode_compiles_only_large_cpu_problems(monkeypatch):
     assert tile_ops(cpu, torch.float32, big, None) is EAGER
     monkeypatch.setenv("UNIPOST_LOGPROBS_COMPILE", "1")
     assert tile_ops(cpu, torch.float32, 10, None).name == "compiled"
+
+
+def test_small_problems_get_proportionally_smaller_tiles():
+    """Tiles scale down with N x V (to 1/128, at least 256K elements), so the kernel's extra memory stays a
+    small share of the naive path's (~12 bytes per logit) for small micro-batches too; large problems
+    keep 2M-element tiles."""
+    from unipost.kernels.logprobs import _plan_tiles
+
+    rows, cols = _plan_tiles(2048, 32768, None, None)
+    assert rows * cols <= 2048 * 32768 // 128
+    rows, cols = _plan_tiles(16384, 152064, None, None)
+    assert rows * cols == 2 * 1024 * 1024
+    assert _plan_tiles(2048, 32768, 64, None) == (64, 32768)  # a given size keeps the 2M budget
+    largest = _largest_tensor(token_logprobs, 1024, 4, 4096)
+    assert largest <= 256 * 1024 < 1024 * 4096 // 8, largest

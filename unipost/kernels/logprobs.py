@@ -41,12 +41,16 @@ __all__ = ["BACKENDS", "select_logprobs_backend", "token_logprobs"]
 BACKENDS = ("auto", "torch", "triton")
 
 # One fp32 [C, Cv] tile of logits is at most this many elements (8 MiB). The kernel keeps about two such
-# tiles alive (logits and probabilities) plus the low-precision matmul copies: ~20-30 MiB whatever N and
-# V are. Measured peak RSS beyond inputs and gradients (benchmarks/README.md): 28 MiB in fp32 at N=8k,
-# V=32k; 63-126 MiB in bf16 up to N=16k, V=152k (adds the fp32 gradient accumulator and allocator slack).
+# tiles alive (the GEMM output and the gradient tile; eager mode adds one or two fp32 temporaries) plus,
+# for bf16/fp16, an fp32 accumulator of min(N, V) x H: a few tens of MiB whatever N and V are.
 _TILE_ELEMENTS = 2 * 1024 * 1024
-# Default rows per chunk: large enough that each tile matmul is an efficient GEMM, small enough that the
-# vocabulary tile (budget / rows) stays >= 2k columns.
+# Smaller problems get smaller tiles, 1/128 of the N x V logits (but not under 256K elements, where the
+# tile GEMMs lose efficiency): the naive path's extra memory is ~12 bytes per logit, so two tiles stay well
+# under 2 % of it at any size, and the fused kernel's memory advantage holds for small micro-batches too.
+_TILE_FRACTION = 128
+_MIN_TILE_ELEMENTS = 256 * 1024
+# Default rows per chunk: large enough that each tile matmul is an efficient GEMM (measured on CPU: tile
+# shapes from 256 x 8192 to 2048 x 1024 cost the same within 6 %, N = 2048, V = 32k, fp32, H = 256).
 _DEFAULT_ROWS = 1024
 
 
@@ -79,7 +83,8 @@ def token_logprobs(
             whose log-probs you need, e.g. for importance ratios against vLLM logprobs).
         return_entropy: also return the entropy of ``softmax(z)`` per row, differentiable.
         vocab_chunk_size: vocabulary columns per tile. ``None`` picks it so one fp32 tile holds at
-            most 2M elements (8 MiB); with ``chunk_size=1`` that is the whole vocabulary up to V = 2M.
+            most 2M elements (8 MiB), fewer for small problems (1/128 of N x V, at least 256K); with
+            ``chunk_size=1`` that is the whole vocabulary up to V = 2M.
         backend: ``"auto"`` (Triton on CUDA when available, else torch; see
             :func:`select_logprobs_backend`), ``"torch"`` or ``"triton"``. ``chunk_size`` and
             ``vocab_chunk_size`` tile the torch kernel only; the Triton kernel has its own compile-time
@@ -214,12 +219,15 @@ def _validate(
 
 def _plan_tiles(n: int, v: int, chunk_size: int | None, vocab_chunk_size: int | None) -> tuple[int, int]:
     """Rows and vocabulary columns per tile: honour what was given, fill the rest from the tile budget."""
+    budget = _TILE_ELEMENTS
+    if chunk_size is None and vocab_chunk_size is None:
+        budget = min(_TILE_ELEMENTS, max(_MIN_TILE_ELEMENTS, n * v // _TILE_FRACTION))
     if chunk_size is None:
-        rows = _DEFAULT_ROWS if vocab_chunk_size is None else max(1, _TILE_ELEMENTS // vocab_chunk_size)
+        rows = _DEFAULT_ROWS if vocab_chunk_size is None else max(1, budget // vocab_chunk_size)
     else:
         rows = chunk_size
     rows = max(1, min(rows, n))
-    cols = vocab_chunk_size if vocab_chunk_size is not None else max(1, _TILE_ELEMENTS // rows)
+    cols = vocab_chunk_size if vocab_chunk_size is not None else max(1, budget // rows)
     return rows, max(1, min(cols, v))
 
 
