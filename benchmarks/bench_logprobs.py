@@ -24,11 +24,11 @@ Implementations (``--impls``), each case in its OWN fresh Python process, one af
   CUDA its fused linear cross-entropy (``liger_fused_linear_cross_entropy(..., reduction="none")``).
 
 Every process: builds the inputs; checks its numbers on a small problem against the fp64 reference
-(``err_logp``, ``err_grad`` columns); runs two warm-up calls at ``--warm-n`` rows (the first includes any
-compilation: ``first_s - second_s`` is reported as ``compile_s``, apart from the timed figures); then
-``--repeats`` timed fwd+bwd calls at the measured shape (median reported). Compiled graphs are counted
-before and after the timed calls: equal counts mean no recompilation for the new N (one compile per
-shape class). Memory on CPU: the kernel's peak-RSS counter is reset before the timed calls
+(``err_logp``, ``err_grad`` columns); runs two warm-up calls at the measured N (or ``--warm-n``; the first
+has any compilation: ``first_s - second_s`` is reported as ``compile_s``, apart from the timed figures);
+then ``--repeats`` timed fwd+bwd calls at the measured shape (median reported). Compiled graphs are
+counted before and after the timed calls: equal counts mean no recompilation for the new N (one compile
+per shape class). Memory on CPU: the kernel's peak-RSS counter is reset before the timed calls
 (``/proc/self/clear_refs``) and ``peak MiB = VmHWM - RSS before``: what the computation needed on top of
 its inputs, including the returned gradients (``grads MiB``, the same for every method); ``extra MiB =
 peak - grads``. On CUDA: ``torch.cuda.max_memory_allocated`` beyond what was allocated before.
@@ -192,7 +192,9 @@ def worker(spec: dict) -> dict:
     row: dict = {"variant": variant}
     row["err_logp"], row["err_grad"] = _check(fn, *spec["check"], dtype, device)
 
-    warm = _inputs(spec["warm_n"], v, h, dtype, device, seed=1)
+    # Warm up at the measured N by default: the tile plan (so the compiled graphs' specialisations) follows
+    # N x V, and a smaller warm-up N let one tile graph recompile inside the timed calls.
+    warm = _inputs(spec["warm_n"] or n, v, h, dtype, device, seed=1)
     first, second = (sum(_step(fn, *warm, device)) for _ in range(2))
     row.update(first_s=round(first, 3), compile_s=round(max(0.0, first - second), 2))
     del warm
@@ -359,7 +361,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--v", default="32768", help="vocabulary sizes, comma list (e.g. 32768,152064)")
     p.add_argument("--hidden", type=int, default=256, help="H (default 256: CPU-sized; 4096 on the GPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed fwd+bwd calls per case (median)")
-    p.add_argument("--warm-n", type=int, default=1024, help="rows of the two warm-up calls (compile)")
+    p.add_argument("--warm-n", type=int, default=0, help="rows of the 2 warm-up calls (0 = the measured N)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all CPUs)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per (impl, case) process")
     p.add_argument(
@@ -404,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"token_logprobs fwd+bwd side by side, each (impl, case) in a fresh process; device={args.device}, "
         f"H={args.hidden}, torch {torch_version}, {args.repeats} timed repeats (median), warm-up at "
-        f"N={args.warm_n}; started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}",
+        f"N={args.warm_n or 'measured N'}; started "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}",
         f"machine at start: {header_line(state)}",
     ]
     print(header[0] + "\n" + header[1], flush=True)
