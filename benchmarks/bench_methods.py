@@ -177,8 +177,9 @@ def recipe_for(method: str, size: BenchSize, max_turns: int):
 
     DAgger uses the lab's beta_i = max(0.2, 0.6 - 0.2 i) (``unipost.train.lab.LAB_BETA``, as in the main
     job). AggreVaTe's prefix law is the library's ShiftingPrefix with its support cut to the episode
-    (1 .. max_turns - 2, so a teacher always completes); that law is not JSON, so it is recorded in the
-    results' ``recipes`` (``Recipe.describe()``), not in the run's config.json.
+    (1 .. max_turns - 2, so a teacher always completes); the run's config.json records that arm as
+    ``recipe="custom"`` with the composition part by part (``Recipe.to_spec``), and the results'
+    ``recipes`` hold every arm's ``Recipe.describe()``.
     """
     from unipost.objective import AggreVaTe, ShiftingPrefix, get_recipe
 
