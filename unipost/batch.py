@@ -178,15 +178,19 @@ def make_microbatches(
     Every trajectory is rendered once; sizes come from the rendered documents. A group is never split
     (its GRPO baseline must see all its samples). It sits with batch building, not with the optimiser,
     because evaluation (``eval.imitation``) batches label NLLs the same way. With ``share_prefixes``
-    (default) a micro-batch is one prefix tree over all its trajectories (see :func:`pack_rendered`)
-    and its tokens are counted that way: a prefix already in the micro-batch costs nothing.
+    (default) a micro-batch is one prefix tree over all its trajectories (see :func:`pack_rendered`).
+    The bins are chosen by the *unshared* token count either way, so sharing never changes which
+    trajectories share a micro-batch, hence not the number of optimiser steps or any update: it only
+    removes repeated prefix tokens from each micro-batch (the same loss and gradients, less compute).
+    Counting shared tokens instead would pack more per micro-batch and take fewer, larger steps,
+    which silently changed training dynamics (measured: the OPD progress test's KL drop 0.82x vs 0.8x).
     """
     groups: dict[int, list[RenderedTrajectory]] = {}
     for rendered in render_trajectories(trajectories, recipe, renderer):
         groups.setdefault(rendered.group, []).append(rendered)
     members = list(groups.values())
     units = [[doc for r in group for doc in r.documents] for group in members]
-    bins = first_fit(units, max_tokens, share_prefixes)
+    bins = first_fit(units, max_tokens, False)  # same bins (and optimiser steps) with or without sharing
     return [
         pack_rendered(
             [r for g in b for r in members[g]], vocab_size=vocab_size, share_prefixes=share_prefixes
