@@ -274,24 +274,21 @@ def pack(sequences: Sequence[PackSequence], *, vocab_size: int | None = None) ->
             weights.extend(label_weights)
             label_seq.extend([s] * n)
 
-    def long(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long)
-
-    return PackedBatch(
-        input_ids_T=long(input_ids),
-        position_ids_T=long(positions),
-        doc_T=long(docs),
-        span_T=long(spans),
-        is_spine_T=torch.tensor(is_spine, dtype=torch.bool),
-        attach_T=long(attach),
-        label_src_L=long(src),
-        label_target_L=long(targets),
-        label_weight_L=torch.tensor(weights, dtype=torch.float32),
-        label_seq_L=long(label_seq),
-        seq_doc_S=long(seq_doc),
-        seq_meta=seq_meta,
-        num_branches=num_branches,
-        span_parent_P=long(span_parent),
+    return _batch_from_lists(
+        input_ids,
+        positions,
+        docs,
+        spans,
+        is_spine,
+        attach,
+        src,
+        targets,
+        weights,
+        label_seq,
+        seq_doc,
+        seq_meta,
+        num_branches,
+        span_parent,
     )
 
 
@@ -538,13 +535,49 @@ def pack_shared(sequences: Sequence[PackSequence], *, vocab_size: int | None = N
         weights.extend(label.weights())
         label_seq.extend([s] * len(label.token_ids))
 
+    return _batch_from_lists(
+        input_ids,
+        positions,
+        trees,
+        spans,
+        is_spine,
+        attach,
+        src,
+        targets,
+        weights,
+        label_seq,
+        seq_doc,
+        seq_meta,
+        len(span_parent) - len(trie.roots),
+        span_parent,
+    )
+
+
+def _batch_from_lists(
+    input_ids,
+    positions,
+    docs,
+    spans,
+    is_spine,
+    attach,
+    src,
+    targets,
+    weights,
+    label_seq,
+    seq_doc,
+    seq_meta,
+    num_branches,
+    span_parent,
+) -> PackedBatch:
+    """A PackedBatch from the per-token / per-label Python lists both packers build."""
+
     def long(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long)
 
     return PackedBatch(
         input_ids_T=long(input_ids),
         position_ids_T=long(positions),
-        doc_T=long(trees),
+        doc_T=long(docs),
         span_T=long(spans),
         is_spine_T=torch.tensor(is_spine, dtype=torch.bool),
         attach_T=long(attach),
@@ -554,6 +587,6 @@ def pack_shared(sequences: Sequence[PackSequence], *, vocab_size: int | None = N
         label_seq_L=long(label_seq),
         seq_doc_S=long(seq_doc),
         seq_meta=seq_meta,
-        num_branches=len(span_parent) - len(trie.roots),
+        num_branches=num_branches,
         span_parent_P=long(span_parent),
     )
