@@ -248,41 +248,54 @@ def test_agent_code_cannot_forge_a_passing_verdict(kind):
 
 @needs_bwrap
 def test_expected_values_never_reach_the_sandbox():
-    """Package code run by the verifier looks everywhere it can for the hidden tests and their values."""
+    """Package code run by the verifier looks everywhere it can for the hidden tests and their values.
+
+    The spy is told what to look for and reports only where it found it: it used to write everything
+    it read to one file, which the sandbox's 8 MiB file-size limit cut (so most of what it read was
+    never checked, and a cut inside a UTF-8 character failed the test)."""
     # the walk over the sandbox's whole tree needs more than mk()'s 3 s on a loaded machine
     env = EmbeddedEnv(generate_task("train", 4, "easy"), limits=Limits(timeout_s=30, cpu_s=30))
     env.reset()
     try:
         package, _, _ = _module0(env)
-        spy = """
-import os
-found = []
-for top in ("/hidden", "/tmp", "/testbed", "/proc/self", "/"):
-    for root, dirs, files in os.walk(top):
-        dirs[:] = [d for d in dirs if d not in ("proc", "sys", "usr", "dev")]
-        for name in files:
-            try:
-                with open(os.path.join(root, name), "rb") as fh:
-                    found.append(fh.read(200000).decode("utf-8", "replace"))
-            except OSError:
-                pass
-found.append(" ".join(os.environ.values()))
-with open("/testbed/spy.txt", "w") as fh:
-    fh.write("\\n".join(found))
-"""
-        edit(env, command="create", path=f"/testbed/{package}/zz_spy.py", file_text=spy)
-        call(env, "finish", message="done")
-        env.verify()
-        seen = (env.workspace / "spy.txt").read_text()
         hidden = env.task.hidden_tests["test_hidden.py"]
-        assert "assert got" not in seen and "test_hidden" not in seen
         inputs = {ln.split("(", 1)[1].rsplit(")", 1)[0] for ln in hidden.splitlines() if "got = " in ln}
         wants = {
             ln.split("==", 1)[1].split(', f"', 1)[0].strip() for ln in hidden.splitlines() if "got ==" in ln
         }
         assert wants - inputs, "every expected value is also an input: the check below would be empty"
-        for want in wants - inputs:
-            assert want not in seen, want
+        needles = ["assert got", "test_hidden", *sorted(wants - inputs)]
+        spy = f"""
+import json, os
+NEEDLES = [n.encode() for n in {needles!r}]
+hits, scanned = [], 0
+
+def look(where, data):
+    hits.extend([where, n.decode()] for n in NEEDLES if n in data)
+
+for top in ("/hidden", "/tmp", "/testbed", "/proc/self", "/"):
+    for root, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if d not in ("proc", "sys", "usr", "dev")]
+        for name in files:
+            path = os.path.join(root, name)
+            if name == "spy.txt" or name.startswith("zz_spy"):  # itself (its .pyc holds the needles)
+                continue
+            try:
+                with open(path, "rb") as fh:
+                    look(path, fh.read(200000))
+                scanned += 1
+            except OSError:
+                pass
+look("environ", " ".join(os.environ.values()).encode())
+with open("/testbed/spy.txt", "w") as fh:
+    json.dump({{"scanned": scanned, "hits": hits}}, fh)
+"""
+        edit(env, command="create", path=f"/testbed/{package}/zz_spy.py", file_text=spy)
+        call(env, "finish", message="done")
+        env.verify()
+        report = json.loads((env.workspace / "spy.txt").read_text())
+        assert report["scanned"] > 50, report  # it did walk the sandbox's tree
+        assert report["hits"] == [], report["hits"][:10]
     finally:
         env.close()
 

@@ -474,8 +474,13 @@ def test_every_phase_says_what_it_does_and_shows_progress(tmp_path, lab_assets, 
     assert lines[2] == "[dagger] step 1: held-out evaluation, 2 greedy student episodes"
     assert lines[3] == "[dagger] step 1: reverse KL to the teacher (§4.4), 1 sampled student episode"
     assert lines[4].startswith("[dagger] step 1: resolve_rate ")
-    bars = [line for line in out.splitlines() if line.startswith("rollouts")]
-    assert [bar.split()[2] for bar in bars] == ["2/2", "2/2", "1/1"]  # training, evaluation, KL states
+    # each bar names its phase (all three used to be titled "rollouts")
+    bars = [line.split() for line in out.splitlines() if line.split()[1:2] == ["episodes"]]
+    assert [(bar[0], bar[2]) for bar in bars] == [  # title, "episodes", done/total
+        ("DAgger", "2/2"),
+        ("eval", "2/2"),
+        ("kl-diagnostic", "1/1"),
+    ]
 
 
 # -- building apart from the loop (issue 13, item 2) -----------------------------------------------

@@ -285,7 +285,7 @@ class _Run:
         total = len(pending)
         live: list[_Episode] = []
         start = time.perf_counter()
-        bar = _ProgressBar(total, self.e.progress)
+        bar = _ProgressBar(total, self.e.progress, f"{self.e.recipe.display_name} episodes")
         pool = ThreadPoolExecutor(max_workers=self.e.concurrency, thread_name_prefix="unipost-env")
         try:
             with bar:
@@ -548,31 +548,27 @@ def _task_id(env: Any, task: Any, index: int) -> str:
 class _ProgressBar:
     """A rich progress bar over episodes (or nothing): finished / total, turns, teacher share, errors."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, title: str = "episodes") -> None:
         self.total = total
+        self.title = title
         self.enabled = enabled
         self.turns = self.teacher = self.errors = self.resolved = 0
         self.progress: Any = None
 
     def __enter__(self) -> _ProgressBar:
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+            # Title and done/total in one column, counters last: a narrow console cuts the counters,
+            # never what the bar is or how far it is.
             self.progress = Progress(
-                TextColumn("rollouts"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
+                TextColumn("{task.description} {task.completed}/{task.total}", markup=False),
+                BarColumn(bar_width=20),
                 TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
             )
             self.progress.__enter__()
-            self.task = self.progress.add_task("rollouts", total=self.total, info="")
+            self.task = self.progress.add_task(self.title, total=self.total, info="")
         return self
 
     def advance(self, traj: Trajectory) -> None:
