@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `factories` when run as the worker script
 
-from factories import TOOLS, make_trajectory
+from factories import TOOLS, make_trajectory, session_cache
 
 WORLD = 2
 ATOL = 1e-6  # gradients
@@ -219,7 +219,7 @@ def test_trainer_two_processes_equal_one(tmp_path):
     from unipost.train.checkpoint import CheckpointManager
     from unipost.train.trainer import Trainer
 
-    cache = tmp_path / "cache"
+    cache = Path(session_cache())
     one = Trainer(trainer_config(tmp_path, cache, "one"))
     one.fit()
     config_file = tmp_path / "two.json"

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from factories import TINY, tiny_train_config
+from factories import TINY, session_cache, tiny_train_config
 
 from unipost.batch import build_batch
 from unipost.kernels import packed_logprobs
@@ -56,7 +56,7 @@ def _split(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, t
 
 
 def test_lora_trains_only_the_adapter_and_resumes(tmp_path):
-    cache_dir = str(tmp_path / "cache")
+    cache_dir = session_cache()
     tokenizer = build_task_tokenizer(1024, difficulty="easy", max_observation_chars=600, cache_dir=cache_dir)
     cfg = lora_config(tmp_path, cache_dir, model=ModelConfig(**TINY, tokenizer_vocab=1024, lora_rank=4))
     trainer = Trainer(cfg, tokenizer=tokenizer)
@@ -273,7 +273,7 @@ def test_smollm2_lora_dagger_iteration(smollm2, tmp_path):
     saved_s = time.perf_counter() - started
     cfg = lora_config(
         tmp_path,
-        str(tmp_path / "cache"),
+        session_cache(),
         recipe="dagger",
         recipe_kwargs={"beta": 0.5, "filter_unsubmitted": False},  # 3 turns never reach a submission
         model=ModelConfig(kind="pretrained", path=str(path), lora_rank=8),

@@ -98,12 +98,12 @@ def test_bad_arguments_say_what_is_wrong(local_ray):
 def test_trainer_with_ray_env_workers_equals_in_process(local_ray, tmp_path):
     """The docs/scaling.md recipe: Trainer(env_factory=pool.factory, teacher_policy=RemoteExpert())
     trains on the same trajectories, to the same weights (atol 1e-6), as the in-process Trainer."""
-    from factories import tiny_train_config
+    from factories import session_cache, tiny_train_config
 
     from unipost.train.trainer import Trainer
 
     def config(name):
-        base = tiny_train_config(tmp_path, tmp_path / "cache", "sft", iterations=1)
+        base = tiny_train_config(tmp_path, session_cache(), "sft", iterations=1)
         return base.replace(name=name, recipe_kwargs={"rejection_sampling": False})
 
     local = Trainer(config("local"))

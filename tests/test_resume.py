@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from factories import tiny_train_config
+from factories import session_cache, tiny_train_config
 
 from unipost.rollout.store import load
 from unipost.train.config import (
@@ -65,7 +65,7 @@ def stable(records: list[dict]) -> list[dict]:
 
 
 def test_kill9_mid_iteration_then_resume_matches_uninterrupted(tmp_path):
-    cache = tmp_path / "cache"
+    cache = Path(session_cache())  # the process's warm cache: the runs share its tokenizer build
     env = {**os.environ, "UNIPOST_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
     straight, killed = config(tmp_path, cache, "straight"), config(tmp_path, cache, "killed")
     for cfg in (straight, killed):

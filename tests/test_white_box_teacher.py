@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import tiny_train_config
+from factories import session_cache, tiny_train_config
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from unipost.train.config import TeacherConfig
@@ -35,7 +35,7 @@ def _save_tiny(path, vocab_size: int, seed: int = 3) -> Qwen3ForCausalLM:
 def _config(tmp_path, teacher_dir):
     return tiny_train_config(
         tmp_path / "runs",
-        tmp_path / "cache",
+        session_cache(),
         "opd",
         teacher=TeacherConfig(
             white_box="pretrained", white_box_path=str(teacher_dir), white_box_dtype="float32"
