@@ -34,6 +34,43 @@ class ChatPolicyBase(SamplingAttributes):
     require_call: bool
     context_budget: int | None
 
+    def _init_chat(
+        self,
+        tokenizer: Any,
+        *,
+        style: Any,
+        name: str,
+        context_budget: int | None,
+        seed: int | None,
+        generator: Any,
+        max_calls: int | None,
+        require_call: bool,
+        end_of_turn: str,
+    ) -> None:
+        """The settings both engines take the same way (one copy, so their checks cannot drift): the
+        tokenizer's own chat template (required), tool-call style, budget, seeding, call limits and
+        the end-of-turn token generation stops at."""
+        import torch
+
+        from unipost.rendering.toolcalls import detect_style
+
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        template = getattr(tokenizer, "chat_template", None)
+        if not isinstance(template, str):
+            raise ValueError(
+                "the tokenizer has no chat template; set tokenizer.chat_template (its native format)"
+            )
+        self.tokenizer = tokenizer
+        self.style = style or detect_style(template)
+        self.name = name
+        self.context_budget = context_budget
+        self.generator = generator if seed is None else torch.Generator().manual_seed(seed)
+        self.max_calls = max_calls
+        self.require_call = require_call
+        self.end_of_turn = end_of_turn
+        self.eot_id = self.token_id(end_of_turn)
+
     def token_id(self, token: str) -> int:
         """The id of a special token (e.g. the end-of-turn marker generation stops at), or a clear error."""
         token_id = self.tokenizer.convert_tokens_to_ids(token)

@@ -47,7 +47,6 @@ from transformers import (
 from unipost.data import Message
 from unipost.rendering.toolcalls import (
     ToolCallStyle,
-    detect_style,
 )
 from unipost.rollout.chat_policy import ChatPolicyBase
 from unipost.rollout.policy import AgentState, PolicyOutput
@@ -213,26 +212,14 @@ class TransformersPolicy(ChatPolicyBase):
         self.sampling = SamplingConfig.resolve(
             sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs
         )
-        if seed is not None and generator is not None:
-            raise ValueError("pass either seed or generator, not both")
         self.model = model
-        self.tokenizer = tokenizer
-        template = getattr(tokenizer, "chat_template", None)
-        if not isinstance(template, str):
-            raise ValueError(
-                "the tokenizer has no chat template; set tokenizer.chat_template (its native format)"
-            )
-        self.style: ToolCallStyle = style or detect_style(template)
-        self.name = name
-        self.context_budget = context_budget
-        self.generator = generator if seed is None else torch.Generator().manual_seed(seed)
-        self.max_calls = max_calls
-        self.require_call = require_call
+        self._init_chat(
+            tokenizer, style=style, name=name, context_budget=context_budget, seed=seed,
+            generator=generator, max_calls=max_calls, require_call=require_call, end_of_turn=end_of_turn,
+        )  # fmt: skip
         self.score_batch_size = score_batch_size
-        self.end_of_turn = end_of_turn
-        self.eot_id = eot_id = self.token_id(end_of_turn)
         pad = tokenizer.pad_token_id
-        self.pad_id: int = pad if pad is not None else eot_id
+        self.pad_id: int = pad if pad is not None else self.eot_id
         self.prefix_cache = PrefixKVCache(int(prefix_cache_mb * 2**20))
         self.kv_stats = {"prompt_tokens": 0, "reused_tokens": 0, "generate_calls": 0}
         self._weights_key: tuple | None = None

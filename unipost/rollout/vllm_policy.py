@@ -45,7 +45,6 @@ from unipost._optional import require
 from unipost.data import Message
 from unipost.rendering.toolcalls import (
     ToolCallStyle,
-    detect_style,
 )
 from unipost.rollout.chat_policy import ChatPolicyBase
 from unipost.rollout.policy import AgentState, PolicyOutput
@@ -136,7 +135,7 @@ class VLLMPolicy(ChatPolicyBase):
                 f"logprobs='raw' (log_softmax(logits / T) before top-p) needs temperature 1 or top_p 1; "
                 f"got temperature={temperature}, top_p={top_p} (use logprobs='sampling' instead)"
             )
-        if seed is not None and generator is not None:
+        if seed is not None and generator is not None:  # before the engine starts (also in _init_chat)
             raise ValueError("pass either seed or generator, not both")
         vllm = require("vllm")
         self._tmpdir: str | None = None
@@ -156,21 +155,11 @@ class VLLMPolicy(ChatPolicyBase):
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        template = getattr(tokenizer, "chat_template", None)
-        if not isinstance(template, str):
-            raise ValueError(
-                "the tokenizer has no chat template; set tokenizer.chat_template (its native format)"
-            )
         self.model_dir = model_dir
-        self.tokenizer = tokenizer
-        self.style: ToolCallStyle = style or detect_style(template)
-        self.name = name
-        self.context_budget = context_budget
-        self.generator = generator if seed is None else torch.Generator().manual_seed(seed)
-        self.max_calls = max_calls
-        self.require_call = require_call
-        self.end_of_turn = end_of_turn
-        self.eot_id = self.token_id(end_of_turn)
+        self._init_chat(
+            tokenizer, style=style, name=name, context_budget=context_budget, seed=seed,
+            generator=generator, max_calls=max_calls, require_call=require_call, end_of_turn=end_of_turn,
+        )  # fmt: skip
         self.in_process = in_process
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

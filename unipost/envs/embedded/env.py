@@ -27,7 +27,7 @@ from unipost.envs.embedded.tools import (
     parse_tool_call,
     tool_schemas,
 )
-from unipost.envs.embedded.verifier import EndedBy, classify, run_hidden_tests
+from unipost.envs.embedded.verifier import EndedBy, verify_episode
 from unipost.rendering.toolcalls import loads_bounded
 from unipost.rendering.toolcalls import value_depth as nesting_depth
 
@@ -98,18 +98,7 @@ class EmbeddedEnv:
 
     def verify(self, ended_by: EndedBy = None) -> Outcome:
         """Run the hidden tests (when submitted) and classify; ``ended_by`` comes from the rollout engine."""
-        if self.workspace is None or self.sandbox is None:
-            raise RuntimeError("EmbeddedEnv.verify() called before reset().")
-        report = run_hidden_tests(self.task, self.sandbox) if self.submitted else None
-        return classify(
-            self.task,
-            self.workspace,
-            report,
-            submitted=self.submitted,
-            turn_tool_errors=self.turn_tool_errors,
-            actions=self.actions,
-            ended_by=ended_by,
-        )
+        return verify_episode(self, ended_by)
 
     def close(self) -> None:
         if self.workspace is not None:
@@ -126,7 +115,7 @@ class EmbeddedEnv:
     def _execute(self, call: Any, i: int) -> tuple[str, str, str | None, str]:
         """(observation text, tool name, tool-error kind or None, call id) of one call."""
         call_id = call_id_of(call, i)
-        raw_name = _raw_name(call)
+        raw_name = tool_call_name(call)
         parsed = None
         try:
             parsed = parse_tool_call(call)
@@ -210,7 +199,9 @@ def _user(text: str) -> Message:
     return {"role": "user", "content": text}
 
 
-def _raw_name(call: Any) -> str:
+def tool_call_name(call: Any) -> str:
+    """The name a (possibly malformed) tool call gives, printable and at most 200 characters, or
+    ``"unknown"``: what error messages and statistics may show of an untrusted call."""
     if isinstance(call, dict):
         fn = call.get("function") if isinstance(call.get("function"), dict) else call
         name = fn.get("name")

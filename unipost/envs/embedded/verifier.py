@@ -242,6 +242,25 @@ def _read_regular(path: Path, limit: int = 1_000_000) -> str:
         os.close(fd)
 
 
+def verify_episode(env: Any, ended_by: EndedBy = None) -> Outcome:
+    """The one verify path of the environments built on the embedded world (``EmbeddedEnv``,
+    ``OpenHandsEnv``): the hidden tests in the sandbox when the agent submitted, then the Table-4
+    classification. ``env`` has ``task``, ``workspace``, ``sandbox``, ``submitted``,
+    ``turn_tool_errors`` and ``actions``; ``ended_by`` comes from the rollout engine."""
+    if env.workspace is None or env.sandbox is None:
+        raise RuntimeError(f"{type(env).__name__}.verify() called before reset().")
+    report = run_hidden_tests(env.task, env.sandbox) if env.submitted else None
+    return classify(
+        env.task,
+        env.workspace,
+        report,
+        submitted=env.submitted,
+        turn_tool_errors=env.turn_tool_errors,
+        actions=env.actions,
+        ended_by=ended_by,
+    )
+
+
 def classify(
     task: Task,
     workspace: Path,

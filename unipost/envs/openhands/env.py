@@ -27,11 +27,11 @@ from typing import Any
 
 from unipost.data import Message, Outcome
 from unipost.envs.base import StepResult
-from unipost.envs.embedded.env import SYSTEM_PROMPT, _raw_name, execute_tool_calls
+from unipost.envs.embedded.env import SYSTEM_PROMPT, execute_tool_calls, tool_call_name
 from unipost.envs.embedded.sandbox import WORKSPACE, Limits, Sandbox
 from unipost.envs.embedded.tasks import Difficulty, Task, generate_task
 from unipost.envs.embedded.tools import tool_schemas, truncate_middle
-from unipost.envs.embedded.verifier import EndedBy, classify, run_hidden_tests
+from unipost.envs.embedded.verifier import EndedBy, verify_episode
 from unipost.envs.openhands.client import WorkerError, WorkerProcess, venv_python
 
 OPENHANDS_TOOL_NAMES = ("terminal", "file_editor", "finish", "think")
@@ -131,18 +131,7 @@ class OpenHandsEnv:
 
     def verify(self, ended_by: EndedBy = None) -> Outcome:
         """The embedded verifier: hidden tests in the sandbox (when submitted), Table-4 classification."""
-        if self.workspace is None or self.sandbox is None:
-            raise RuntimeError("OpenHandsEnv.verify() called before reset().")
-        report = run_hidden_tests(self.task, self.sandbox) if self.submitted else None
-        return classify(
-            self.task,
-            self.workspace,
-            report,
-            submitted=self.submitted,
-            turn_tool_errors=self.turn_tool_errors,
-            actions=self.actions,
-            ended_by=ended_by,
-        )
+        return verify_episode(self, ended_by)
 
     def close(self) -> None:
         worker, workspace = self.worker, self.workspace
@@ -234,7 +223,7 @@ class OpenHandsEnv:
 
     def _execute(self, call: Any, i: int) -> tuple[str, str, bool, str]:
         call_id = str(call.get("id") or f"call_{i}") if isinstance(call, dict) else f"call_{i}"
-        raw_name = _raw_name(call)
+        raw_name = tool_call_name(call)
         if not isinstance(call, dict):
             return f"ERROR:\nTool call must be an object, got {type(call).__name__}.", raw_name, True, call_id
         fn = call.get("function") if isinstance(call.get("function"), dict) else call
