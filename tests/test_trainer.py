@@ -433,6 +433,32 @@ def test_offline_sft_needs_no_live_teacher(tmp_path, cache_dir, task_tokenizer):
     assert trainer.teacher_policy is None and trainer.engine is None
 
 
+def test_a_tokenizer_save_killed_midway_leaves_no_half_written_cache(tmp_path, monkeypatch):
+    """The task tokenizer used to be saved straight into its cache folder: a process killed mid-save
+    left a half-written tokenizer.json there, and every later run with that cache failed to load it.
+    Now it is saved aside and renamed into place, so the next run simply builds it again."""
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+
+    real_save = PreTrainedTokenizerFast.save_pretrained
+
+    def killed_midway(self, save_directory, *args, **kwargs):
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        (Path(save_directory) / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        build_task_tokenizer(512, difficulty="easy", max_observation_chars=600, cache_dir=tmp_path)
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", real_save)
+    tok = build_task_tokenizer(512, difficulty="easy", max_observation_chars=600, cache_dir=tmp_path)
+    assert len(tok) > 256
+    again = build_task_tokenizer(512, difficulty="easy", max_observation_chars=600, cache_dir=tmp_path)
+    assert again.get_vocab() == tok.get_vocab()  # the second call reads the cached copy
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 def test_max_effective_samples_stops_on_the_budget(tmp_path):
     """The matched budget ends a run after the iteration that reaches it, overshooting by < 1 trajectory.
     (Moved here from test_bench_methods.py: it tests the Trainer, not the benchmark.) It is also the

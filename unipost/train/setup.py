@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,8 +95,19 @@ def build_task_tokenizer(
     renderer = ChatRenderer(plain, tool_schemas())
     corpus = [renderer.render_text(t.messages(), add_generation_prompt=False) for t in demos]
     tok = build_tokenizer(corpus, vocab_size=vocab_size)
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(path))
+    # Written whole or not at all: saved into a private folder, then renamed into place, so a process
+    # killed mid-save (or another process building the same key at the same time) never leaves a
+    # half-written tokenizer.json that every later run would fail to load.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process renamed its copy first: theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "tokenizer.json").exists():
+            raise
     return tok
 
 
