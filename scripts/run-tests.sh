@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh
 . .venv/bin/activate
 # -n auto: one pytest-xdist worker per core (tests/conftest.py gives each its share of threads);
-# --dist loadfile keeps a module on one worker, so module-scoped fixtures are built once.
-# Pass -n 0 to run in one process.
-python -m pytest -q -n auto --dist loadfile "$@"
+# --dist loadfile keeps a module on one worker, so module-scoped fixtures are built once;
+# --no-loadscope-reorder keeps conftest.py's longest-first module order. -n 0: one process.
+python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder "$@"

@@ -47,7 +47,10 @@ def lab_assets(tmp_path_factory) -> str:
     root = (base.parent if worker else base) / "lab-quick"
     root.mkdir(exist_ok=True)
     out = root / "tiny-lab"
+    failed = root / "build.failed"  # a failed build is reported to every worker, not retried by each
     with FileLock(str(root / "build.lock")):
+        if failed.is_file():
+            pytest.fail(f"the quick warm-start build failed (in another worker):\n{failed.read_text()}")
         if not (out / "manifest.json").is_file():
             script = Path(__file__).resolve().parents[1] / "scripts" / "build-warm-start.py"
             env = {**os.environ, "UNIPOST_CACHE": str(root / "cache")}  # demos: the run's temp, not ~/.cache
@@ -58,7 +61,9 @@ def lab_assets(tmp_path_factory) -> str:
                 env=env,
                 timeout=900,
             )
-            assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+            if run.returncode != 0:
+                failed.write_text(run.stdout[-2000:] + run.stderr[-2000:])
+                pytest.fail(f"the quick warm-start build failed:\n{failed.read_text()}")
     return str(out)
 
 
@@ -73,8 +78,9 @@ _EMBEDDED_ENV_MODULES = {"test_trainer", "test_resume", "test_main_job", "test_p
 
 
 # The modules that take longest (wall seconds, measured with --durations on the 2-core machine), run
-# first: pytest-xdist's --dist loadfile hands out whole modules in collection order, so a long module
-# collected last would leave one worker running it alone at the end. Order only; nothing depends on it.
+# first: pytest-xdist's --dist loadfile hands out whole modules in collection order (run-tests.sh passes
+# --no-loadscope-reorder, which would otherwise sort modules by test count and leave these one-test,
+# minute-long modules to the end, running alone). Order only; nothing depends on it.
 _LONGEST_FIRST = (
     "test_main_job",
     "test_resume",

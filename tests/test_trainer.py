@@ -456,7 +456,14 @@ def test_a_tokenizer_save_killed_midway_leaves_no_half_written_cache(tmp_path, m
     assert len(tok) > 256
     again = build_task_tokenizer(512, difficulty="easy", max_observation_chars=600, cache_dir=tmp_path)
     assert again.get_vocab() == tok.get_vocab()  # the second call reads the cached copy
-    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the killed save's folder too
+
+    # an older unipost's partial saves: config files without tokenizer.json, or a truncated tokenizer.json
+    (cached,) = [p for p in tmp_path.iterdir() if p.name.startswith("tokenizer-")]
+    (cached / "tokenizer.json").unlink()
+    assert build_task_tokenizer(512, difficulty="easy", max_observation_chars=600, cache_dir=tmp_path)
+    (cached / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    assert build_task_tokenizer(512, difficulty="easy", max_observation_chars=600, cache_dir=tmp_path)
 
 
 def test_max_effective_samples_stops_on_the_budget(tmp_path):

@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,9 +87,13 @@ def build_task_tokenizer(
 
     path = cache_root(cache_dir) / f"tokenizer-{_key('tok', vocab_size, difficulty, max_observation_chars)}"
     if (path / "tokenizer.json").exists():
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-        tok.chat_template = load_template()
-        return tok
+        try:
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        except Exception:  # a copy left half-written by an older unipost: build it again below
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            tok.chat_template = load_template()
+            return tok
     demos = expert_trajectories(
         24, difficulty=difficulty, max_observation_chars=max_observation_chars, start=10_000
     )
@@ -99,15 +105,18 @@ def build_task_tokenizer(
     # killed mid-save (or another process building the same key at the same time) never leaves a
     # half-written tokenizer.json that every later run would fail to load.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(str(tmp))
+    if path.exists() and not (path / "tokenizer.json").exists():
+        shutil.rmtree(path, ignore_errors=True)  # an older unipost's partial save: no tokenizer.json
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
     try:
-        os.replace(tmp, path)
-    except OSError:  # another process renamed its copy first: theirs is as good as ours
+        tok.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process renamed its copy first: theirs is as good as ours
+            if not (path / "tokenizer.json").exists():
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "tokenizer.json").exists():
-            raise
     return tok
 
 
