@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's test command: set up .venv (CPU torch) and run the default suite (~5 min on an idle 2-core machine).
+# The README's test command: set up .venv (CPU torch) and run the default suite (~3-4 min on an idle 2-core machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh
