@@ -275,20 +275,20 @@ def pack(sequences: Sequence[PackSequence], *, vocab_size: int | None = None) ->
             label_seq.extend([s] * n)
 
     return _batch_from_lists(
-        input_ids,
-        positions,
-        docs,
-        spans,
-        is_spine,
-        attach,
-        src,
-        targets,
-        weights,
-        label_seq,
-        seq_doc,
-        seq_meta,
-        num_branches,
-        span_parent,
+        input_ids=input_ids,
+        positions=positions,
+        docs=docs,
+        spans=spans,
+        is_spine=is_spine,
+        attach=attach,
+        src=src,
+        targets=targets,
+        weights=weights,
+        label_seq=label_seq,
+        seq_doc=seq_doc,
+        seq_meta=seq_meta,
+        num_branches=num_branches,
+        span_parent=span_parent,
     )
 
 
@@ -536,24 +536,25 @@ def pack_shared(sequences: Sequence[PackSequence], *, vocab_size: int | None = N
         label_seq.extend([s] * len(label.token_ids))
 
     return _batch_from_lists(
-        input_ids,
-        positions,
-        trees,
-        spans,
-        is_spine,
-        attach,
-        src,
-        targets,
-        weights,
-        label_seq,
-        seq_doc,
-        seq_meta,
-        len(span_parent) - len(trie.roots),
-        span_parent,
+        input_ids=input_ids,
+        positions=positions,
+        docs=trees,
+        spans=spans,
+        is_spine=is_spine,
+        attach=attach,
+        src=src,
+        targets=targets,
+        weights=weights,
+        label_seq=label_seq,
+        seq_doc=seq_doc,
+        seq_meta=seq_meta,
+        num_branches=len(span_parent) - len(trie.roots),
+        span_parent=span_parent,
     )
 
 
 def _batch_from_lists(
+    *,
     input_ids,
     positions,
     docs,
@@ -569,7 +570,8 @@ def _batch_from_lists(
     num_branches,
     span_parent,
 ) -> PackedBatch:
-    """A PackedBatch from the per-token / per-label Python lists both packers build."""
+    """A PackedBatch from the per-token / per-label Python lists both packers build (keyword-only: fourteen
+    lists of ints side by side would be easy to pass in the wrong order)."""
 
     def long(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long)
