@@ -12,7 +12,7 @@ import pytest
 import torch
 from factories import TOOLS, make_trajectory
 
-from unipost.batch import EmptyBatchError, build_batch, objective_loss
+from unipost.batch import EmptyBatchError, build_batch, group_keys, objective_loss
 from unipost.kernels.model import packed_logprobs
 from unipost.models import build_tiny_qwen3
 from unipost.objective import (
@@ -305,3 +305,40 @@ def test_ratio_clip_gives_ppo_clipped_surrogate_gradient(tiny_model, renderer):
     for k, p in model.named_parameters():
         torch.testing.assert_close(g1[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)
     assert 0 < metrics["ratio_clipped_frac"] < 1
+
+
+def test_group_keys_keep_iterations_apart(tiny_model, renderer):
+    """Aggregated data (D_1 u D_2) reuses group numbers: the engine numbers groups per collection.
+
+    Group 0 of iteration 1 and group 0 of iteration 2 are different tasks; their baselines must not be
+    pooled (the old key, ``meta['group']`` alone, pooled them: every advantage here would change).
+    """
+    spec = [(1, "t1", 1.0), (1, "t1", 0.0), (2, "t2", 0.0), (2, "t2", 0.0), (2, "t2", 1.0)]
+    trajs = [
+        make_trajectory(
+            "ss", task_id=task, seed=i, reward=r, resolved=r == 1.0, meta={"group": 0, "iteration": it}
+        )
+        for i, (it, task, r) in enumerate(spec)
+    ]
+    keys = group_keys(trajs)
+    assert keys[0] == keys[1] and keys[2] == keys[3] == keys[4] and keys[0] != keys[2]
+    rewards = [r for _, _, r in spec]
+
+    def advantage(i):
+        members = [rewards[j] for j in range(len(spec)) if spec[j][0] == spec[i][0]]
+        mean = sum(members) / len(members)
+        return (rewards[i] - mean) / (torch.tensor(members).std().item() + 1e-6)
+
+    advantages = [advantage(i) for i in range(len(spec))]
+    selected = [
+        (tr, t.index, t.action, lambda lp, a=advantages[i]: torch.full_like(lp, a))
+        for i, tr in enumerate(trajs)
+        for t in tr.turns
+    ]
+    recipe = GRPO(group_size=3)
+    batch = build_batch(trajs, recipe, renderer)
+    compare(
+        tiny_model,
+        lambda: objective_loss(tiny_model, batch, recipe),
+        lambda: hand_loss(tiny_model, renderer, selected),
+    )

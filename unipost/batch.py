@@ -64,12 +64,15 @@ class TrainingBatch:
 
 
 def group_keys(trajectories: Sequence[Trajectory]) -> list[str]:
-    """Each trajectory's GRPO group: the same task and iteration (``meta['group']`` overrides).
+    """Each trajectory's GRPO group: its iteration and ``meta['group']`` (default: its task).
 
     The one definition of a group: the batch builder's baselines, the micro-batch packer and the
-    trainer's budget cut (which must never split a group) all read it.
+    trainer's budget cut (which must never split a group) all read it. The iteration is always part of
+    the key because the rollout engine numbers groups per collection (``meta['group']`` is the task's
+    index in that iteration's batch): without it, aggregated data (``aggregate=True``: D_1 u ... u D_i)
+    would merge group 0 of every iteration, i.e. different tasks, into one baseline.
     """
-    return [str(t.meta.get("group", (t.task_id, t.meta.get("iteration")))) for t in trajectories]
+    return [repr((t.meta.get("iteration"), t.meta.get("group", t.task_id))) for t in trajectories]
 
 
 def _group_ids(trajectories: Sequence[Trajectory]) -> torch.Tensor:
