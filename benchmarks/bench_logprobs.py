@@ -19,6 +19,12 @@ Implementations (``--impls``), each case in its OWN fresh Python process, one af
 * ``cce``         : cut-cross-entropy ``linear_cross_entropy(..., reduction="none")`` returning ``-logp``,
   ``impl="torch_compile"`` on CPU (its only CPU mode; it materialises the logits), its default ``"cce"``
   Triton kernels on CUDA;
+* ``gemm3``       : the three full-size GEMMs alone (logits ``h W^T`` kept for the backward, then
+  ``G W`` and ``G^T h`` with the kept logits standing in for their gradient ``G``), no softmax: the floor
+  of any method that stores the logits (naive, CCE's torch_compile);
+* ``gemm4``       : the four tile GEMMs alone, on ``ours``' tile plan (forward logits; backward recompute,
+  ``G W``, ``G^T h``), no softmax: the floor of any exact method that never stores [N, V] and takes
+  arbitrary upstream gradients. ``gemm3`` / ``gemm4`` produce no log-probs (their ``err`` is ``-``);
 * ``liger``       : liger-kernel; on CPU its plain-torch chunked log-prob function
   (``chunked_loss.fused_linear_ppo._ChunkedSelectiveLogProbFunction``, what its GRPO/PPO losses call), on
   CUDA its fused linear cross-entropy (``liger_fused_linear_cross_entropy(..., reduction="none")``).
@@ -47,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import statistics
@@ -57,10 +64,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-IMPLS = ("naive", "ours", "ours-eager", "ours-triton", "cce", "liger")
+IMPLS = ("naive", "ours", "ours-eager", "ours-triton", "cce", "liger", "gemm3", "gemm4")
+# The matrix work alone, no softmax: what the fastest possible method of each kind would cost here.
+FLOORS = ("gemm3", "gemm4")
 # Peak bytes per [N, V] logit in fwd+bwd for the methods that materialise logits (measured here: naive
 # ~12 in fp32 and bf16, CCE's torch_compile ~4 in fp32 and ~2.3 in bf16), with a margin.
-BYTES_PER_LOGIT = {"naive": {"fp32": 14, "bf16": 14}, "cce": {"fp32": 6, "bf16": 4}}
+BYTES_PER_LOGIT = {
+    "naive": {"fp32": 14, "bf16": 14},
+    "cce": {"fp32": 6, "bf16": 4},
+    "gemm3": {"fp32": 6, "bf16": 4},
+}
 DRY = {"n": [96], "v": [512], "hidden": 32, "warm_n": 64, "repeats": 1, "check": (48, 256, 32)}
 
 
@@ -103,7 +116,72 @@ def _impl(name: str, device: str):
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return (lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="none")), "flce"
+    if name in FLOORS:
+        fn = _Gemm3 if name == "gemm3" else _Gemm4
+        return (lambda h, w, t: fn.apply(h, w)), "matrix work only"
     raise ValueError(f"unknown impl {name!r}; choose from {IMPLS}")
+
+
+@functools.cache
+def _floor_functions():
+    """The two GEMM-floor autograd functions (defined lazily: torch is imported per worker process)."""
+    import torch
+
+    from unipost.kernels.logprobs import _plan_tiles
+
+    class Gemm3(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w):
+            z = h @ w.T  # [N, V], kept as a materialising method keeps its logits
+            ctx.save_for_backward(h, w, z)
+            return z[:, 0].float()
+
+        @staticmethod
+        def backward(ctx, grad):
+            h, w, z = ctx.saved_tensors
+            return z @ w, z.T @ h  # the stored logits stand in for dL/dz: same shapes, same GEMMs
+
+    class Gemm4(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w):
+            n, v = h.shape[0], w.shape[0]
+            rows, cols = _plan_tiles(n, v, None, None)
+            for r0 in range(0, n, rows):
+                for v0 in range(0, v, cols):
+                    h[r0 : r0 + rows] @ w[v0 : v0 + cols].T  # computed and dropped, as ours keeps only lse
+            ctx.save_for_backward(h, w)
+            ctx.tiles = rows, cols
+            return h.new_zeros(n, dtype=torch.float32)
+
+        @staticmethod
+        def backward(ctx, grad):
+            h, w = ctx.saved_tensors
+            (rows, cols), n, v = ctx.tiles, h.shape[0], w.shape[0]
+            gh, gw = torch.zeros_like(h), torch.zeros_like(w)
+            rows_outer = n >= v
+            outer = range(0, n, rows) if rows_outer else range(0, v, cols)
+            inner = range(0, v, cols) if rows_outer else range(0, n, rows)
+            for o0 in outer:
+                for i0 in inner:
+                    r0, v0 = (o0, i0) if rows_outer else (i0, o0)
+                    h_c, w_t = h[r0 : r0 + rows], w[v0 : v0 + cols]
+                    g = h_c @ w_t.T  # the recompute; stands in for dL/dz
+                    gh[r0 : r0 + rows].addmm_(g, w_t)
+                    gw[v0 : v0 + cols].addmm_(g.T, h_c)
+            return gh, gw
+
+    return Gemm3, Gemm4
+
+
+class _LazyFloor:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def apply(self, h, w):
+        return _floor_functions()[self.index].apply(h, w)
+
+
+_Gemm3, _Gemm4 = _LazyFloor(0), _LazyFloor(1)
 
 
 def _inputs(n: int, v: int, h: int, dtype, device: str, seed: int = 0):
@@ -190,7 +268,8 @@ def worker(spec: dict) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
     fn, variant = _impl(spec["impl"], device)
     row: dict = {"variant": variant}
-    row["err_logp"], row["err_grad"] = _check(fn, *spec["check"], dtype, device)
+    if spec["impl"] not in FLOORS:  # the floors compute no log-probs: nothing to check
+        row["err_logp"], row["err_grad"] = _check(fn, *spec["check"], dtype, device)
 
     # Warm up at the measured N by default: the tile plan (so the compiled graphs' specialisations) follows
     # N x V, and a smaller warm-up N let one tile graph recompile inside the timed calls.
@@ -341,8 +420,8 @@ def write_outputs(rows: list[dict], header: list[str], out_dir: Path, name: str)
         lines.append(
             f"{head} | {t} | {_f(r['time_vs_naive'], '.2f')} | {_f(r['time_vs_cce'], '.2f')} | "
             f"{r['extra_mib']:.0f} | {_f(r['extra_vs_naive'], '.2%')} | {_f(r.get('compile_s'), '.1f')} | "
-            f"{r['err_logp']:.1e} | {r['load1_before']}/{r['load1_after']} | {r['others_cores']} | "
-            f"{r['threads']} | {'BUSY' if r['busy'] else 'no'} |"
+            f"{_f(r.get('err_logp'), '.1e')} | {r['load1_before']}/{r['load1_after']} | "
+            f"{r['others_cores']} | {r['threads']} | {'BUSY' if r['busy'] else 'no'} |"
         )
     md_path.write_text("\n".join(lines) + "\n")
     return [csv_path, md_path, json_path]

@@ -59,3 +59,27 @@ def test_missing_peer_or_unusable_impl_is_a_row_not_a_crash(tmp_path):
     assert bench._skip_reason("ours", 16384, 152064, "fp32", "cpu", args) is None
     with pytest.raises(SystemExit):
         bench.parse_args(["--impls", "naive,nonsense"])
+
+
+@pytest.mark.parametrize("impl", ["gemm3", "gemm4"])
+def test_gemm_floors_do_exactly_the_matrix_work_they_claim(impl):
+    """The floor rows must do every tile's GEMMs once: their gradients equal the full-size products.
+
+    (A tile skipped or counted twice would make the floor, and every conclusion drawn from it, wrong.)
+    """
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_logprobs as bench
+    finally:
+        sys.path.pop(0)
+    fn, _ = bench._impl(impl, "cpu")
+    for n, v in ((300, 5000), (5000, 300)):  # both loop orders (rows outer and columns outer)
+        g = torch.Generator().manual_seed(n)
+        h = torch.randn(n, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(v, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        fn(h, w, None).sum().backward()
+        z = h.detach() @ w.detach().T
+        torch.testing.assert_close(h.grad, z @ w.detach(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(w.grad, z.T @ h.detach(), rtol=1e-10, atol=1e-10)
