@@ -8,6 +8,7 @@ crashing environments never end the run; batching does not change greedy traject
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from unipost.objective import (
     SFT,
     AggreVaTe,
     DAgger,
+    EpisodePlan,
     OwnSamples,
     PrefixSwitch,
     Recipe,
@@ -167,6 +169,24 @@ def test_grpo_groups():
     assert all(t.meta["group_size"] == 3 and t.meta["iteration"] == 5 for t in batch.trajectories)
     assert all(t.teacher_fraction == 0.0 for t in batch.trajectories)
     assert batch.stats.teacher_queries == 0
+
+
+def test_iteration_is_recorded_whatever_the_protocol_plans():
+    """GRPO groups are keyed by (iteration, group) and group numbers restart in every collection, so the
+    engine records the collection's iteration itself: a custom protocol whose plans omit it (as the
+    RolloutProtocol contract allows) must not let aggregated data pool different iterations' groups."""
+
+    class NoIterationRollout:
+        needs = frozenset()
+        group_size = 2
+        uses_teacher, uses_student, collects = False, True, True
+
+        def plan(self, iteration, rng):
+            return EpisodePlan(lambda t: "student", {"beta": 0.0})
+
+    recipe = dataclasses.replace(GRPO(group_size=2), rollout=NoIterationRollout())
+    batch = engine(recipe, student=weak_student(1, finish=True), max_turns=2).collect(tasks(1), 7)
+    assert [t.meta["iteration"] for t in batch.trajectories] == [7, 7]
 
 
 def test_constructor_and_collect_validate():

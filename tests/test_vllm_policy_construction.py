@@ -29,6 +29,9 @@ def _failing_engine(**kwargs: object) -> None:
 def temp_root(monkeypatch, tmp_path) -> Path:
     """Where ``tempfile.mkdtemp`` puts the temporary model copy, with vLLM stubbed by a failing engine."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # The in-process constructor sets this for vLLM before the (failing) engine starts; monkeypatch
+    # restores it afterwards, so it does not leak into later tests of the same worker.
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     monkeypatch.setattr(vllm_policy, "require", lambda name: types.SimpleNamespace(LLM=_failing_engine))
     return tmp_path
 

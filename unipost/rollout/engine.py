@@ -265,6 +265,10 @@ class _Run:
                 plan = self.e.plan_episode(self.protocol, self.iteration, i, g)
                 meta = {
                     **plan.meta,
+                    # Always the collection's iteration, whatever the protocol's plan records: GRPO
+                    # groups are keyed by (iteration, group) (``unipost.batch.group_keys``), and group
+                    # numbers restart in every collection.
+                    "iteration": self.iteration,
                     "group": i,
                     "sample": g,
                     "group_size": group_size,
