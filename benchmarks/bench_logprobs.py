@@ -117,7 +117,7 @@ def _impl(name: str, device: str):
 
         return (lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="none")), "flce"
     if name in FLOORS:
-        fn = _Gemm3 if name == "gemm3" else _Gemm4
+        fn = _floor_functions()[FLOORS.index(name)]
         return (lambda h, w, t: fn.apply(h, w)), "matrix work only"
     raise ValueError(f"unknown impl {name!r}; choose from {IMPLS}")
 
@@ -171,17 +171,6 @@ def _floor_functions():
             return gh, gw
 
     return Gemm3, Gemm4
-
-
-class _LazyFloor:
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def apply(self, h, w):
-        return _floor_functions()[self.index].apply(h, w)
-
-
-_Gemm3, _Gemm4 = _LazyFloor(0), _LazyFloor(1)
 
 
 def _inputs(n: int, v: int, h: int, dtype, device: str, seed: int = 0):
