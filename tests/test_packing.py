@@ -130,30 +130,68 @@ def test_tied_embeddings_tree(tokenizer):
     check_equal_to_separate(model, [random_tree(rng, model.config.vocab_size, 40, 6)])
 
 
-def test_no_cross_contamination(tiny_model):
-    """Changing one document's tokens leaves every other document's log-probs bit-identical."""
+def _label_tokens(seq: PackSequence) -> int:
+    return sum(len(label.token_ids) for label in seq.labels)
+
+
+def _edited(rng: random.Random, vocab: int, seq: PackSequence) -> PackSequence:
+    """``seq`` with every root token redrawn (different from the old one) and its labels kept."""
+    return PackSequence([(t + rng.randrange(1, vocab)) % vocab for t in seq.root], seq.labels)
+
+
+@pytest.mark.parametrize("attention", ["auto", "model"])
+def test_no_cross_contamination(tiny_model, attention):
+    """Changing one document's tokens leaves every other document's log-probs bit-identical, whichever
+    document changes: the one packed first, the one packed last, or one in the middle. (Editing only a
+    later document is not enough: plain causal attention already hides it from earlier ones.)"""
     rng = random.Random(3)
     vocab = tiny_model.config.vocab_size
-    a = random_tree(rng, vocab, 30, 4)
-    b = random_tree(rng, vocab, 30, 4)
-    b2 = PackSequence([rng.randrange(vocab) for _ in b.root], b.labels)
+    docs = [random_tree(rng, vocab, 30, 4) for _ in range(3)]
+    bounds = [0]
+    for doc in docs:
+        bounds.append(bounds[-1] + _label_tokens(doc))
     with torch.no_grad():
-        first = packed_logprobs(tiny_model, pack([a, b])).logp_L
-        second = packed_logprobs(tiny_model, pack([a, b2])).logp_L
-    n_a = sum(len(label.token_ids) for label in a.labels)
-    torch.testing.assert_close(first[:n_a], second[:n_a], atol=1e-6, rtol=0)
-    assert not torch.allclose(first[n_a:], second[n_a:])
+        before = packed_logprobs(tiny_model, pack(docs), attention=attention).logp_L
+        for edited in range(len(docs)):
+            changed = [_edited(rng, vocab, d) if i == edited else d for i, d in enumerate(docs)]
+            after = packed_logprobs(tiny_model, pack(changed), attention=attention).logp_L
+            for i in range(len(docs)):
+                old, new = before[bounds[i] : bounds[i + 1]], after[bounds[i] : bounds[i + 1]]
+                if i == edited:  # the edit reached the model: the edited document's log-probs moved
+                    assert not torch.allclose(old, new), f"editing document {edited} changed nothing"
+                else:
+                    torch.testing.assert_close(
+                        new, old, atol=1e-6, rtol=0, msg=f"editing document {edited} moved document {i}"
+                    )
 
 
-def test_branches_do_not_see_each_other(tiny_model):
-    """Two branches at the same point: editing one leaves the other unchanged."""
+@pytest.mark.parametrize("attention", ["auto", "model"])
+def test_branches_do_not_see_each_other(tiny_model, attention):
+    """Branches at the same point (and one at another point): editing any one branch leaves the spine's
+    and every other branch's log-probs unchanged, in both directions (a branch packed before the
+    edited one, and one packed after it)."""
     root = list(range(10, 30))
-    one = PackSequence(root, [Label(8, (3, 4, 5)), Label(8, (6, 7, 8, 9))])
-    two = PackSequence(root, [Label(8, (3, 4, 5)), Label(8, (60, 70, 80, 90))])
-    with torch.no_grad():
-        x = packed_logprobs(tiny_model, pack([one])).logp_L
-        y = packed_logprobs(tiny_model, pack([two])).logp_L
-    torch.testing.assert_close(x[:3], y[:3], atol=1e-6, rtol=0)
+    on_spine = Label(4, tuple(root[4:7]))  # scored on the spine: a branch must not reach it either
+    branches = [(8, (3, 4, 5)), (8, (6, 7, 8, 9)), (12, (40, 41, 42))]
+    variants = [(8, (50, 51, 5)), (8, (60, 70, 80, 9)), (12, (90, 91, 42))]  # same targets' last token
+
+    def logp(labels: list[tuple[int, tuple[int, ...]]]) -> list[torch.Tensor]:
+        seq = PackSequence(root, [on_spine] + [Label(c, ids) for c, ids in labels])
+        batch = pack([seq])
+        assert batch.num_branches == len(labels)
+        with torch.no_grad():
+            out = packed_logprobs(tiny_model, batch, attention=attention).logp_L
+        return list(out.split([len(label.token_ids) for label in seq.labels]))
+
+    before = logp(branches)
+    for edited in range(len(branches)):
+        after = logp([variants[i] if i == edited else b for i, b in enumerate(branches)])
+        assert not torch.allclose(before[1 + edited], after[1 + edited]), "the edit changed nothing"
+        for i in range(len(before)):
+            if i != 1 + edited:
+                torch.testing.assert_close(
+                    after[i], before[i], atol=1e-6, rtol=0, msg=f"editing branch {edited} moved label {i}"
+                )
 
 
 def test_weighted_nll_normalisations():
