@@ -3,7 +3,8 @@
 What must hold: the scripted expert, evaluated as a student, resolves every easy held-out task; a random
 tool-calling policy resolves none and its failure modes are counted per block (each block's fractions
 sum to 1); the Wilson interval matches published values and its defining equation; the table renders
-the methods and the paper's columns.
+the methods and the paper's columns; the tool-error mechanism metrics match hand counts on built
+trajectories; per-task outcomes survive a save / load and reproduce the mechanism metrics.
 """
 
 from __future__ import annotations
@@ -18,12 +19,18 @@ from unipost.data import Outcome, Trajectory, Turn
 from unipost.envs.embedded import EmbeddedEnv, ScriptedExpert, bwrap_available
 from unipost.eval import (
     COLUMNS,
+    MECHANISM_KEYS,
     MODE_TITLES,
     NO_SUBMISSION_MODES,
     SUBMITTED_UNRESOLVED_MODES,
     EvalResult,
+    eval_outcome_steps,
     evaluate_policy,
     failure_table,
+    load_eval_outcomes,
+    mechanism_metrics,
+    prune_eval_outcomes,
+    save_eval_outcomes,
     summary,
     to_markdown,
     wilson_interval,
@@ -215,3 +222,82 @@ def test_markdown_and_summary():
         failure_table({"x": 0.5})
     with pytest.raises(ValueError, match="non-empty"):
         to_markdown({})
+
+
+# -- mechanism metrics and per-task outcomes ------------------------------------------------------------
+
+
+def erring(flags: str, resolved: bool, task_id: str = "t") -> Trajectory:
+    """A trajectory whose turns are tool errors where ``flags`` has an 'x' ('.' a clean turn)."""
+    action = {"role": "assistant", "content": "x"}
+    return Trajectory(
+        task_id=task_id,
+        prompt=[{"role": "user", "content": "fix it"}],
+        turns=[
+            Turn(index=i, executor="student", action=action, tool_error=f == "x") for i, f in enumerate(flags)
+        ],
+        outcome=Outcome(resolved=resolved, submitted=resolved, reward=float(resolved)),
+    )
+
+
+def mechanism_episodes() -> list[Trajectory]:
+    return [
+        erring(".x.x", True, "a"),  # first error at turn 2; after it 1 error in 2 turns; x->. once
+        erring("xx..", False, "b"),  # first error at turn 1; after it 1 error in 3 turns; x->x, x->.
+        erring("....", True, "c"),  # no tool error
+        erring("", False, "d"),  # no turn at all
+    ]
+
+
+def test_mechanism_metrics_on_hand_built_trajectories():
+    r = EvalResult.from_trajectories(mechanism_episodes())
+    assert r.first_tool_error_turn == pytest.approx((2 + 1) / 2)  # 1-based, over the 2 erring episodes
+    assert r.episodes_with_tool_error == pytest.approx(2 / 4)
+    assert r.recovery_rate == pytest.approx(1 / 2)  # "a" resolved after its first error, "b" did not
+    assert r.tool_error_rate_after_first == pytest.approx(2 / 5)  # turns after the first error: 2 + 3
+    assert r.tool_error_after_error == pytest.approx(1 / 3)  # error turns with a next turn: a1, b0, b1
+    flat = r.to_dict()
+    assert flat["eval/first_tool_error_turn"] == 1.5 and flat["eval/recovery_rate"] == 0.5
+    assert flat["eval/tool_error_after_error"] == pytest.approx(1 / 3)
+    assert r.tool_error_rate == pytest.approx(4 / 12)  # the existing per-turn rate is unchanged
+
+
+def test_mechanism_metrics_are_undefined_not_zero_without_tool_errors():
+    clean = EvalResult.from_trajectories([erring("...", True), erring("..", False)])
+    assert clean.episodes_with_tool_error == 0.0
+    assert clean.first_tool_error_turn is clean.recovery_rate is clean.tool_error_after_error is None
+    flat = clean.to_dict()
+    assert flat["eval/episodes_with_tool_error"] == 0.0
+    assert "eval/recovery_rate" not in flat and "eval/first_tool_error_turn" not in flat
+    # an episode whose only error is its last turn: no turn after it, so no after-error rates
+    last = mechanism_metrics([([False, False, True], True)])
+    assert last["first_tool_error_turn"] == 3 and last["recovery_rate"] == 1.0
+    assert last["tool_error_rate_after_first"] is None and last["tool_error_after_error"] is None
+
+
+def test_eval_outcomes_round_trip_and_latest_step(tmp_path):
+    r = EvalResult.from_trajectories(mechanism_episodes())
+    assert r.task_outcomes() == {"a": True, "b": False, "c": True, "d": False}
+    folder = tmp_path / "eval"
+    save_eval_outcomes(folder, 0, EvalResult.from_trajectories([erring(".", False, t) for t in "abcd"]))
+    save_eval_outcomes(folder, 12, r, {**r.to_dict(), "eval/reverse_kl": 0.3})
+    assert eval_outcome_steps(folder) == [0, 12]
+    latest = load_eval_outcomes(folder)
+    assert latest.step == 12 and latest.task_outcomes() == r.task_outcomes()
+    assert latest.metrics["eval/reverse_kl"] == 0.3
+    mech = latest.mechanism()  # recomputed from the stored per-turn flags: the live numbers
+    assert mech == {k: getattr(r, k) for k in MECHANISM_KEYS}
+    assert load_eval_outcomes(folder, step=0).task_outcomes() == dict.fromkeys("abcd", False)
+    with pytest.raises(FileNotFoundError, match=r"no evaluation at step 5; it has steps \[0, 12\]"):
+        load_eval_outcomes(folder, step=5)
+    prune_eval_outcomes(folder, after_step=0)
+    assert eval_outcome_steps(folder) == [0]
+    prune_eval_outcomes(folder)
+    with pytest.raises(FileNotFoundError, match="no saved held-out evaluation"):
+        load_eval_outcomes(folder)
+
+
+def test_repeated_tasks_keep_every_outcome_in_order():
+    trajs = [erring(".", True, "a"), erring(".", False, "a"), erring(".", True, "b")]
+    r = EvalResult.from_trajectories(trajs)
+    assert r.task_outcomes() == {"a": (True, False), "b": True}

@@ -15,7 +15,18 @@ or writes good calls against a world it misreads, without anyone reading its tra
 the one recorded on each turn where the error was detected (parser, engine, environment).
 
 Held-out sets are small (tens to hundreds of tasks), so the resolve rate comes with a Wilson 95%
-interval: two methods whose intervals overlap widely have not been told apart.
+interval. That interval describes one student; two students evaluated on the same tasks are compared
+*paired* (:func:`unipost.eval.paired.paired_comparison`: paired difference, bootstrap interval over
+tasks, exact McNemar), for which every evaluation keeps its per-task outcomes
+(:meth:`EvalResult.episode_records`, saved by :func:`save_eval_outcomes`).
+
+Mechanism metrics say *how* an episode fails, beyond the Table-4 verdict: when the first tool error
+comes (``first_tool_error_turn``, 1 = the first turn), how many episodes have one
+(``episodes_with_tool_error``), how many of those still resolve (``recovery_rate``), and whether errors
+cascade (``tool_error_rate_after_first``: tool errors per turn after an episode's first one;
+``tool_error_after_error``: the chance that the turn right after a tool error is one too). A student that
+trains on its own mistakes (DAgger) should recover more and cascade less than one that only saw the
+expert's clean states (SFT), even before its resolve rate moves.
 
 Evaluation runs through the same :class:`~unipost.rollout.engine.RolloutEngine` as training, with the
 protocol overridden to :class:`~unipost.objective.StudentRollout` and no teacher, so the budgets,
@@ -24,9 +35,14 @@ tool-error handling and verification are exactly those the student trains under.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
-from collections.abc import Callable, Sequence
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from unipost.data import FAILURE_MODES, TOOL_ERROR_KINDS, Trajectory
@@ -93,6 +109,58 @@ def _block_fractions(modes: Sequence[str | None], allowed: tuple[str, ...]) -> t
     return {k: (v / n if n else 0.0) for k, v in counts.items()}, other
 
 
+def mechanism_metrics(episodes: Sequence[tuple[Sequence[bool], bool]]) -> dict[str, float | None]:
+    """Tool-error mechanism metrics from ``(tool error per turn, resolved)`` per episode.
+
+    Returns (None where the denominator is empty, so "no episode erred" never reads as "0% recover"):
+
+    * ``first_tool_error_turn``: mean 1-based turn of the first tool error, over episodes with one;
+    * ``episodes_with_tool_error``: share of episodes with at least one tool error (0.0 for none);
+    * ``recovery_rate``: share of the episodes with a tool error that still resolve (a verdict comes
+      at the end, so every such resolution comes after the first error);
+    * ``tool_error_rate_after_first``: tool-error turns / turns, over the turns *after* each episode's
+      first tool error (pooled over episodes);
+    * ``tool_error_after_error``: over consecutive turn pairs whose first turn is a tool error, the
+      share whose second is one too (pooled).
+
+    A pure function of stored per-turn flags, so stored evaluations (``episode_records``) give the same
+    numbers as the live ones.
+    """
+    first: list[int] = []
+    recovered = after_turns = after_errors = pairs = repeats = 0
+    for flags, resolved in episodes:
+        flags = [bool(f) for f in flags]
+        if True not in flags:
+            continue
+        k = flags.index(True)
+        first.append(k + 1)
+        recovered += bool(resolved)
+        after_turns += len(flags) - k - 1
+        after_errors += sum(flags[k + 1 :])
+        for now, nxt in itertools.pairwise(flags):
+            if now:
+                pairs += 1
+                repeats += nxt
+    n = len(episodes)
+    return {
+        "first_tool_error_turn": sum(first) / len(first) if first else None,
+        "episodes_with_tool_error": len(first) / n if n else 0.0,
+        "recovery_rate": recovered / len(first) if first else None,
+        "tool_error_rate_after_first": after_errors / after_turns if after_turns else None,
+        "tool_error_after_error": repeats / pairs if pairs else None,
+    }
+
+
+MECHANISM_KEYS: tuple[str, ...] = (
+    "first_tool_error_turn",
+    "episodes_with_tool_error",
+    "recovery_rate",
+    "tool_error_rate_after_first",
+    "tool_error_after_error",
+)
+"""The mechanism metrics' names (``eval/<name>`` in the metrics history), see :func:`mechanism_metrics`."""
+
+
 @dataclass
 class EvalResult:
     """Held-out metrics of one student, in the layout of paper Table 4.
@@ -123,6 +191,12 @@ class EvalResult:
     env_errors: int = 0
     expert_agreement: float | None = None  # student turns whose tool call equals the expert's label
     expert_prefix: float | None = None  # mean turns the student follows the expert before a first deviation
+    # mechanism metrics (see mechanism_metrics): None where no episode had a tool error
+    first_tool_error_turn: float | None = None  # 1-based, mean over episodes with a tool error
+    episodes_with_tool_error: float = 0.0  # share of all episodes
+    recovery_rate: float | None = None  # resolved share of the episodes with a tool error
+    tool_error_rate_after_first: float | None = None  # per turn, after each episode's first tool error
+    tool_error_after_error: float | None = None  # P(next turn is a tool error | this turn is one)
     iteration: int = 0
     stats: RolloutStats | None = None
     trajectories: list[Trajectory] = field(default_factory=list, repr=False)
@@ -165,6 +239,9 @@ class EvalResult:
             tool_errors=_tool_error_fractions(trajectories, turns),
             env_errors=sum(bool(t.meta.get("env_error")) for t in trajectories),
             **_expert_agreement(trajectories),
+            **mechanism_metrics(
+                [([turn.tool_error for turn in t.turns], t.outcome.resolved) for t in trajectories]
+            ),
             iteration=iteration,
             stats=stats,
             trajectories=trajectories,
@@ -195,7 +272,30 @@ class EvalResult:
         if self.expert_agreement is not None:
             out["expert_agreement"] = self.expert_agreement
             out["expert_prefix"] = float(self.expert_prefix or 0.0)
+        for key in MECHANISM_KEYS:  # undefined ones (no tool error at all) are left out, not logged as 0
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return {f"{prefix}{k}": float(v) for k, v in out.items()}
+
+    def episode_records(self) -> list[dict[str, Any]]:
+        """Per episode, what a later paired comparison or mechanism analysis needs (no messages):
+        task id, resolved, submitted, failure mode, turns, and the 0-based turns with a tool error."""
+        return [
+            {
+                "task_id": t.task_id,
+                "resolved": bool(t.outcome.resolved),
+                "submitted": bool(t.outcome.submitted),
+                "failure_mode": t.outcome.failure_mode,
+                "turns": len(t.turns),
+                "tool_error_turns": [i for i, u in enumerate(t.turns) if u.tool_error],
+            }
+            for t in self.trajectories
+        ]
+
+    def task_outcomes(self) -> dict[str, bool | tuple[bool, ...]]:
+        """``task id -> resolved`` (a tuple when a task was evaluated more than once), the input of
+        :func:`unipost.eval.paired.paired_comparison`."""
+        return outcomes_by_task(self.episode_records())
 
     def top_tool_errors(self, k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` most frequent tool-error kinds (fraction of turns), most frequent first (ties in
@@ -349,3 +449,113 @@ def evaluate_policy(
         expert=expert,
     )
     return EvalResult.from_trajectories(batch.trajectories, stats=batch.stats, iteration=iteration)
+
+
+# -- per-task outcomes on disk -------------------------------------------------------------------------
+
+EVAL_OUTCOMES_DIR = "eval"
+"""The folder of a run directory holding one ``step_<step>.json`` per held-out evaluation."""
+_STEP_FILE = re.compile(r"^step_(\d+)\.json$")
+_FORMAT = 1
+
+
+def outcomes_by_task(records: Sequence[Mapping[str, Any]]) -> dict[str, bool | tuple[bool, ...]]:
+    """``task id -> resolved`` from episode records; a task evaluated several times maps to a tuple (in
+    record order), which :func:`~unipost.eval.paired.paired_comparison` pairs position by position."""
+    seen: dict[str, list[bool]] = {}
+    for r in records:
+        seen.setdefault(str(r["task_id"]), []).append(bool(r["resolved"]))
+    return {k: v[0] if len(v) == 1 else tuple(v) for k, v in seen.items()}
+
+
+def save_eval_outcomes(
+    directory: str | os.PathLike[str],
+    step: int,
+    result: EvalResult,
+    metrics: Mapping[str, float] | None = None,
+) -> Path:
+    """Write one evaluation's per-episode records (and its logged metrics) to
+    ``directory/step_<step>.json``, atomically (tmp + rename), so that runs can be compared task by task
+    afterwards (``unipost compare``). ``metrics`` defaults to ``result.to_dict()``; pass the full logged
+    dict to keep extra diagnostics (reverse KL) beside the outcomes.
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "format": _FORMAT,
+        "step": int(step),
+        "iteration": result.iteration,
+        "n": result.n,
+        "metrics": dict(metrics if metrics is not None else result.to_dict()),
+        "episodes": result.episode_records(),
+    }
+    path = folder / f"step_{int(step):06d}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(blob))
+    tmp.replace(path)
+    return path
+
+
+def eval_outcome_steps(directory: str | os.PathLike[str]) -> list[int]:
+    """The steps with a saved evaluation in ``directory``, ascending ([] for a missing folder)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name)))
+
+
+def prune_eval_outcomes(directory: str | os.PathLike[str], after_step: int = -1) -> None:
+    """Delete the saved evaluations with ``step > after_step`` (all by default): a fresh run must not
+    inherit a previous run's files, and a resumed one drops those of the iteration it repeats, exactly
+    as the metrics file is truncated."""
+    for step in eval_outcome_steps(directory):
+        if step > after_step:
+            (Path(directory) / f"step_{step:06d}.json").unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SavedEval:
+    """One saved held-out evaluation: its step, the logged metrics and the per-episode records."""
+
+    path: Path
+    step: int
+    metrics: dict[str, float]
+    episodes: list[dict[str, Any]]
+
+    def task_outcomes(self) -> dict[str, bool | tuple[bool, ...]]:
+        """``task id -> resolved`` (see :func:`outcomes_by_task`)."""
+        return outcomes_by_task(self.episodes)
+
+    def mechanism(self) -> dict[str, float | None]:
+        """:func:`mechanism_metrics` recomputed from the stored per-turn error flags."""
+        episodes = []
+        for r in self.episodes:
+            flags = [False] * int(r["turns"])
+            for i in r["tool_error_turns"]:
+                flags[i] = True
+            episodes.append((flags, bool(r["resolved"])))
+        return mechanism_metrics(episodes)
+
+
+def load_eval_outcomes(directory: str | os.PathLike[str], step: int | None = None) -> SavedEval:
+    """The saved evaluation of ``step`` (default: the latest) in ``directory`` (a run's ``eval/``).
+
+    Raises FileNotFoundError naming what exists when there is none, so a caller (the CLI) can say it
+    in one line.
+    """
+    folder = Path(directory)
+    steps = eval_outcome_steps(folder)
+    if not steps:
+        raise FileNotFoundError(
+            f"{folder} holds no saved held-out evaluation (step_<n>.json): the run was evaluated before "
+            "per-task outcomes were saved, or never; evaluate it again (unipost eval RUN)"
+        )
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"{folder} has no evaluation at step {step}; it has steps {steps}")
+    path = folder / f"step_{step:06d}.json"
+    blob = json.loads(path.read_text())
+    if blob.get("format") != _FORMAT:
+        raise ValueError(f"{path}: unknown outcomes format {blob.get('format')!r} (expected {_FORMAT})")
+    return SavedEval(path=path, step=int(blob["step"]), metrics=blob["metrics"], episodes=blob["episodes"])

@@ -138,6 +138,11 @@ class Trainer:
             if self.is_main
             else _NoMetrics()
         )
+        # per-task eval outcomes follow the metrics: none of a previous run, none past the resumed step
+        if self.is_main:
+            from unipost.eval import EVAL_OUTCOMES_DIR, prune_eval_outcomes
+
+            prune_eval_outcomes(self.run_dir / EVAL_OUTCOMES_DIR, -1 if resume_step is None else resume_step)
         (self.run_dir / "config.json").write_text(cfg.to_json())
 
     @property
@@ -370,7 +375,13 @@ class Trainer:
         """Greedy held-out evaluation and the reverse-KL diagnostic on student-visited states."""
         if not self.is_main:  # the main process evaluates and logs; the others only train
             return {}
-        from unipost.eval import EvalResult, collect_student_states, reverse_kl_on_student_states
+        from unipost.eval import (
+            EVAL_OUTCOMES_DIR,
+            EvalResult,
+            collect_student_states,
+            reverse_kl_on_student_states,
+            save_eval_outcomes,
+        )
 
         cfg = self.config
         self.student.eval()
@@ -414,6 +425,8 @@ class Trainer:
             )
             kl = reverse_kl_on_student_states(self.student, self.teacher_model, trajs, self.renderer)
             out["eval/reverse_kl"] = float(kl.mean_kl)
+        # per-task outcomes beside the metrics, so runs can be compared paired afterwards (unipost compare)
+        save_eval_outcomes(self.run_dir / EVAL_OUTCOMES_DIR, step, result, out)
         return out
 
     def _say(self, message: str) -> None:
