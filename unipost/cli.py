@@ -1,5 +1,5 @@
 """The ``unipost`` command line: ``unipost env ...``, ``unipost train``, ``unipost eval``,
-``unipost eval-swebench``, ``unipost main``, ``unipost doctor``.
+``unipost compare``, ``unipost eval-swebench``, ``unipost main``, ``unipost doctor``.
 
 A user's mistake (a path that is not a run, a misspelt config field, a missing optional package) is
 reported in one or two lines naming the problem and the fix; the traceback is shown only with
@@ -155,6 +155,88 @@ def evaluate(
     metrics = trainer.evaluate(trainer.start_iteration)
     for key, value in sorted(metrics.items()):
         typer.echo(f"{key:40s} {value:.4f}")
+
+
+def _saved_eval(spec: str, step: int | None):
+    """``RUN`` or ``RUN@STEP`` -> that run's saved held-out evaluation (default: its latest)."""
+    from unipost.eval import EVAL_OUTCOMES_DIR, load_eval_outcomes
+
+    path, at, suffix = spec.rpartition("@")
+    if at and suffix.isdigit():
+        run, step = Path(path), int(suffix)
+    else:
+        run = Path(spec)
+    if not run.is_dir():
+        raise UserError(f"{run} is not a directory; give a run folder (runs/<name>), optionally RUN@STEP")
+    return load_eval_outcomes(run / EVAL_OUTCOMES_DIR, step)
+
+
+@app.command()
+def compare(
+    runs: list[str] = typer.Argument(
+        ..., help="two or more run folders, each RUN or RUN@STEP (default: its latest held-out evaluation)"
+    ),
+    step: int | None = typer.Option(None, help="evaluation step of every run given without @STEP"),
+    plot: Path = typer.Option(Path("compare.png"), help="where the paired forest plot is saved"),
+    resamples: int = typer.Option(10_000, help="bootstrap resamples of the task set"),
+) -> None:
+    """Paired comparison of runs on the same held-out tasks: each run minus the FIRST (the reference).
+
+    Prints each run's resolve rate and tool-error mechanism metrics, then per run the paired difference
+    with its 95% interval (bootstrap over tasks), exact McNemar p and tasks gained / lost, and saves a
+    forest plot. E.g. ``unipost compare runs/main/dagger@0 runs/main/dagger runs/main/sft`` (the warm
+    start is the step-0 evaluation of either arm). Runs evaluated on different task sets are refused.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from unipost.eval import (
+        TaskSetMismatchError,
+        mechanism_table,
+        paired_comparison,
+        paired_table,
+        plot_paired,
+    )
+
+    if len(runs) < 2:
+        raise UserError(
+            "compare needs at least two runs: the reference first, then the runs to compare with it"
+        )
+    if len(set(runs)) < len(runs):
+        raise UserError(
+            f"a run is named twice in {runs}; name each evaluation once (RUN@STEP for another step)"
+        )
+    saved = {spec: _saved_eval(spec, step) for spec in runs}
+    short = [Path(spec).name for spec in runs]  # folder names (with @STEP) when they tell runs apart
+    label = dict(zip(runs, short if len(set(short)) == len(short) else runs, strict=True))
+    console = Console(width=160)
+    table = Table(title="Held-out evaluations compared")
+    for column in ("run", "step", "resolved", "resolve", "file"):
+        table.add_column(column, justify="left" if column in ("run", "file") else "right")
+    for spec, ev in saved.items():
+        outcomes = [r["resolved"] for r in ev.episodes]
+        table.add_row(
+            spec,
+            str(ev.step),
+            f"{sum(outcomes)}/{len(outcomes)}",
+            f"{sum(outcomes) / max(1, len(outcomes)):.3f}",
+            str(ev.path),
+        )
+    console.print(table)
+    console.print(mechanism_table({spec: ev.mechanism() for spec, ev in saved.items()}))
+    reference, *others = runs
+    comparisons = {}
+    for spec in others:
+        try:
+            comparisons[f"{label[spec]} - {label[reference]}"] = paired_comparison(
+                saved[spec].task_outcomes(), saved[reference].task_outcomes(), resamples=resamples
+            )
+        except TaskSetMismatchError as exc:
+            raise UserError(f"cannot pair {spec} with {reference}: {exc}") from None
+    console.print(paired_table(comparisons))
+    for spec, c in zip(others, comparisons.values(), strict=True):
+        console.print(c.summary(label[spec], label[reference]))
+    console.print(f"plot: {plot_paired(comparisons, plot)}")
 
 
 @app.command("eval-swebench")

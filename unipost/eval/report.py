@@ -199,7 +199,7 @@ def plot_paired(comparisons: Mapping[str, PairedComparison], out: str | os.PathL
     from matplotlib.figure import Figure
 
     items = list(_check_paired(comparisons).items())
-    fig = Figure(figsize=(10.5, 1.2 + 0.55 * len(items)), layout="constrained")
+    fig = Figure(figsize=(11.0, 1.8 + 0.55 * len(items)), layout="constrained")
     FigureCanvasAgg(fig)
     forest, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]}, sharey=True)
     ys = list(range(len(items)))[::-1]  # first comparison on top
@@ -214,7 +214,8 @@ def plot_paired(comparisons: Mapping[str, PairedComparison], out: str | os.PathL
         bars.barh(y, c.gained, color="tab:green", label="gained" if y == ys[0] else None)
         bars.barh(y, -c.lost, color="tab:red", label="lost" if y == ys[0] else None)
     forest.axvline(0.0, color="black", lw=0.8)
-    forest.set_yticks(ys, [name for name, _ in items])
+    forest.margins(x=0.2)  # room for the p-value labels right of each interval
+    forest.set_yticks(ys, [name if len(name) <= 48 else "…" + name[-47:] for name, _ in items])
     forest.set_xlabel("paired difference in resolve rate (95% CI, bootstrap over tasks)")
     forest.grid(alpha=0.3, axis="x")
     bars.axvline(0.0, color="black", lw=0.8)

@@ -1,0 +1,102 @@
+"""`unipost compare RUN_A RUN_B ...`: paired comparison of saved held-out evaluations.
+
+Runs are built here from saved per-task outcomes (what the Trainer writes after every evaluation), so
+the command is checked without training: the paired numbers printed are paired_comparison's, RUN@STEP
+picks an older evaluation, and runs on different task sets, or without saved outcomes, are refused in
+one or two lines naming the problem.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from unipost.data import Outcome, Trajectory, Turn
+from unipost.eval import EVAL_OUTCOMES_DIR, EvalResult, save_eval_outcomes
+
+
+def _result(resolved: dict[str, bool], errors: int = 0) -> EvalResult:
+    action = {"role": "assistant", "content": "x"}
+    trajs = [
+        Trajectory(
+            task_id=task,
+            prompt=[{"role": "user", "content": "fix it"}],
+            turns=[Turn(index=i, executor="student", action=action, tool_error=i < errors) for i in range(3)],
+            outcome=Outcome(resolved=ok, submitted=ok, reward=float(ok)),
+        )
+        for task, ok in resolved.items()
+    ]
+    return EvalResult.from_trajectories(trajs)
+
+
+def _run(tmp_path, name: str, by_step: dict[int, dict[str, bool]]):
+    run = tmp_path / name
+    for step, resolved in by_step.items():
+        save_eval_outcomes(run / EVAL_OUTCOMES_DIR, step, _result(resolved, errors=1))
+    return run
+
+
+def _cli(capsys, *args: str) -> subprocess.CompletedProcess:
+    from unipost.cli import app
+
+    try:
+        app(list(args), prog_name="unipost")
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def _tasks(pattern: str) -> dict[str, bool]:
+    return {f"heldout-easy-{i}": c == "1" for i, c in enumerate(pattern)}
+
+
+def test_compare_prints_the_paired_table_and_saves_the_plot(tmp_path, capsys):
+    # warm start (step 0) resolves tasks 0-5; after training (step 3) it lost 3-5 and gained 6
+    base = _run(tmp_path, "dagger", {0: _tasks("1111110000"), 3: _tasks("1110001000")})
+    sft = _run(tmp_path, "sft", {3: _tasks("1111110000")})
+    plot = tmp_path / "cmp.png"
+    out = _cli(
+        capsys, "compare", f"{base}@0", str(base), str(sft), "--plot", str(plot), "--resamples", "2000"
+    )
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "dagger - dagger@0: -0.200" in text and "gained 1 / lost 3 of 10" in text
+    assert "sft - dagger@0: +0.000" in text and "gained 0 / lost 0 of 10" in text
+    assert "McNemar p=0.62" in text  # 2 * P(Bin(4, 1/2) <= 1) = 2 * 5/16
+    assert "recover" in text and "first error turn" in text  # the mechanism table
+    assert plot.stat().st_size > 5_000
+
+
+def test_compare_refuses_different_task_sets_naming_the_mismatch(tmp_path, capsys):
+    a = _run(tmp_path, "a", {1: _tasks("1100")})
+    b = _run(tmp_path, "b", {1: {**_tasks("110"), "heldout-easy-9": True}})
+    out = _cli(capsys, "compare", str(a), str(b), "--plot", str(tmp_path / "x.png"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) <= 2, lines
+    assert (
+        "different task sets" in lines[0]
+        and "'heldout-easy-3'" in lines[0]
+        and "'heldout-easy-9'" in lines[0]
+    )
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda tmp: [str(tmp / "old"), str(tmp / "a")], "no saved held-out evaluation"),
+        (lambda tmp: [f"{tmp / 'a'}@7", str(tmp / "a")], "no evaluation at step 7"),
+        (lambda tmp: [str(tmp / "missing"), str(tmp / "a")], "is not a directory"),
+        (lambda tmp: [str(tmp / "a")], "at least two runs"),
+    ],
+)
+def test_compare_mistakes_are_one_or_two_lines(tmp_path, capsys, make, expected):
+    _run(tmp_path, "a", {1: _tasks("10")})
+    (tmp_path / "old").mkdir()  # a run from before per-task outcomes were saved
+    out = _cli(capsys, "compare", *make(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert expected in out.stderr and len(out.stderr.strip().splitlines()) <= 2
