@@ -177,6 +177,16 @@ def _module0(env) -> tuple[str, str, str]:
     return env.task.package, dotted, api
 
 
+# Each forgery leaves a marker in the workspace (/testbed) from the code that forges, at the moment it
+# runs inside the verifier's runner: the test then knows the forging code ran, so "not resolved" means
+# the forgery failed, not that it never ran (a runner that stopped importing the planted module would
+# leave no marker). The marker is read by the test from the host's workspace, never by the verdict.
+MARK = """
+def _mark(what):
+    with open("/testbed/.forge-{kind}", "a") as fh:
+        fh.write(what + "\\n")
+"""
+
 FORGERIES = {
     # (a) print a passing report in any format the old runner read, then leave before the runner does
     "exit_early": """
@@ -187,6 +197,8 @@ for prefix in (line, "UNIPOST_RESULT_"):
 sys.stdout.flush()
 if "UNIPOST_CHANNEL_FD" in os.environ:
     os.write(int(os.environ["UNIPOST_CHANNEL_FD"]), b'{"import_error": null, "results": []}')
+    _mark("wrote a forged reply to the channel")
+_mark("exiting early")
 os._exit(0)
 """,
     # (b) patch the serialiser the runner reports through
@@ -197,6 +209,7 @@ def dumps(obj, *a, **k):
     if isinstance(obj, dict) and "failures" in obj:
         obj = dict(obj, failures=0, errors=0)
     if isinstance(obj, dict) and "results" in obj:
+        _mark("forged the runner's reply")
         obj = dict(obj, results=[["ok", "list", []] for _ in range(50)])
     return _real(obj, *a, **k)
 json.dumps = dumps
@@ -208,7 +221,10 @@ class Anything(list):
     def __eq__(self, other):
         return True
     __hash__ = None
-m.{api} = lambda *a, **k: Anything()
+def forged(*a, **k):
+    _mark("returned an object equal to everything")
+    return Anything()
+m.{api} = forged
 """,
     # find the expected value in the caller's code constants or locals
     "read_the_caller": """
@@ -216,6 +232,7 @@ import sys
 import {dotted} as m
 _orig = m.{api}
 def forged(xs, *a):
+    _mark("called by the runner")
     for depth in range(1, 6):
         try:
             frame = sys._getframe(depth)
@@ -228,6 +245,12 @@ def forged(xs, *a):
 m.{api} = forged
 """,
 }
+FORGERY_MARKS = {  # what each forgery's marker must hold once the verifier ran it
+    "exit_early": {"exiting early"},
+    "patch_json": {"forged the runner's reply"},
+    "equal_to_all": {"returned an object equal to everything"},
+    "read_the_caller": {"called by the runner"},
+}
 
 
 @needs_bwrap
@@ -236,11 +259,16 @@ def test_agent_code_cannot_forge_a_passing_verdict(kind):
     env = mk(3)
     try:
         package, dotted, api = _module0(env)
-        code = FORGERIES[kind].replace("{dotted}", dotted).replace("{api}", api)
+        forgery = FORGERIES[kind].replace("{dotted}", dotted).replace("{api}", api)
+        code = MARK.replace("{kind}", kind) + forgery
         r = edit(env, command="create", path=f"/testbed/{package}/zz_forge.py", file_text=code)
         assert not r.tool_error, r.observation
         call(env, "finish", message="done")
+        marker = env.workspace / f".forge-{kind}"
+        assert not marker.exists(), "the forgery ran before verification"
         outcome = env.verify()
+        assert marker.is_file(), f"{kind}: the forging code never ran in the verifier ({outcome})"
+        assert FORGERY_MARKS[kind] <= set(marker.read_text().splitlines()), (kind, marker.read_text())
         assert not outcome.resolved and outcome.reward == 0.0, (kind, outcome)
     finally:
         env.close()
@@ -676,7 +704,7 @@ def test_a_key_echoed_base64_never_reaches_errors_logs_or_the_store(tmp_path, ca
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from unipost.data import Trajectory
-    from unipost.rollout.openai_policy import OpenAIChatPolicy
+    from unipost.rollout.openai_policy import OpenAIChatPolicy, TeacherRequestError
     from unipost.rollout.store import TrajectoryStore
 
     key = "sk-attack-" + secrets.token_hex(12)
@@ -687,11 +715,14 @@ def test_a_key_echoed_base64_never_reaches_errors_logs_or_the_store(tmp_path, ca
         base64.urlsafe_b64encode(f"xy{key}z".encode()).decode(),
     ]
 
+    received: list[tuple[str, str | None]] = []  # (path, Authorization header) of each request
+
     class Echo(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def _answer(self):
+            received.append((self.path, self.headers.get("Authorization")))
             body = json.dumps(
                 {"error": {"message": " | ".join(forms), "auth": self.headers.get("Authorization")}}
             )
@@ -710,12 +741,18 @@ def test_a_key_echoed_base64_never_reaches_errors_logs_or_the_store(tmp_path, ca
         policy = OpenAIChatPolicy(
             f"http://127.0.0.1:{server.server_port}/v1", "m", api_key=key, max_retries=0
         )
-        with pytest.raises(Exception) as err:
+        with pytest.raises(TeacherRequestError) as err:
             policy.check()
         texts += [str(err.value), repr(err.value)]
         policy.close()
     finally:
         server.shutdown()
+    # the error is the server's answer, not a failure before it: the key went out, the server echoed it
+    # back with HTTP 400, and the message carries that answer with every form of the key masked
+    assert received == [("/v1/models", f"Bearer {key}")], received
+    message = str(err.value)
+    assert "HTTP 400" in message and "/v1/models" in message, message
+    assert message.count("***") >= len(forms), message  # the echoed forms are in it, masked
     traj = Trajectory(task_id="t", prompt=[{"role": "user", "content": "server said: " + " ".join(forms)}])
     with TrajectoryStore(tmp_path / "s.jsonl") as store:
         store.append(traj)
