@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from unipost.eval import eval_outcome_steps, load_eval_outcomes
+
 
 def test_main_job_quick(tmp_path):
     env = {**os.environ, "UNIPOST_CACHE": str(tmp_path / "cache")}
@@ -20,8 +24,23 @@ def test_main_job_quick(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "DAgger vs SFT" in out.stdout
     summary = json.loads((tmp_path / "main" / "summary.json").read_text())
-    assert set(summary) == {"warm_start", "dagger", "sft"}
+    assert set(summary) == {"warm_start", "dagger", "sft", "paired"}
+    paired = summary.pop("paired")
+    assert set(paired) == {"dagger_vs_warm_start", "sft_vs_warm_start", "dagger_vs_sft"}
+    for name, c in paired.items():  # the paired numbers agree with the table's resolve rates
+        a, b = name.split("_vs_")
+        assert c["n"] == 2 and c["rate_a"] == summary[a]["resolve"] and c["rate_b"] == summary[b]["resolve"]
+        assert c["diff"] == pytest.approx((c["gained"] - c["lost"]) / c["n"])
+        assert c["ci"][0] <= c["diff"] <= c["ci"][1] and 0.0 <= c["p_mcnemar"] <= 1.0
+    assert "Paired on the same 2 held-out tasks" in out.stdout and "recover" in out.stdout
+    # every evaluation left its per-task outcomes; SFT's folder holds the warm start's (step 0) too
+    for arm in ("dagger", "sft"):
+        steps = eval_outcome_steps(tmp_path / "main" / arm / "eval")
+        assert steps[0] == 0 and len(steps) == 2, (arm, steps)
+    warm = load_eval_outcomes(tmp_path / "main" / "sft" / "eval", step=0)
+    assert warm.metrics["eval/resolve_rate"] == summary["warm_start"]["resolve"]
     for row in summary.values():
+        assert "episodes_with_tool_error" in row and "recovery_rate" in row
         low, high = row["resolve_ci"]
         assert 0.0 <= low <= row["resolve"] <= high <= 1.0 and row["reverse_kl"] >= 0.0
         assert row["heldout_tasks"] == 2

@@ -6,17 +6,34 @@ distribution (paper §4.3-4.4): SFT trains on expert-visited states, DAgger on a
 mixture with the expert's label at every visited state. Prints held-out resolve rates with Wilson 95%
 intervals for the warm start and both methods, the submission rate and the reverse KL on student-visited
 states, and saves learning curves to ``<out>/comparison.png``.
+
+All three students are evaluated on the same held-out tasks, so they are compared *paired*: each method
+minus the warm start and DAgger minus SFT, with the bootstrap-over-tasks 95% interval, the exact McNemar
+p and the tasks gained / lost (:func:`unipost.eval.paired_comparison`; two overlapping Wilson intervals
+once hid a significant regression). The tool-error mechanism metrics (first error turn, recovery,
+cascades) are shown per student. Both go to ``summary.json`` too; ``unipost compare`` redoes the paired
+table from the runs' saved per-task outcomes.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from unipost.eval import (
+    EVAL_OUTCOMES_DIR,
+    MECHANISM_KEYS,
+    PairedComparison,
+    load_eval_outcomes,
+    mechanism_table,
+    paired_comparison,
+    paired_table,
+)
 from unipost.train.config import TrainConfig
 from unipost.train.lab import tiny_config
 from unipost.train.trainer import Trainer
@@ -60,15 +77,22 @@ def run_main_job(
     base = main_config(out_dir, quick=quick, seed=seed, assets=assets)
     histories: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
+    run_dirs: dict[str, Path] = {}
     initial = None  # both arms start from the same warm start and seed: evaluate it once
     for recipe in ("dagger", "sft"):
         cfg = main_config(out_dir, recipe=recipe, quick=quick, seed=seed, assets=assets)
         console.rule(recipe)
         console.print(cfg.build_recipe().describe(), soft_wrap=True)  # whole, never cut to the width
         start = time.perf_counter()
-        histories[recipe] = Trainer(cfg).fit(initial_eval=initial)
+        trainer = Trainer(cfg)
+        histories[recipe] = trainer.fit(initial_eval=initial)
+        run_dirs[recipe] = trainer.run_dir
         initial = {k: v for k, v in histories[recipe][0].items() if k != "step"}
         timings[recipe] = time.perf_counter() - start
+    # SFT was handed DAgger's step-0 evaluation (same warm start, same seed): give it the outcomes too,
+    # so each run folder holds its own warm-start evaluation for `unipost compare`
+    warm_file = load_eval_outcomes(run_dirs["dagger"] / EVAL_OUTCOMES_DIR, step=0).path
+    shutil.copyfile(warm_file, run_dirs["sft"] / EVAL_OUTCOMES_DIR / warm_file.name)
 
     summary: dict[str, dict] = {}
     first = histories["dagger"][0]
@@ -96,6 +120,7 @@ def run_main_job(
             "effective_samples": point.get("train/effective_samples", 0) if name != "warm start" else 0,
             "minutes": _round(seconds / 60),
             "heldout_tasks": n_heldout,
+            **{key: _round(point.get(f"eval/{key}")) for key in MECHANISM_KEYS},
         }
         summary[name.replace(" ", "_")] = row
         table.add_row(
@@ -108,6 +133,13 @@ def run_main_job(
             f"{row['minutes']:.1f}",
         )
     console.print(table)
+    console.print(mechanism_table({name: point for name, (point, _) in rows.items()}))
+    comparisons = paired_results(run_dirs)
+    console.print(paired_table(comparisons, title=f"Paired on the same {n_heldout} held-out tasks (A - B)"))
+    summary["paired"] = {
+        label.replace(" - ", "_vs_").replace(" ", "_").lower(): c.to_dict()
+        for label, c in comparisons.items()
+    }
     out = Path(out_dir)
     plot = plot_learning_curves(
         {"DAgger": histories["dagger"], "SFT": histories["sft"]},
@@ -118,6 +150,18 @@ def run_main_job(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"learning curves: {plot}\nsummary: {out / 'summary.json'}")
     return summary
+
+
+def paired_results(run_dirs: dict[str, Path]) -> dict[str, PairedComparison]:
+    """Paired comparisons from the arms' saved per-task outcomes: each method's final evaluation minus
+    the warm start's (step 0), and DAgger minus SFT."""
+    warm = load_eval_outcomes(run_dirs["dagger"] / EVAL_OUTCOMES_DIR, step=0).task_outcomes()
+    final = {r: load_eval_outcomes(d / EVAL_OUTCOMES_DIR).task_outcomes() for r, d in run_dirs.items()}
+    return {
+        "DAgger - warm start": paired_comparison(final["dagger"], warm),
+        "SFT - warm start": paired_comparison(final["sft"], warm),
+        "DAgger - SFT": paired_comparison(final["dagger"], final["sft"]),
+    }
 
 
 def _round(value, digits: int = 4):
