@@ -13,6 +13,7 @@ commands run in the :mod:`sandbox`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import json
@@ -26,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from unipost.envs.embedded.sandbox import MAX_TIMEOUT_FACTOR, WORKSPACE, Sandbox
+from unipost.envs.embedded.sandbox import MAX_TIMEOUT_FACTOR, WORKSPACE, Limits, Sandbox, workspace_usage
 from unipost.rendering.toolcalls import loads_bounded
 
 TOOL_ALIASES = {"execute_bash": "terminal", "str_replace_editor": "file_editor"}
@@ -261,10 +262,17 @@ class FileEditor:
     sandbox: Sandbox | None = None  # to hand ownership of written files to the sandbox uid
     history: dict[str, list[str]] = field(default_factory=dict)
     max_file_bytes: int = 8 << 20  # the largest file the editor reads or writes (as Limits.file_bytes)
+    # the workspace bound (Limits.workspace_bytes / workspace_inodes): the editor writes on the host, so
+    # it checks the bound itself before each write, as the copy-out does after each command
+    max_workspace_bytes: int = Limits.workspace_bytes
+    max_workspace_inodes: int = Limits.workspace_inodes
+    _new_entries: int = field(default=0, repr=False)  # entries a write may still create (create_dirs)
 
     def __post_init__(self) -> None:
         if self.sandbox is not None:
             self.max_file_bytes = self.sandbox.limits.file_bytes
+            self.max_workspace_bytes = self.sandbox.limits.workspace_bytes
+            self.max_workspace_inodes = self.sandbox.limits.workspace_inodes
 
     def __call__(self, args: dict[str, Any]) -> str:
         command, path = args["command"], args["path"]
@@ -344,6 +352,9 @@ class FileEditor:
                             f"Invalid `path` parameter: {path}. The path {path} does not exist. "
                             "Please provide a valid path."
                         ) from None
+                    if self._new_entries <= 1:  # keep one for the file itself
+                        raise ToolError(self._over_bound(path)) from None
+                    self._new_entries -= 1
                     os.mkdir(comp, 0o755, dir_fd=stack[-1])
                     self._give(comp, stack[-1])
                     st = os.stat(comp, dir_fd=stack[-1], follow_symlinks=False)
@@ -455,6 +466,10 @@ class FileEditor:
         data = text.encode("utf-8")
         if len(data) > self.max_file_bytes:
             raise ToolError(f"Cannot write {path}: the result would exceed {self.max_file_bytes} bytes.")
+        used, count = workspace_usage(self.root, stop_after=self.max_workspace_inodes + 1)
+        if create and count >= self.max_workspace_inodes:
+            raise ToolError(self._over_bound(path))
+        self._new_entries = self.max_workspace_inodes - count
         flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = self._open(path, parts, flags, create_dirs=create)
         try:
@@ -463,12 +478,33 @@ class FileEditor:
                 raise ToolError(f"Invalid `path` parameter: {path}. The path {path} is not a regular file.")
             if st.st_nlink > 1:  # a hard link may share its inode with a file outside the workspace
                 raise ToolError(f"Cannot write {path}: the file has several hard links.")
+            if used - _pages(st.st_size) + _pages(len(data)) > self.max_workspace_bytes:
+                if create:  # nothing of a refused write stays behind
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, 0)
+                    self._unlink_created(parts)
+                raise ToolError(self._over_bound(path))
             os.ftruncate(fd, 0)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
+
+    def _over_bound(self, path: str) -> str:
+        return (
+            f"Cannot write {path}: the workspace would exceed its bound of {self.max_workspace_bytes} bytes "
+            f"and {self.max_workspace_inodes} files and directories."
+        )
+
+    def _unlink_created(self, parts: list[str]) -> None:
+        """Remove a file this call just created (O_EXCL) and refused to fill."""
+        with contextlib.suppress(OSError, ToolError):
+            parent, name = self._walk_to("/".join(parts), parts)
+            try:
+                os.unlink(name, dir_fd=parent)
+            finally:
+                os.close(parent)
 
     def create(self, path: str, parts: list[str], text: str) -> None:
         if not parts:
@@ -618,6 +654,11 @@ class FileEditor:
         return text if len(text) <= self.max_chars else text[: self.max_chars] + CLIPPED_NOTE
 
 
+def _pages(n: int) -> int:
+    """Bytes ``n`` bytes of file take as the workspace bound counts them (whole 4 KiB pages, as tmpfs)."""
+    return -(-n // 4096) * 4096
+
+
 def _normalise(parts: list[str]) -> list[str] | None:
     """Apply ``.`` and ``..`` to path components; None when ``..`` climbs above ``/``."""
     out: list[str] = []
@@ -674,5 +715,10 @@ class Terminal:
         out = truncate_middle(out.rstrip("\n"), self.max_chars)
         if result.timed_out:
             limit = float(timeout) if timeout else self.sandbox.limits.timeout_s
-            return f"{out}\n[The command timed out after {limit:g} seconds and was killed.]", -1
-        return f"{out}\n[The command completed with exit code {result.exit_code}.]", result.exit_code
+            text, code = f"{out}\n[The command timed out after {limit:g} seconds and was killed.]", -1
+        else:
+            text = f"{out}\n[The command completed with exit code {result.exit_code}.]"
+            code = result.exit_code
+        if result.workspace_error:  # over a bound, or a copy-out that cannot be trusted: an error turn
+            raise ToolError(f"{result.workspace_error} /testbed is as it was before the command.\n{text}")
+        return text, code

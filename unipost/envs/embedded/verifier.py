@@ -249,6 +249,10 @@ def verify_episode(env: Any, ended_by: EndedBy = None) -> Outcome:
     ``turn_tool_errors`` and ``actions``; ``ended_by`` comes from the rollout engine."""
     if env.workspace is None or env.sandbox is None:
         raise RuntimeError(f"{type(env).__name__}.verify() called before reset().")
+    # The workspace as the agent left it, read before the hidden tests run: package code run by the
+    # verifier can change /testbed (its changes are copied back like any command's), never the verdict
+    # and never what the classification sees.
+    files = workspace_files(env.workspace)
     report = run_hidden_tests(env.task, env.sandbox) if env.submitted else None
     return classify(
         env.task,
@@ -258,6 +262,7 @@ def verify_episode(env: Any, ended_by: EndedBy = None) -> Outcome:
         turn_tool_errors=env.turn_tool_errors,
         actions=env.actions,
         ended_by=ended_by,
+        files=files,
     )
 
 
@@ -270,9 +275,12 @@ def classify(
     turn_tool_errors: list[bool],
     actions: list[str],
     ended_by: EndedBy = None,
+    files: dict[str, str] | None = None,
 ) -> Outcome:
-    """Outcome with resolved/submitted/reward and one Table-4 failure mode when unresolved."""
-    files = workspace_files(workspace)
+    """Outcome with resolved/submitted/reward and one Table-4 failure mode when unresolved.
+
+    ``files``: the workspace's files as read before verification (default: read ``workspace`` now)."""
+    files = workspace_files(workspace) if files is None else files
     edited = {p for p in set(files) | set(task.files) if files.get(p) != task.files.get(p)}
     resolved = bool(submitted and report is not None and report.passed)
     if resolved:
