@@ -18,10 +18,17 @@ Outputs (printed as rich tables and written to ``--out``, default ``benchmarks/r
 * ``learning_curves.png``: held-out resolve rate and expert agreement vs effective samples (Fig. 1 left);
 * ``reverse_kl.png``: reverse KL(pi_student || pi_teacher) on student-visited states vs effective samples
   (§4.4);
-* ``claims.json``: the paper's ordering claims, each judged from the numbers as holds / does not hold /
-  inconclusive (never hard-coded), and the reverse-KL rebound claim;
-* ``histories.json``: every run's metric history and the run's settings (for re-plotting and
-  ``--report-only``).
+* ``paired.{json,md}``: every arm against base, and the paper's ordering pairs, compared *paired* on the
+  same held-out tasks (every arm of a seed is evaluated on that seed's tasks): difference in resolve
+  rate with a 95% bootstrap interval over tasks pooled over seeds (each task's per-seed outcomes kept
+  together), exact McNemar p, tasks gained / lost (:func:`unipost.eval.paired_comparison`);
+* ``claims.json``: the paper's ordering claims, each judged from the paired interval as holds / does not
+  hold / inconclusive (never hard-coded), and the reverse-KL rebound claim. Unpaired intervals
+  (Newcombe's, used before) ignore that both arms saw the same tasks and are far too wide: they once
+  hid a significant regression. A ``histories.json`` from before per-task outcomes were recorded is
+  reported with Newcombe's interval, marked as such (``basis``), and a message saying to rerun;
+* ``histories.json``: every run's metric history, its final evaluation's per-task outcomes (``outcomes``)
+  and the run's settings (for re-plotting and ``--report-only``).
 
 Secondary metrics (clearly secondary; resolve rate stays primary): at every greedy held-out student
 state the scripted expert is asked (never executed) for its next tool call; ``expert_agreement`` is the
@@ -67,6 +74,13 @@ PAPER_ORDER = (
     ("grpo", "base"),
 )
 Z95 = 1.959963984540054
+_MECH = (
+    "eval/first_tool_error_turn",
+    "eval/episodes_with_tool_error",
+    "eval/recovery_rate",
+    "eval/tool_error_rate_after_first",
+    "eval/tool_error_after_error",
+)  # unipost.eval.MECHANISM_KEYS as logged (the script imports unipost lazily)
 
 
 @dataclass(frozen=True)
@@ -236,14 +250,24 @@ def run_seed(
     histories: dict[str, dict[int, list[dict]]],
     minutes: dict[str, float],
     on_run_done=None,
+    outcomes: dict[str, dict[int, dict]] | None = None,
 ) -> None:
     """Every trained arm of one seed, in order, into ``histories[method][seed]`` (resumable).
 
     An arm already present in ``histories`` (a resumed run) is not trained again. Every arm of a seed
     starts from the same warm start, so the warm start is evaluated once (by the first arm) and reused.
+    ``outcomes[method][seed]`` receives the per-task outcomes of the arm's final evaluation (base: the
+    first arm's step 0), read from the evaluation files the Trainer saves in its run folder.
     """
+    from unipost.eval import EVAL_OUTCOMES_DIR, load_eval_outcomes
     from unipost.machine import QuietMonitor
     from unipost.train.trainer import Trainer
+
+    outcomes = {} if outcomes is None else outcomes
+
+    def saved(trainer, step: float) -> dict:
+        ev = load_eval_outcomes(trainer.run_dir / EVAL_OUTCOMES_DIR, int(step))
+        return {"step": ev.step, "resolved": ev.task_outcomes()}
 
     initial = None
     for method in trained:
@@ -267,8 +291,11 @@ def run_seed(
         # the machine's state over this arm rides on its last record (``machine_note`` reports it)
         hist[-1] = {**hist[-1], **{f"machine/{k}": v for k, v in quiet.record().items()}}
         minutes[method] = minutes.get(method, 0.0) + (time.perf_counter() - start) / 60
+        outcomes.setdefault(method, {})[seed] = saved(trainer, _evals(hist)[-1]["step"])
         if initial is None:
             initial = {k: v for k, v in hist[0].items() if k != "step" and not k.startswith("machine/")}
+            if "base" in histories:  # this arm evaluated the warm start itself: its step-0 outcomes
+                outcomes.setdefault("base", {})[seed] = saved(trainer, 0)
         if "base" in histories:
             histories["base"][seed] = [{"step": 0, **initial}]
         histories[method][seed] = hist
@@ -308,6 +335,9 @@ def run_benchmark(
         m: {int(s): h for s, h in previous.get("histories", {}).get(m, {}).items()} for m in methods
     }
     minutes: dict[str, float] = {m: previous.get("minutes", {}).get(m, 0.0) for m in methods}
+    outcomes: dict[str, dict[int, dict]] = {
+        m: {int(s): o for s, o in previous.get("outcomes", {}).get(m, {}).items()} for m in methods
+    }
     if previous and previous.get("settings", {}).get("size") != asdict(size):
         raise SystemExit(
             f"{out}/histories.json holds a run of another size: pass another --out, or delete it"
@@ -326,7 +356,7 @@ def run_benchmark(
             torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
             def saved(method: str) -> None:
-                save_histories(out, histories, minutes, settings)  # a partial run can be reported
+                save_histories(out, histories, minutes, settings, outcomes)  # a partial run can be reported
                 bar.advance(task)
 
             for seed in seeds:
@@ -340,16 +370,18 @@ def run_benchmark(
                     histories=histories,
                     minutes=minutes,
                     on_run_done=saved,
+                    outcomes=outcomes,
                 )
         else:
             _run_seeds_in_children(
-                size, seeds, trained, out, runs_dir, assets, workers, histories, minutes, settings, bar, task
-            )
-    return {"histories": histories, "minutes": minutes, "settings": settings}
+                size, seeds, trained, out, runs_dir, assets, workers, histories, minutes, settings, bar, task,
+                outcomes,
+            )  # fmt: skip
+    return {"histories": histories, "minutes": minutes, "settings": settings, "outcomes": outcomes}
 
 
 def _run_seeds_in_children(
-    size, seeds, trained, out, runs_dir, assets, workers, histories, minutes, settings, bar, task
+    size, seeds, trained, out, runs_dir, assets, workers, histories, minutes, settings, bar, task, outcomes
 ) -> None:
     """One ``--only-seed`` child per unfinished seed, ``workers`` at a time; merges their files."""
     import os
@@ -365,6 +397,9 @@ def _run_seeds_in_children(
         for m, by in blob.get("histories", {}).items():
             if str(seed) in by:
                 histories.setdefault(m, {})[seed] = by[str(seed)]
+        for m, by in blob.get("outcomes", {}).items():
+            if str(seed) in by:
+                outcomes.setdefault(m, {})[seed] = by[str(seed)]
         return sum(1 for m in trained if histories[m].get(seed))
 
     while todo or running:
@@ -405,7 +440,7 @@ def _run_seeds_in_children(
                 minutes[m] = minutes.get(m, 0.0) + v
             if proc.returncode != 0:
                 failed.append(f"seed {seed} (exit {proc.returncode}; see {out}/seeds/seed{seed}/log.txt)")
-            save_histories(out, histories, minutes, settings)
+            save_histories(out, histories, minutes, settings, outcomes)
     if failed:
         raise SystemExit("bench_methods: " + "; ".join(failed) + ". Rerun the same command to resume.")
 
@@ -419,12 +454,14 @@ def save_histories(
     histories: dict[str, dict[int, list[dict]]],
     minutes: dict[str, float],
     settings: dict[str, Any],
+    outcomes: dict[str, dict[int, dict]] | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     blob = {
         "minutes": minutes,
         "settings": settings,
         "histories": {m: {str(s): h for s, h in by.items()} for m, by in histories.items()},
+        "outcomes": {m: {str(s): o for s, o in by.items()} for m, by in (outcomes or {}).items()},
     }
     tmp = out / "histories.json.tmp"
     tmp.write_text(json.dumps(blob))
@@ -454,11 +491,17 @@ def load_histories(out: Path, methods=None) -> dict:
         raise SystemExit(f"{path} holds no seed that every method finished")
     # only seeds every method finished: all arms are then compared on the same tasks and draws
     histories = {m: {s: h for s, h in by.items() if s in complete} for m, by in histories.items()}
+    outcomes = {
+        m: {int(s): o for s, o in by.items() if int(s) in complete}
+        for m, by in blob.get("outcomes", {}).items()
+        if m in histories
+    }
     return {
         "histories": histories,
         "minutes": blob["minutes"],
         "settings": blob.get("settings", {}),
         "seeds": sorted(complete),
+        "outcomes": outcomes,
     }
 
 
@@ -530,11 +573,18 @@ def summarise(histories: dict[str, dict[int, list[dict]]], size: BenchSize) -> d
             "reverse_kl_mean": _mean(kl),
             "reverse_kl_per_seed": kl,
             "effective_samples_per_seed": eff,
+            **{f"{k.removeprefix('eval/')}_mean": _mean([f.get(k, math.nan) for f in finals]) for k in _MECH},
             "iterations_per_seed": [
                 max((int(r["step"]) for r in h), default=0) for _, h in sorted(by_seed.items())
             ],
         }
     return rows
+
+
+def _mechanism_means(by_seed: dict[int, list[dict]]) -> dict[str, float | None]:
+    """Seed means of the final evaluations' tool-error mechanism metrics (None: never defined/recorded)."""
+    means = {k: _mean([final_eval(h).get(k, math.nan) for h in by_seed.values()]) for k in _MECH}
+    return {k: (v if math.isfinite(v) else None) for k, v in means.items()}
 
 
 def failure_modes(histories: dict[str, dict[int, list[dict]]]) -> dict[str, dict]:
@@ -568,21 +618,75 @@ def newcombe_diff(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, flo
     return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
-def judge_claims(rows: dict[str, dict], histories: dict[str, dict[int, list[dict]]]) -> dict:
+UNPAIRED_BASIS = "unpaired (Newcombe): histories.json holds no per-task outcomes for this pair"
+
+
+def pooled_outcomes(outcomes: dict[str, dict[int, dict]], method: str, seeds) -> dict[str, list[bool]] | None:
+    """``task id -> [resolved per seed]`` of ``method``'s final evaluations over ``seeds`` (seed order),
+    the input of a paired comparison pooled over seeds; None when a seed's outcomes were not recorded.
+
+    Each seed has its own held-out tasks here (``heldout_for``), so a task id usually carries one
+    outcome; were tasks shared across seeds, a task would carry one per seed and be resampled with all
+    of them (see :mod:`unipost.eval.paired`).
+    """
+    by_seed = outcomes.get(method) or {}
+    if not seeds or any(s not in by_seed for s in seeds):
+        return None
+    pooled: dict[str, list[bool]] = {}
+    for s in sorted(seeds):
+        for task, resolved in by_seed[s]["resolved"].items():
+            values = resolved if isinstance(resolved, (list, tuple)) else [resolved]
+            pooled.setdefault(task, []).extend(bool(v) for v in values)
+    return pooled
+
+
+def paired_results(
+    histories: dict[str, dict[int, list[dict]]], outcomes: dict[str, dict[int, dict]]
+) -> dict[tuple[str, str], Any]:
+    """Paired comparisons (A - B) of every trained arm against base and of the paper's ordering pairs,
+    pooled over the seeds both arms finished; a pair without recorded outcomes is left out."""
+    from unipost.eval import paired_comparison
+
+    wanted = [(m, "base") for m in histories if m != "base"] + list(PAPER_ORDER)
+    out = {}
+    for a, b in dict.fromkeys(wanted):
+        if a not in histories or b not in histories:
+            continue
+        seeds = sorted(set(histories[a]) & set(histories[b]))
+        oa, ob = pooled_outcomes(outcomes, a, seeds), pooled_outcomes(outcomes, b, seeds)
+        if oa is not None and ob is not None:
+            out[a, b] = paired_comparison(oa, ob)
+    return out
+
+
+def judge_claims(
+    rows: dict[str, dict],
+    histories: dict[str, dict[int, list[dict]]],
+    paired: dict[tuple[str, str], Any] | None = None,
+) -> dict:
     """The paper's claims, judged from the numbers.
 
-    Primary (resolve rate): A > B *holds* when Newcombe's 95% interval of the pooled difference lies
-    above 0, *does not hold* when it lies below 0, else *inconclusive*. Secondary (expert-action NLL on
-    student states, lower is better): *holds* when A's NLL is lower than B's in every seed and the mean
-    difference exceeds twice its seed-level standard error, *does not hold* in the mirrored case, else
-    *inconclusive*.
+    Primary (resolve rate): A > B *holds* when the paired 95% interval of the difference (bootstrap over
+    tasks, pooled over seeds; ``paired``) lies above 0, *does not hold* when it lies below 0, else
+    *inconclusive*. A pair without per-task outcomes (an old histories.json) falls back to Newcombe's
+    unpaired interval on the pooled counts, and says so in its ``basis``. Secondary (expert-action NLL
+    on student states, lower is better): *holds* when A's NLL is lower than B's in every seed and the
+    mean difference exceeds twice its seed-level standard error, *does not hold* in the mirrored case,
+    else *inconclusive*.
     """
+    paired = paired or {}
     pairs = []
     for a, b in PAPER_ORDER:
         if a not in rows or b not in rows:
             continue
         ra, rb = rows[a], rows[b]
-        d, lo, hi = newcombe_diff(ra["resolved"], ra["episodes"], rb["resolved"], rb["episodes"])
+        if (a, b) in paired:
+            c = paired[a, b]
+            d, lo, hi = c.diff, c.ci_low, c.ci_high
+            extra = {"p_mcnemar": c.p_mcnemar, "gained": c.gained, "lost": c.lost, "basis": "paired"}
+        else:
+            d, lo, hi = newcombe_diff(ra["resolved"], ra["episodes"], rb["resolved"], rb["episodes"])
+            extra = {"p_mcnemar": None, "gained": None, "lost": None, "basis": UNPAIRED_BASIS}
         primary = "holds" if lo > 0 else "does not hold" if hi < 0 else "inconclusive"
         # secondary: expert-action NLL on student states; lower is better, so A beats B when nll_B > nll_A
         sa, sb = np.array(ra["expert_nll_per_seed"]), np.array(rb["expert_nll_per_seed"])
@@ -605,6 +709,7 @@ def judge_claims(rows: dict[str, dict], histories: dict[str, dict[int, list[dict
                 "resolve_diff": d,
                 "resolve_diff_ci": [lo, hi],
                 "resolve_verdict": primary,
+                **extra,
                 "nll_advantage_mean": mean,
                 "nll_advantage_se": se,
                 "nll_verdict": secondary,
@@ -765,13 +870,20 @@ def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dic
     from rich.console import Console
     from rich.table import Table
 
-    from unipost.eval import MODE_TITLES, NO_SUBMISSION_MODES, SUBMITTED_UNRESOLVED_MODES
+    from unipost.eval import (
+        MODE_TITLES,
+        NO_SUBMISSION_MODES,
+        SUBMITTED_UNRESOLVED_MODES,
+        mechanism_table,
+        paired_table,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     histories = result["histories"]
     rows = summarise(histories, size)
     modes = failure_modes(histories)
-    claims = judge_claims(rows, histories)
+    paired = paired_results(histories, result.get("outcomes") or {})
+    claims = judge_claims(rows, histories, paired)
     plots = plot(histories, out, size.budget)
     console = Console(width=160)
 
@@ -809,11 +921,29 @@ def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dic
     for r in mode_rows:
         ftable.add_row(*r)
     console.print(ftable)
+    # the tool-error mechanism metrics of each arm, pooled as a seed mean (each seed's are rates already)
+    mechanism = {TITLES[m]: _mechanism_means(by) for m, by in histories.items()}
+    console.print(mechanism_table(mechanism, title="Tool errors (seed means of the final evaluations)"))
+
+    labels = {pair: f"{TITLES[pair[0]]} - {TITLES[pair[1]]}" for pair in paired}
+    if paired:
+        title = f"Paired on the same held-out tasks, pooled over {size.seeds} seed(s) (A - B)"
+        console.print(paired_table({labels[k]: c for k, c in paired.items()}, title=title))
+    unpaired = [c["claim"] for c in claims["ordering"] if c["basis"] != "paired"]
+    if unpaired:
+        console.print(
+            f"[bold]note[/bold]: {out / 'histories.json'} holds no per-task outcomes for "
+            f"{', '.join(unpaired)} (a run from before they were recorded): those claims are judged from "
+            "Newcombe's unpaired interval, which ignores that both arms saw the same tasks and is too wide; "
+            "rerun the benchmark to pair them"
+        )
 
     ctable = Table(title="The paper's ordering, judged from these numbers")
     for h in (
         "claim",
         "resolve diff [95% CI]",
+        "McNemar p",
+        "gained / lost",
         "verdict (primary)",
         "NLL_B - NLL_A (se)",
         "verdict (secondary)",
@@ -821,9 +951,13 @@ def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dic
         ctable.add_column(h, justify="right")
     claim_rows = []
     for c in claims["ordering"]:
+        lo, hi = c["resolve_diff_ci"]
+        basis = "" if c["basis"] == "paired" else " unpaired"
         cells = [
             c["claim"],
-            f"{_fmt(c['resolve_diff'])} [{_fmt(c['resolve_diff_ci'][0])}, {_fmt(c['resolve_diff_ci'][1])}]",
+            f"{_fmt(c['resolve_diff'])} [{_fmt(lo)}, {_fmt(hi)}]{basis}",
+            _fmt(c["p_mcnemar"], 4) if c["p_mcnemar"] is not None else "n/a",
+            f"+{c['gained']} / -{c['lost']}" if c["gained"] is not None else "n/a",
             c["resolve_verdict"],
             f"{_fmt(c['nll_advantage_mean'])} ({_fmt(c['nll_advantage_se'])})",
             c["nll_verdict"],
@@ -850,6 +984,24 @@ def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dic
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "methods": rows}, indent=2))
     (out / "claims.json").write_text(json.dumps(claims, indent=2))
+    paired_rows = [
+        [
+            labels[k],
+            f"{c.diff:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
+            f"{c.p_mcnemar:.4f}",
+            f"+{c.gained} / -{c.lost}",
+            str(c.n),
+        ]
+        for k, c in paired.items()
+    ]
+    (out / "paired.json").write_text(
+        json.dumps({labels[k]: {"a": k[0], "b": k[1], **c.to_dict()} for k, c in paired.items()}, indent=2)
+    )
+    (out / "paired.md").write_text(
+        "Paired on the same held-out tasks, pooled over seeds: 95% bootstrap over tasks (each task's "
+        "per-seed outcomes kept together), exact McNemar p on discordant pairs.\n\n"
+        + markdown(["A - B", "diff [95% CI]", "McNemar p", "gained / lost", "pairs"], paired_rows)
+    )
     with (out / "results.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         keys = [k for k in next(iter(rows.values())) if not isinstance(next(iter(rows.values()))[k], list)]
@@ -869,10 +1021,19 @@ def write_outputs(out: Path, size: BenchSize, result: dict, command: str) -> dic
         + markdown(mode_header, mode_rows)
         + "\n"
         + markdown(
-            ["claim", "resolve diff [95% CI]", "primary", "NLL_B - NLL_A (se)", "secondary"], claim_rows
+            [
+                "claim",
+                "resolve diff [95% CI]",
+                "McNemar p",
+                "gained / lost",
+                "primary",
+                "NLL_B - NLL_A (se)",
+                "secondary",
+            ],
+            claim_rows,
         )
     )
-    return {"rows": rows, "modes": modes, "claims": claims, "plots": plots}
+    return {"rows": rows, "modes": modes, "claims": claims, "plots": plots, "paired": paired}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,9 +2,11 @@
 
 The quick budget is far too small for the methods to separate, so the test asserts what must hold at
 any budget: every method ran from the same warm start, the matched effective-sample budgets were met
-within one trajectory's labels, every reported number is finite and consistent with its counts, the
-paper's ordering claims were judged from the numbers by the stated rule (recomputed here), and all
-tables and figures were written.
+within one trajectory's labels, every reported number is finite and consistent with its counts, each
+arm's final per-task outcomes were recorded and agree with its resolve rate, the paper's ordering
+claims were judged from the paired interval by the stated rule (recomputed here), an old
+histories.json without outcomes is still reported (unpaired, saying so), and all tables and figures
+were written.
 """
 
 from __future__ import annotations
@@ -115,11 +117,14 @@ def test_quick_writes_every_table_and_figure(quick_run):
         "failure_modes.csv",
         "claims.json",
         "histories.json",
+        "paired.json",
+        "paired.md",
     ):
         assert (out / name).stat().st_size > 0, name
     for name in ("learning_curves.png", "reverse_kl.png"):
         assert (out / name).stat().st_size > 5_000, name
     assert "Held-out resolve rate" in stdout and "Failure modes" in stdout and "ordering" in stdout
+    assert "Paired on the same held-out tasks" in stdout and "Tool errors" in stdout
 
 
 def test_quick_numbers_are_finite_and_budgets_matched(quick_run):
@@ -145,20 +150,81 @@ def test_quick_numbers_are_finite_and_budgets_matched(quick_run):
     assert settings["warm_start"]["student_sha256"] and set(settings["recipes"]) == set(bench.METHODS[1:])
 
 
-def test_quick_claims_follow_the_stated_rule(quick_run):
+def test_quick_records_each_arms_per_task_outcomes(quick_run):
+    """histories.json holds every arm's final per-task outcomes (base: the warm start's step 0), one per
+    held-out task of that seed, agreeing with the logged resolve rate of that evaluation."""
     out, _ = quick_run
     bench = _bench()
-    rows = json.loads((out / "results.json").read_text())["methods"]
+    blob = json.loads((out / "histories.json").read_text())
+    size = blob["settings"]["size"]
+    for method in bench.METHODS:
+        for seed in ("0", "1"):
+            rec = blob["outcomes"][method][seed]
+            final = bench.final_eval(blob["histories"][method][seed])
+            assert rec["step"] == final["step"], (method, seed)
+            resolved = rec["resolved"]
+            assert len(resolved) == size["heldout"] == final["eval/n"]
+            assert sum(resolved.values()) / len(resolved) == pytest.approx(final["eval/resolve_rate"])
+    # every arm of a seed was evaluated on the same tasks as the warm start
+    for seed in ("0", "1"):
+        tasks = {m: set(blob["outcomes"][m][seed]["resolved"]) for m in bench.METHODS}
+        assert all(t == tasks["base"] for t in tasks.values()), seed
+
+
+def test_quick_claims_follow_the_stated_rule(quick_run):
+    """Primary verdicts come from the paired interval pooled over seeds, recomputed here from the recorded
+    outcomes with unipost.eval.paired_comparison (not from Newcombe's unpaired interval)."""
+    from unipost.eval import paired_comparison
+
+    out, _ = quick_run
+    bench = _bench()
+    blob = json.loads((out / "histories.json").read_text())
     claims = json.loads((out / "claims.json").read_text())
+    paired = json.loads((out / "paired.json").read_text())
     assert len(claims["ordering"]) == len(bench.PAPER_ORDER)
+
+    def pooled(method: str) -> dict:
+        return {t: [ok] for s in ("0", "1") for t, ok in blob["outcomes"][method][s]["resolved"].items()}
+
     for claim, (a, b) in zip(claims["ordering"], bench.PAPER_ORDER, strict=True):
-        d, lo, hi = bench.newcombe_diff(
-            rows[a]["resolved"], rows[a]["episodes"], rows[b]["resolved"], rows[b]["episodes"]
-        )
-        expected = "holds" if lo > 0 else "does not hold" if hi < 0 else "inconclusive"
-        assert claim["resolve_verdict"] == expected and claim["resolve_diff"] == pytest.approx(d)
+        c = paired_comparison(pooled(a), pooled(b))
+        expected = "holds" if c.ci_low > 0 else "does not hold" if c.ci_high < 0 else "inconclusive"
+        assert claim["basis"] == "paired" and claim["resolve_verdict"] == expected
+        assert claim["resolve_diff"] == pytest.approx(c.diff)
+        assert claim["resolve_diff_ci"] == pytest.approx([c.ci_low, c.ci_high])
+        assert (claim["gained"], claim["lost"], claim["p_mcnemar"]) == (c.gained, c.lost, c.p_mcnemar)
         assert claim["nll_verdict"] in VERDICTS
     assert claims["kl_rebound_claim"]["verdict"] in VERDICTS
+    for method in bench.METHODS[1:]:  # every arm against base, paired
+        row = paired[f"{bench.TITLES[method]} - base"]
+        assert row["a"] == method and row["b"] == "base" and row["n"] == 2
+        assert row["diff"] == pytest.approx(paired_comparison(pooled(method), pooled("base")).diff)
+
+
+def test_report_only_of_a_histories_file_without_outcomes_says_so_and_stays_unpaired(
+    quick_run, tmp_path, capsys
+):
+    """A histories.json from before per-task outcomes were recorded is still reported: the claims fall
+    back to Newcombe's unpaired interval, are marked as such, and a note says to rerun."""
+    out, _ = quick_run
+    blob = json.loads((out / "histories.json").read_text())
+    del blob["outcomes"]
+    (tmp_path / "histories.json").write_text(json.dumps(blob))
+    bench = _bench()
+    report = bench.main(["--report-only", "--no-progress", "--out", str(tmp_path)])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "holds no per-task outcomes" in text and "rerun the benchmark to pair them" in text
+    assert report["paired"] == {}
+    rows = report["rows"]
+    for claim, (a, b) in zip(report["claims"]["ordering"], bench.PAPER_ORDER, strict=True):
+        assert claim["basis"].startswith("unpaired (Newcombe)")
+        _, lo, hi = bench.newcombe_diff(
+            rows[a]["resolved"], rows[a]["episodes"], rows[b]["resolved"], rows[b]["episodes"]
+        )
+        assert claim["resolve_diff_ci"] == pytest.approx([lo, hi])
+        assert claim["resolve_verdict"] == (
+            "holds" if lo > 0 else "does not hold" if hi < 0 else "inconclusive"
+        )
 
 
 def test_report_only_needs_no_warm_start_and_keeps_the_run_size(quick_run, tmp_path):
