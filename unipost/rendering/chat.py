@@ -10,7 +10,11 @@ context separately as its own document: correctness first, never a silently diff
 A label's tokens are what the model would generate after the context: the rendered
 ``context + [label]`` string minus the rendered context (string-level prefix; a template for which
 even that fails raises :class:`TemplatePrefixError`), tokenised on its own and cut after the
-end-of-turn token.
+template's own end-of-turn token.
+
+Every messages -> ids step goes through :mod:`unipost.rendering.encoding` (``render_chat`` /
+``encode_rendered``), where message content is always text: a ``<|im_end|>`` inside an observation or
+a file's text never becomes the template's control token (issue 21 item 3).
 """
 
 from __future__ import annotations
@@ -21,11 +25,9 @@ from typing import Any
 
 from unipost.data import Message, Trajectory
 from unipost.kernels.packing import Label, PackSequence
+from unipost.rendering.encoding import TemplatePrefixError as TemplatePrefixError
+from unipost.rendering.encoding import chat_ids, render_action_ids
 from unipost.rendering.toolcalls import ToolCallStyle, detect_style, prepare_messages
-
-
-class TemplatePrefixError(ValueError):
-    """The chat template renders a context differently once a label is appended to it."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,23 @@ class ChatRenderer:
         )
 
     def encode(self, text: str) -> list[int]:
+        """``text`` with every added token in it parsed: only for text known to hold no message content
+        (content goes through :meth:`chat_ids`, which keeps it text)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def chat_ids(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> list[int]:
+        """``messages`` rendered and tokenised; special tokens come only from the template's structure."""
+        return chat_ids(
+            self.tokenizer,
+            messages,
+            self.tools,
+            add_generation_prompt=add_generation_prompt,
+            style=self.style,
+        )
 
     def context_ids(self, messages: Sequence[Message]) -> list[int]:
         """Tokens the model is given before acting: the context with the generation prompt."""
-        return self.encode(self.render_text(messages, add_generation_prompt=True))
+        return self.chat_ids(messages, add_generation_prompt=True)
 
     def count_tokens(self, messages: Sequence[Message], tools: Sequence[dict] | None = None) -> int:
         """Length of :meth:`context_ids`: the rollout engine's ``count_tokens`` for a context budget.
@@ -89,22 +103,11 @@ class ChatRenderer:
         return len(self.context_ids(messages))
 
     def label_ids(self, context: Sequence[Message], label: Message) -> list[int]:
-        """Tokens the model should generate after ``context`` to produce ``label``."""
-        context_text = self.render_text(context, add_generation_prompt=True)
-        full_text = self.render_text([*context, label], add_generation_prompt=False)
-        if not full_text.startswith(context_text):
-            raise TemplatePrefixError(
-                "the chat template renders the context differently once the label is appended "
-                f"(context ends {context_text[-60:]!r}, full text at that point "
-                f"{full_text[len(context_text) - 60 : len(context_text)]!r}); unipost cannot tell "
-                "which tokens the model would generate"
-            )
-        ids = self.encode(full_text[len(context_text) :])
-        if self.end_of_turn_id is not None and self.end_of_turn_id in ids:
-            ids = ids[: ids.index(self.end_of_turn_id) + 1]
-        if not ids:
-            raise TemplatePrefixError("the label renders to no tokens")
-        return ids
+        """Tokens the model should generate after ``context`` to produce ``label``, through the
+        template's own end-of-turn token (an end-of-turn text inside the label's content is text)."""
+        return render_action_ids(
+            self.tokenizer, context, label, self.tools, end_of_turn_id=self.end_of_turn_id, style=self.style
+        )[1]
 
 
 def _is_prefix(prefix: Sequence[int], seq: Sequence[int]) -> bool:
@@ -153,9 +156,7 @@ def trajectory_sequences(
                 documents.append(PackSequence(context_ids + list(label.token_ids), [label]))
         return documents
 
-    spine = PackSequence(
-        renderer.encode(renderer.render_text(trajectory.messages(), add_generation_prompt=False))
-    )
+    spine = PackSequence(renderer.chat_ids(trajectory.messages(), add_generation_prompt=False))
     for turn in sorted(by_turn, reverse=True):
         context_ids = renderer.context_ids(trajectory.context(turn))
         if not _is_prefix(context_ids, spine.root):
@@ -164,9 +165,7 @@ def trajectory_sequences(
             if spine.labels:
                 documents.append(spine)
             through_turn = trajectory.context(turn + 1)
-            spine = PackSequence(
-                renderer.encode(renderer.render_text(through_turn, add_generation_prompt=False))
-            )
+            spine = PackSequence(renderer.chat_ids(through_turn, add_generation_prompt=False))
             if not _is_prefix(context_ids, spine.root):
                 spine = PackSequence(list(context_ids))  # a document holding only this context
         else:

@@ -510,7 +510,10 @@ def render_prompt(
     style: ToolCallStyle | None = None,
     add_generation_prompt: bool = True,
 ) -> str:
-    """Canonical messages -> the model's prompt text, through its own chat template (transformers 5)."""
+    """Canonical messages -> the model's prompt text, through its own chat template (transformers 5).
+
+    Text only: encoding it with ``tokenizer(text)`` would turn special-token text inside content into
+    control tokens; ids come from :func:`unipost.rendering.encoding.chat_ids`."""
     style = _style_of(tokenizer, style)
     return tokenizer.apply_chat_template(
         prepare_messages(messages, style),

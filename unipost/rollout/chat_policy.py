@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from unipost.data import Message
-from unipost.rendering.toolcalls import parse_assistant, render_action, render_prompt
+from unipost.rendering.encoding import chat_ids, encode_rendered, render_action_ids
+from unipost.rendering.toolcalls import parse_assistant
 from unipost.rollout.policy import AgentState, PolicyOutput
 from unipost.rollout.sampling import SamplingAttributes
 
@@ -79,11 +80,17 @@ class ChatPolicyBase(SamplingAttributes):
         return token_id
 
     def encode(self, text: str) -> list[int]:
+        """``text`` with every added token in it parsed: only for text that holds no message content."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt_ids(self, state: AgentState) -> list[int]:
-        """The tokens the model is given at state s_t: the chat-templated context + generation prompt."""
-        return self.encode(render_prompt(self.tokenizer, state.messages, state.tools, style=self.style))
+        """The tokens the model is given at state s_t: the chat-templated context + generation prompt.
+
+        Encoded by ``unipost.rendering.encoding`` like the trainer's contexts (the same ids, and message
+        content stays text: an observation cannot forge the template's control tokens)."""
+        return chat_ids(
+            self.tokenizer, state.messages, state.tools, add_generation_prompt=True, style=self.style
+        )
 
     def prompts_within_budget(
         self, states: Sequence[AgentState]
@@ -140,15 +147,15 @@ class ChatPolicyBase(SamplingAttributes):
             if action_token_ids is not None:
                 prompt, action_ids = self.prompt_ids(state), list(action_token_ids[i])
             else:
-                prompt_text, action_text = render_action(
+                context, action_ids = render_action_ids(
                     self.tokenizer,
                     state.messages,
                     action,
                     state.tools,
+                    end_of_turn_id=self.eot_id,
                     style=self.style,
-                    end_token=self.end_of_turn,
                 )
-                prompt, action_ids = self.encode(prompt_text), self.encode(action_text)
+                prompt = encode_rendered(self.tokenizer, context)
             if not action_ids:
                 raise ValueError(f"action {i} renders to no tokens")
             pairs.append((prompt, action_ids))

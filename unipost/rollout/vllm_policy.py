@@ -1,8 +1,9 @@
 """The student behind a vLLM offline engine, with the trainer's weights pushed in after every step.
 
 The policy speaks exactly like :class:`~unipost.rollout.transformers_policy.TransformersPolicy`: each
-state is rendered through the tokenizer's own chat template (``render_prompt``) and encoded by the same
-tokenizer, the engine is given those *token ids* (vLLM never re-renders the chat), and the generated
+state is rendered through the tokenizer's own chat template and encoded by ``ChatPolicyBase.prompt_ids``
+(``unipost.rendering.encoding``: message content stays text, only the template writes control tokens),
+the engine is given those *token ids* (vLLM never re-renders the chat), and the generated
 tokens are decoded and parsed with ``parse_assistant``. Both backends therefore see identical prompts,
 so on the same weights their greedy actions agree (``tests/vllm/``) and trajectories from either train
 the same way.
