@@ -3,7 +3,8 @@
 Runs are built here from saved per-task outcomes (what the Trainer writes after every evaluation), so
 the command is checked without training: the paired numbers printed are paired_comparison's, RUN@STEP
 picks an older evaluation, and runs on different task sets, or without saved outcomes, are refused in
-one or two lines naming the problem.
+one or two lines naming the problem. One test trains a tiny run to check that the Trainer writes those
+files and prunes them on resume / a fresh start as it truncates its metrics.
 """
 
 from __future__ import annotations
@@ -100,3 +101,34 @@ def test_compare_mistakes_are_one_or_two_lines(tmp_path, capsys, make, expected)
     out = _cli(capsys, "compare", *make(tmp_path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert expected in out.stderr and len(out.stderr.strip().splitlines()) <= 2
+
+
+def test_the_trainer_saves_outcomes_per_evaluation_and_prunes_them_like_its_metrics(tmp_path):
+    """Each held-out evaluation leaves eval/step_<n>.json (task ids, verdicts, the logged metrics); a
+    resumed run drops the files past its checkpoint, a fresh run in the same folder drops them all, so
+    `unipost compare` never reads a previous run's evaluation."""
+    from factories import session_cache, tiny_train_config
+
+    from unipost.envs.embedded import bwrap_available
+    from unipost.eval import eval_outcome_steps, load_eval_outcomes
+    from unipost.train.config import EvalConfig
+    from unipost.train.trainer import Trainer
+
+    if not bwrap_available():
+        pytest.skip("the embedded env needs bubblewrap")
+    cfg = tiny_train_config(
+        tmp_path, session_cache(), "sft", iterations=1, eval=EvalConfig(every=1, kl_tasks=0)
+    )
+    trainer = Trainer(cfg)
+    history = trainer.fit()
+    folder = trainer.run_dir / EVAL_OUTCOMES_DIR
+    assert eval_outcome_steps(folder) == [0, 1]
+    last = load_eval_outcomes(folder)
+    assert last.metrics["eval/resolve_rate"] == history[-1]["eval/resolve_rate"]
+    assert len(last.task_outcomes()) == cfg.env.heldout_tasks
+    stale = folder / "step_000005.json"  # e.g. left by a longer run killed later
+    stale.write_text((folder / "step_000001.json").read_text())
+    Trainer(cfg, resume=True)  # resumes after iteration 0 (step 1): step 5 is not this run's
+    assert eval_outcome_steps(folder) == [0, 1]
+    Trainer(cfg)  # a fresh run in the same folder
+    assert eval_outcome_steps(folder) == []
