@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import json
 import os
 import re
 import secrets
@@ -300,3 +301,66 @@ def test_no_encoding_of_mountinfo_shows_the_host_workspace(env):
 def test_the_expert_still_resolves_and_verification_sees_the_workspace():
     traj = play_expert(generate_task("heldout", 2, "medium"))
     assert traj.outcome.resolved, traj.outcome
+
+
+def test_a_source_checkout_under_usr_is_hidden_whole(monkeypatch):
+    """unipost run from a checkout under a bound path (``/usr/src/app``, a common Docker WORKDIR): its
+    ``.git`` objects, a ``build/lib`` copy and the tests hold the generator too, not only the package
+    directory."""
+    root = Path(f"/usr/src/unipost-checkout-{secrets.token_hex(4)}")
+    try:
+        pkg = root / "unipost"
+        shutil.copytree(
+            Path(unipost.__file__).resolve().parent, pkg, ignore=shutil.ignore_patterns("__pycache__")
+        )
+        (root / "pyproject.toml").write_text("[project]\nname = 'unipost'\n")
+        build = root / "build" / "lib" / "unipost" / "envs" / "embedded"
+        build.mkdir(parents=True)
+        shutil.copy(pkg / "envs" / "embedded" / "tasks.py", build / "tasks.py")
+        (root / ".git" / "objects").mkdir(parents=True)
+        monkeypatch.setattr(sandbox_mod, "__file__", str(pkg / "envs" / "embedded" / "sandbox.py"))
+        env = mk()
+        try:
+            assert str(root) in env.sandbox.hidden_paths
+            out = sh(env, f"cat {build}/tasks.py; ls -A {root}; echo end")
+            assert "def generate_task" not in out and out.startswith("cat:"), out
+            assert sh(env, "echo still works").startswith("still works")
+        finally:
+            env.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_editor_undo_history_is_bounded_however_the_path_is_spelled():
+    """One 8 MiB file edited under many spellings (``/testbed/./././f``) in one turn kept a full copy
+    per spelling in the host's memory: 40 calls held 320 MB, unbounded in the number of calls."""
+    env = mk(file_bytes=2 * MiB, workspace_bytes=16 * MiB)
+    try:
+        sh(env, "python3 -c \"open('/testbed/big.txt', 'w').write(('a' * 99 + chr(10)) * 20000)\"")
+        calls = [
+            {
+                "id": f"c{i}",
+                "type": "function",
+                "function": {
+                    "name": "file_editor",
+                    "arguments": json.dumps(
+                        {
+                            "command": "insert",
+                            "path": "/testbed/" + "./" * i + "big.txt",
+                            "insert_line": 0,
+                            "new_str": "x",
+                        }
+                    ),
+                },
+            }
+            for i in range(30)
+        ]
+        res = env.step({"role": "assistant", "content": "", "tool_calls": calls})
+        assert not res.tool_error, res.observation[-1]
+        held = sum(len(t) for stack in env.editor.history.values() for t in stack)
+        assert held <= 4 * 2 * MiB, held  # 4 x file_bytes in all
+        assert list(env.editor.history) == ["/testbed/big.txt"]  # one file, one history
+        undo = step(env, "file_editor", command="undo_edit", path="/testbed/./big.txt")
+        assert not undo.tool_error and (env.workspace / "big.txt").read_text().startswith("x\n" * 29 + "a")
+    finally:
+        env.close()

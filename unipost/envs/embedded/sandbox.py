@@ -536,21 +536,45 @@ def _quote(s: str) -> str:
 _SITE_GLOBS = (
     "/usr/lib*/python*/*-packages",
     "/usr/local/lib*/python*/*-packages",
+    "/usr/*/lib*/python*/*-packages",  # a venv or prefix directly under /usr (/usr/venv, /usr/.venv)
     "/usr/local/*/lib*/python*/*-packages",
     "/usr/local/*/envs/*/lib*/python*/*-packages",
     "/usr/share/python*/*-packages",
 )
+_HIDDEN_TOO: dict[str, Any] = {"include_hidden": True} if sys.version_info >= (3, 11) else {}
 _BOUND_ROOTS = ("/usr/",)  # host trees the sandbox sees (the rest of its root is its own tmpfs)
 
 
+_PROJECT_MARKERS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
+
+
 def package_dirs() -> list[Path]:
-    """The directory of the running unipost package, as imported and with links resolved.
+    """The directory of the running unipost package, as imported and with links resolved, and, when it
+    runs from a source checkout (its parent holds ``pyproject.toml``, ``setup.py``, ``setup.cfg`` or
+    ``.git``), that whole checkout: its ``.git`` objects, ``build/lib`` copy, sdists and tests hold the
+    same source.
 
     Hidden inside the sandbox wherever it is installed: it holds the task generator, and the tasks,
     hidden tests and expected values are a pure function of (split, index, difficulty).
     """
     here = Path(__file__).parents[2]  # .../unipost (this file is unipost/envs/embedded/sandbox.py)
-    return sorted({here, here.resolve()})
+    found = {here, here.resolve()}
+    for pkg in list(found):
+        root = pkg.parent
+        if root.name.endswith("-packages") or not any((root / m).exists() for m in _PROJECT_MARKERS):
+            continue
+        if not _holds_the_interpreter(root):  # never hide the python3 the commands run
+            found |= {root, root.resolve()}
+    return sorted(found)
+
+
+def _holds_the_interpreter(root: Path) -> bool:
+    import sysconfig
+
+    real = os.path.realpath(root).rstrip("/") + "/"
+    inside = [sys.base_prefix, sysconfig.get_paths().get("stdlib", "")]
+    inside += [shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or ""]
+    return any(p and os.path.realpath(p).startswith(real) for p in inside)
 
 
 def hidden_paths() -> list[str]:
@@ -566,7 +590,7 @@ def hidden_paths() -> list[str]:
     found: set[str] = set()
     candidates: list[str] = []
     for pattern in _SITE_GLOBS:
-        candidates += glob.glob(pattern)
+        candidates += glob.glob(pattern, **_HIDDEN_TOO)
     with contextlib.suppress(Exception):
         candidates += site.getsitepackages()
     with contextlib.suppress(Exception):

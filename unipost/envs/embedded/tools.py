@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import itertools
 import json
 import math
 import os
@@ -260,8 +261,12 @@ class FileEditor:
     root: Path
     max_chars: int = 12_000
     sandbox: Sandbox | None = None  # to hand ownership of written files to the sandbox uid
+    # undo history per file (keyed by the normalised /testbed path, so ``/testbed/./a`` is ``/testbed/a``),
+    # at most HISTORY_DEPTH entries per file and ``max_history_chars`` in all (oldest dropped first): it is
+    # host memory, and an agent can name one 8 MiB file under thousands of spellings in one turn
     history: dict[str, list[str]] = field(default_factory=dict)
     max_file_bytes: int = 8 << 20  # the largest file the editor reads or writes (as Limits.file_bytes)
+    max_history_chars: int = 0  # 0: 4 x max_file_bytes
     # the workspace bound (Limits.workspace_bytes / workspace_inodes): the editor writes on the host, so
     # it checks the bound itself before each write, as the copy-out does after each command
     max_workspace_bytes: int = Limits.workspace_bytes
@@ -273,6 +278,11 @@ class FileEditor:
             self.max_file_bytes = self.sandbox.limits.file_bytes
             self.max_workspace_bytes = self.sandbox.limits.workspace_bytes
             self.max_workspace_inodes = self.sandbox.limits.workspace_inodes
+        if self.max_history_chars <= 0:
+            self.max_history_chars = 4 * self.max_file_bytes
+        self._history_seq: dict[str, list[int]] = {}  # push order of each history entry (for eviction)
+        self._history_chars = 0
+        self._history_count = itertools.count()
 
     def __call__(self, args: dict[str, Any]) -> str:
         command, path = args["command"], args["path"]
@@ -297,10 +307,13 @@ class FileEditor:
             return self.insert(path, parts, args.get("insert_line"), args.get("new_str"))
         if command == "undo_edit":
             self.read(path, parts)  # the path must still be a regular file inside the workspace
-            stack = self.history.get(path)
+            stack = self.history.get(_history_key(parts))
             if not stack:
                 raise ToolError(f"No edit history found for {path}.")
             previous = stack.pop()
+            if self._history_seq.get(_history_key(parts)):
+                self._history_seq[_history_key(parts)].pop()
+            self._history_chars = max(self._history_chars - len(previous), 0)
             self.write(path, parts, previous)
             return f"Last edit to {path} undone successfully. {self._snippet_all(path, previous)}"
         raise InvalidArgumentsError(
@@ -603,7 +616,7 @@ class FileEditor:
         at = content.index(old)
         updated = content.replace(old, new, 1)
         self.write(path, parts, updated)
-        self._push(path, content)
+        self._push(parts, content)
         first = content[:at].count("\n")
         snippet = self._snippet(updated, first - SNIPPET_LINES, first + SNIPPET_LINES + new.count("\n"))
         return (
@@ -627,7 +640,7 @@ class FileEditor:
         new_lines = new.split("\n")
         updated = "\n".join(lines[:line] + new_lines + lines[line:])
         self.write(path, parts, updated)
-        self._push(path, content)
+        self._push(parts, content)
         snippet = self._snippet(updated, line - SNIPPET_LINES, line + len(new_lines) + SNIPPET_LINES - 1)
         return (
             f"The file {path} has been edited. Here's the result of running `cat -n` on a snippet of the "
@@ -636,10 +649,22 @@ class FileEditor:
         )
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _push(self, path: str, content: str) -> None:
-        stack = self.history.setdefault(path, [])
+    def _push(self, parts: list[str], content: str) -> None:
+        key = _history_key(parts)
+        stack, seqs = self.history.setdefault(key, []), self._history_seq.setdefault(key, [])
         stack.append(content)
-        del stack[:-10]  # bounded: an agent editing a big file forever must not grow the host's memory
+        seqs.append(next(self._history_count))
+        self._history_chars += len(content)
+        while len(stack) > HISTORY_DEPTH:
+            self._history_chars -= len(stack.pop(0))
+            seqs.pop(0)
+        while self._history_chars > self.max_history_chars:  # drop the oldest entry of any file
+            queued = [(q[0], k) for k, q in self._history_seq.items() if q and self.history.get(k)]
+            if not queued:
+                break
+            oldest = min(queued)[1]
+            self._history_chars -= len(self.history[oldest].pop(0))
+            self._history_seq[oldest].pop(0)
 
     @staticmethod
     def _snippet(text: str, lo: int, hi: int) -> str:
@@ -652,6 +677,13 @@ class FileEditor:
 
     def _clip(self, text: str) -> str:
         return text if len(text) <= self.max_chars else text[: self.max_chars] + CLIPPED_NOTE
+
+
+HISTORY_DEPTH = 10  # undo entries kept per file
+
+
+def _history_key(parts: list[str]) -> str:
+    return WORKSPACE + "".join("/" + p for p in parts)
 
 
 def _pages(n: int) -> int:
