@@ -30,23 +30,44 @@ from unipost.train.config import (
 )
 from unipost.train.metrics import read_metrics
 
-VOLATILE = ("time", "_s", "per_s", "wall")
+
+def timing(key: str) -> bool:
+    """Wall-clock keys, which differ between any two runs: the record's ``time`` stamp, ``time/...`` and
+    ``..._s`` (seconds, per-second rates). Nothing else is left out: counters a resume must restore
+    (``train/effective_samples``, ``train/optimizer_steps``, ``rollout/env_steps``,
+    ``eval/no_submission``) are compared."""
+    return key == "time" or key.startswith("time/") or key.endswith("_s")
 
 
-def config(out: Path, cache: Path, name: str) -> TrainConfig:
+# a budget the run reaches in its third iteration, mid-batch (16 labels an iteration: 2 episodes x 8
+# labelled turns), before its upper bound of 5 iterations; a cosine schedule with warmup, whose horizon
+# comes from the first batch and is kept in the checkpoint. No evaluation (the test above compares it)
+BUDGET = 40
+SCHEDULED = {
+    "iterations": 5,
+    "max_effective_samples": BUDGET,
+    "eval": EvalConfig(every=0, kl_tasks=0),
+    "optim": OptimConfig(
+        lr=1e-2, micro_batch_tokens=4096, epochs_per_batch=2, schedule="cosine", warmup_ratio=0.2
+    ),
+}
+
+
+def config(out: Path, cache: Path, name: str, **updates) -> TrainConfig:
     return tiny_train_config(
         out,
         cache,
         "dagger",
         name=name,
-        recipe_kwargs={"beta": 0.5},
+        # a random-init student never submits: keep its trajectories, or nothing is ever trained on
+        recipe_kwargs={"beta": 0.5, "filter_unsubmitted": False},
         iterations=3,
         seed=3,
         env=EnvConfig(difficulty="easy", train_tasks=8, heldout_tasks=1, max_observation_chars=600),
         rollout=RolloutConfig(episodes_per_iteration=2, max_turns=8, context_budget=4096, max_new_tokens=12),
         optim=OptimConfig(lr=1e-2, micro_batch_tokens=4096, epochs_per_batch=2),
         eval=EvalConfig(every=1, kl_tasks=0),
-    )
+    ).replace(**updates)
 
 
 def run_cli(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
@@ -61,13 +82,18 @@ def run_cli(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
 
 
 def stable(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not any(t in k for t in VOLATILE)} for r in records]
+    return [{k: v for k, v in r.items() if not timing(k)} for r in records]
 
 
-def test_kill9_mid_iteration_then_resume_matches_uninterrupted(tmp_path):
+def kill9_and_resume(tmp_path: Path, **updates) -> tuple[list[dict], list[dict]]:
+    """An uninterrupted run, and the same run killed after its first checkpoint and resumed; checks the
+    stores and returns both runs' metrics."""
     cache = Path(session_cache())  # the process's warm cache: the runs share its tokenizer build
     env = {**os.environ, "UNIPOST_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
-    straight, killed = config(tmp_path, cache, "straight"), config(tmp_path, cache, "killed")
+    straight, killed = (
+        config(tmp_path, cache, "straight", **updates),
+        config(tmp_path, cache, "killed", **updates),
+    )
     for cfg in (straight, killed):
         (tmp_path / f"{cfg.name}.json").write_text(cfg.to_json())
 
@@ -93,12 +119,33 @@ def test_kill9_mid_iteration_then_resume_matches_uninterrupted(tmp_path):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
 
-    a = read_metrics(tmp_path / "straight")
-    b = read_metrics(tmp_path / "killed")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
-    assert stable(a) == stable(b)
     trajs_a = load(tmp_path / "straight" / "trajectories.jsonl").trajectories
     trajs_b = load(tmp_path / "killed" / "trajectories.jsonl").trajectories
     strip = lambda t: json.dumps(t.model_dump(mode="json")["turns"], sort_keys=True)
     assert [strip(t) for t in trajs_a] == [strip(t) for t in trajs_b]
     assert [strip(t) for t in kept_before.trajectories] == [strip(t) for t in trajs_b[: len(kept_before)]]
+    return read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+
+
+def trained(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["step"] > 0]
+
+
+def test_kill9_mid_iteration_then_resume_matches_uninterrupted(tmp_path):
+    a, b = kill9_and_resume(tmp_path)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    assert all(r["train/batch_labels"] > 0 for r in trained(a))  # every iteration trained
+    assert stable(a) == stable(b)
+
+
+def test_resume_under_a_budget_and_an_lr_schedule_matches_uninterrupted(tmp_path):
+    """The budget counter (train/effective_samples) and the schedule (optimiser steps, its horizon) must
+    survive the kill: a resume that resets either trains a different number of iterations or at
+    different learning rates."""
+    a, b = kill9_and_resume(tmp_path, **SCHEDULED)
+    steps = [r["step"] for r in a]
+    assert steps == [r["step"] for r in b]
+    assert len(steps) - 1 < SCHEDULED["iterations"], f"the budget never stopped the run early: {steps}"
+    assert a[-1]["train/effective_samples"] >= BUDGET > a[-2]["train/effective_samples"]
+    assert len({round(r["train/lr"], 12) for r in trained(a)}) == len(trained(a)), "the LR never moved"
+    assert stable(a) == stable(b)
