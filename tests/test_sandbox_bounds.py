@@ -364,3 +364,27 @@ def test_the_editor_undo_history_is_bounded_however_the_path_is_spelled():
         assert not undo.tool_error and (env.workspace / "big.txt").read_text().startswith("x\n" * 29 + "a")
     finally:
         env.close()
+
+
+def test_an_unchanged_workspace_is_not_swapped_and_every_change_is_kept(env):
+    """A command that changes nothing leaves the host's files in place (no rename churn: same inodes);
+    the decision comes from the host's own records of both streams, so a change the agent disguises
+    (same size, same time, other bytes; a mode; a link target) is still copied back."""
+    init = env.workspace / "meterkit" / "__init__.py"
+    before = init.stat().st_ino
+    assert sh(env, "true").endswith("exit code 0.]")
+    assert init.stat().st_ino == before and init.read_text() == env.task.files["meterkit/__init__.py"]
+    text = init.read_text()
+    flipped = text[:-2] + ("X" if text[-2] != "X" else "Y") + text[-1]
+    (env.workspace / "new.txt").write_text(flipped)  # the same length, other bytes
+    sh(
+        env,
+        "cp /testbed/new.txt /tmp/n && touch -r /testbed/meterkit/__init__.py /tmp/n && "
+        "cat /tmp/n > /testbed/meterkit/__init__.py && touch -r /tmp/n /testbed/meterkit/__init__.py",
+    )
+    assert init.read_text() == flipped
+    sh(env, "chmod 700 /testbed/new.txt")
+    assert (env.workspace / "new.txt").stat().st_mode & 0o777 == 0o700
+    sh(env, "ln -s a /testbed/l")
+    sh(env, "rm /testbed/l && ln -s b /testbed/l")
+    assert os.readlink(env.workspace / "l") == "b"

@@ -58,6 +58,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,10 +221,11 @@ class Sandbox:
         for _r, w in pipes.values():
             os.close(w)  # only the sandbox holds the write ends now: EOF when it is gone
         read_fd = pipes["channel"][0] if channel > 0 else -1
-        seeder = threading.Thread(target=self._seed, args=(proc.stdin,), daemon=True)
+        seeded = _Manifest()
+        seeder = threading.Thread(target=self._seed, args=(proc.stdin, seeded), daemon=True)
         seeder.start()
         stop = threading.Event()
-        adopter = _Adopter(self, pipes["out"][0], stop) if persist else None
+        adopter = _Adopter(self, pipes["out"][0], stop, seeded) if persist else None
         if adopter is not None:
             adopter.start()
         cap = max(self.limits.max_output_chars, 1)
@@ -391,11 +393,14 @@ class Sandbox:
         argv += ["/bin/bash", "-c", _WRAPPER, "unipost-sandbox", str(out_fd), f"{timeout:.3f}", cwd, command]
         return argv, dict(base_env)
 
-    def _seed(self, pipe: Any) -> None:
-        """Write the workspace as a tar stream to the wrapper's stdin (thread; errors only end it)."""
+    def _seed(self, pipe: Any, seeded: _Manifest | None = None) -> None:
+        """Write the workspace as a tar stream to the wrapper's stdin (thread; errors only end it);
+        ``seeded`` gets the manifest of what was sent, complete only if all of it was."""
         try:
             with pipe, tarfile.open(fileobj=pipe, mode="w|", format=tarfile.GNU_FORMAT) as tf:
-                _add_tree(tf, self.workspace)
+                _add_tree(tf, self.workspace, seeded)
+            if seeded is not None:
+                seeded.complete = True
         except (OSError, ValueError, tarfile.TarError):
             pass  # the sandbox went away (killed, timed out): nothing to deliver to
 
@@ -705,9 +710,11 @@ def workspace_usage(root: Path, stop_after: int | None = None) -> tuple[int, int
     return used, count
 
 
-def _add_tree(tf: tarfile.TarFile, root: Path) -> None:
+def _add_tree(tf: tarfile.TarFile, root: Path, seeded: _Manifest | None = None) -> None:
     """Add a host workspace to a tar stream: directories, regular files, links (as links) and FIFOs;
-    files are opened without following links or blocking, and only regular ones are read."""
+    files are opened without following links or blocking, and only regular ones are read. ``seeded``
+    records each entry as sent (see :class:`_Manifest`)."""
+    note = seeded.entries.append if seeded is not None else (lambda _entry: None)
     base = os.fspath(root)
     for dirpath, dirnames, filenames in os.walk(base):
         rel_dir = os.path.relpath(dirpath, base)
@@ -723,12 +730,15 @@ def _add_tree(tf: tarfile.TarFile, root: Path) -> None:
             if stat.S_ISDIR(st.st_mode):
                 info.type = tarfile.DIRTYPE
                 tf.addfile(info)
+                note((rel, "d", info.mode, 0, 0, "", 0))
             elif stat.S_ISLNK(st.st_mode):
                 info.type, info.linkname = tarfile.SYMTYPE, os.readlink(path)
                 tf.addfile(info)
+                note((rel, "l", 0, 0, 0, info.linkname, 0))
             elif stat.S_ISFIFO(st.st_mode):
                 info.type = tarfile.FIFOTYPE
                 tf.addfile(info)
+                note((rel, "p", info.mode, 0, 0, "", 0))
             elif stat.S_ISREG(st.st_mode):
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -739,7 +749,9 @@ def _add_tree(tf: tarfile.TarFile, root: Path) -> None:
                     if not stat.S_ISREG(fst.st_mode):
                         continue
                     info.size = fst.st_size
-                    tf.addfile(info, fh)
+                    summed = _Summed(fh)
+                    tf.addfile(info, summed)
+                    note((rel, "f", info.mode, info.size, info.mtime, "", summed.crc))
 
 
 class _RefusedError(Exception):
@@ -828,7 +840,9 @@ def _member_name(name: str) -> str | None:
     return "/".join(parts)
 
 
-def _extract(stream: _GuardedStream, stage: Path, limits: Limits, uid: int | None) -> str | None:
+def _extract(
+    stream: _GuardedStream, stage: Path, limits: Limits, uid: int | None, got: _Manifest | None = None
+) -> str | None:
     """Unpack a copy-out into the empty, private ``stage``; None when it is complete and valid.
 
     Only this function writes below ``stage`` (the agent has no bind of any host path), and every entry
@@ -836,6 +850,7 @@ def _extract(stream: _GuardedStream, stage: Path, limits: Limits, uid: int | Non
     """
     kinds: dict[str, str] = {"": "d"}
     used = count = 0
+    note = got.entries.append if got is not None else (lambda _entry: None)
     root = os.open(stage, _O_DIR)
     cached: tuple[str, int] | None = None
 
@@ -880,6 +895,7 @@ def _extract(stream: _GuardedStream, stage: Path, limits: Limits, uid: int | Non
                     fd = os.open(base, _O_DIR, dir_fd=pfd)
                     _settle(fd, (m.mode & 0o755) | 0o700, None, uid)
                     kinds[name] = "d"
+                    note((name, "d", (m.mode & 0o755) | 0o700, 0, 0, "", 0))
                 elif m.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE):
                     used += _pages(m.size)
                     if used > limits.workspace_bytes or m.size > limits.file_bytes:
@@ -888,17 +904,19 @@ def _extract(stream: _GuardedStream, stage: Path, limits: Limits, uid: int | Non
                     fd = os.open(base, flags, 0o600, dir_fd=pfd)
                     src = tf.extractfile(m)
                     assert src is not None
-                    left = m.size
+                    left, crc = m.size, 0
                     while left > 0:
                         data = src.read(min(left, 1 << 16))
                         if not data:
                             raise _RefusedError(f"{_KEPT}: the copy-out was cut short.")
                         left -= len(data)
+                        crc = zlib.crc32(data, crc)
                         view = memoryview(data)
                         while view:
                             view = view[os.write(fd, view) :]
                     _settle(fd, (m.mode & 0o755) | 0o600, m.mtime, uid)
                     kinds[name] = "f"
+                    note((name, "f", (m.mode & 0o755) | 0o600, m.size, int(m.mtime), "", crc))
                 elif m.issym():
                     if len(m.linkname) > 4096 or "\0" in m.linkname:
                         raise _RefusedError(f"{_KEPT}: the copy-out is not a valid archive.")
@@ -909,11 +927,13 @@ def _extract(stream: _GuardedStream, stage: Path, limits: Limits, uid: int | Non
                     if uid is not None:
                         os.chown(base, uid, uid, dir_fd=pfd, follow_symlinks=False)
                     kinds[name] = "l"
+                    note((name, "l", 0, 0, 0, m.linkname, 0))
                 elif m.isfifo():
                     os.mkfifo(base, 0o600, dir_fd=pfd)
                     fd = os.open(base, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
                     _settle(fd, (m.mode & 0o755) | 0o600, None, uid)
                     kinds[name] = "p"
+                    note((name, "p", (m.mode & 0o755) | 0o600, 0, 0, "", 0))
                 else:  # hard links (tar -c dereferences them), devices, anything else: forged
                     raise _RefusedError(f"{_KEPT}: the copy-out holds an entry of a refused type.")
         if not stream.done:
@@ -990,13 +1010,42 @@ class _PipeReader:
                 return os.read(self.fd, min(n, 1 << 16))
 
 
+class _Manifest:
+    """What a tar stream held, entry by entry, as the host itself read or wrote it: (path, kind, mode,
+    size, mtime, link target, CRC-32 of the content) per entry. The seeding thread records the workspace
+    it sends; the adopter records the copy-out it validated and unpacked (modes as it sets them). Both
+    come from bytes the host handled, never from anything the sandbox reports about itself."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str, int, int, int, str, int]] = []
+        self.complete = False
+
+    def same_as(self, other: _Manifest) -> bool:
+        return self.complete and other.complete and sorted(self.entries) == sorted(other.entries)
+
+
+class _Summed:
+    """A file object whose reads update a CRC-32 (the seeded content's, for the manifest)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.crc = fh, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.crc = zlib.crc32(data, self.crc)
+        return data
+
+
 class _Adopter(threading.Thread):
     """Reads and unpacks one command's copy-out while the command runs; ``finish`` (called once the
     sandbox is gone) puts a complete copy in place, or records why not in ``error``."""
 
-    def __init__(self, sandbox: Sandbox, fd: int, stop: threading.Event) -> None:
+    def __init__(
+        self, sandbox: Sandbox, fd: int, stop: threading.Event, seeded: _Manifest | None = None
+    ) -> None:
         super().__init__(daemon=True)
         self.sandbox, self.fd, self.stop = sandbox, fd, stop
+        self.seeded, self.got = seeded, _Manifest()
         self.error: str | None = f"{_KEPT}: the copy-out did not complete in time."
         self.ok = False
         self.stage: Path | None = None
@@ -1008,8 +1057,9 @@ class _Adopter(threading.Thread):
         try:
             self.stage = Path(tempfile.mkdtemp(prefix=".unipost-stage-", dir=sb.workspace.parent))
             stream = _GuardedStream(_PipeReader(self.fd, self.stop).read, _stream_cap(sb.limits))
-            error = _extract(stream, self.stage, sb.limits, sb._drop_to)
+            error = _extract(stream, self.stage, sb.limits, sb._drop_to, self.got)
             self.error, self.ok = error, error is None
+            self.got.complete = self.ok
         except _StoppedError:
             pass
         except Exception as exc:  # never let a copy-out take the host down; report it
@@ -1020,6 +1070,14 @@ class _Adopter(threading.Thread):
                 if self._abandoned and self.stage is not None:
                     shutil.rmtree(self.stage, ignore_errors=True)
 
+    def _unchanged(self) -> bool:
+        """The validated copy-out holds exactly what was seeded (names, kinds, modes as they would be
+        set, sizes, file times, link targets, content checksums): moving it in would rebuild the same
+        workspace, so the swap (renames and a tree removal on the host) is skipped. Decided from the
+        host's own records of both streams; a copy-out that merely claims to match can only make the
+        host keep the workspace it already had, which is valid and within the bounds."""
+        return self.seeded is not None and self.seeded.same_as(self.got)
+
     def finish(self) -> None:
         with self._lock:
             if self.is_alive():
@@ -1028,7 +1086,7 @@ class _Adopter(threading.Thread):
                 self.error = f"{_KEPT}: the copy-out did not complete in time."
                 return
         try:
-            if self.ok and self.stage is not None:
+            if self.ok and self.stage is not None and not self._unchanged():
                 try:
                     _swap_contents(self.sandbox.workspace, self.stage)
                 except OSError as exc:
