@@ -116,3 +116,72 @@ def test_cli_expert_and_show():
     task = generate_task("train", 4, "easy")
     assert task.issue.splitlines()[0] in result.output and "expert trajectory" in result.output
     assert '"resolved":true' in result.output.replace(" ", "")
+
+
+def _call(message):
+    call = message["tool_calls"][0]["function"]
+    return call["name"], json.loads(call["arguments"])
+
+
+def test_expert_rereads_the_exact_lines_after_a_refused_edit_then_fixes():
+    """After the agent's str_replace is refused (old_str not in the file), the expert's label is a
+    view of the lines it will replace (the true line becomes the most recent copy in the context),
+    then the edit; with reread_after_failed_edit=False it repeats the edit at once (the older expert)."""
+    task = generate_task("heldout", 3, "easy")
+    for reread in (True, False):
+        expert = ScriptedExpert(reread_after_failed_edit=reread)
+        with EmbeddedEnv(task) as env:
+            messages = env.reset()
+            for t in range(40):  # the expert up to its fix
+                action = expert.next_action(AgentState(messages, env.tools, env, t))
+                name, args = _call(action)
+                if args.get("command") == "str_replace":
+                    break
+                messages += [action, *env.step(action).observation]
+            wrong = dict(args, old_str=args["old_str"].replace("(", "( ", 1) + "  # not in the file")
+            bad = tool_call_message("", "file_editor", wrong, "bad")
+            result = env.step(bad)
+            assert result.tool_error and "did not appear verbatim" in str(result.observation)
+            messages += [bad, *result.observation]
+            label = expert.next_action(AgentState(messages, env.tools, env, t + 1))
+            name, label_args = _call(label)
+            if not reread:
+                assert label_args == args  # the same edit again
+                continue
+            assert name == "file_editor" and label_args["command"] == "view"
+            assert label_args["path"] == args["path"]
+            observation = env.step(label).observation
+            assert args["old_str"].splitlines()[0] in str(observation)  # the true line is shown last
+            messages += [label, *observation]
+            fix = expert.next_action(AgentState(messages, env.tools, env, t + 2))
+            assert _call(fix)[1] == args  # then the edit, not another view
+            messages += [fix, *env.step(fix).observation]
+            for k in range(t + 3, 40):
+                action = expert.next_action(AgentState(messages, env.tools, env, k))
+                result = env.step(action)
+                messages += [action, *result.observation]
+                if result.done:
+                    break
+            assert env.verify().resolved
+
+
+def test_expert_rereading_leaves_its_own_trajectories_unchanged():
+    """The expert's own edits never fail, so the warm start's demos (expert episodes from reset) are
+    the same with and without re-reading."""
+    for i in range(4):
+        task = generate_task("train", 20_000 + i, "easy")
+        runs = []
+        for reread in (True, False):
+            expert = ScriptedExpert(reread_after_failed_edit=reread)
+            with EmbeddedEnv(task) as env:
+                messages = env.reset()
+                actions = []
+                for t in range(40):
+                    action = expert.next_action(AgentState(messages, env.tools, env, t))
+                    result = env.step(action)
+                    actions.append(action)
+                    messages += [action, *result.observation]
+                    if result.done:
+                        break
+            runs.append(actions)
+        assert runs[0] == runs[1]

@@ -16,6 +16,15 @@ conversation history (what has been explored, viewed, grepped, reproduced):
 6. re-run the reproduction after the last modifying action;
 7. ``finish``.
 
+After an edit of the agent's that the editor refused (``old_str`` not in the file, the commonest student
+error), the expert first re-reads the exact lines it is about to replace (``view`` with ``view_range``)
+and only then edits. Why: the refusal's observation quotes the agent's *wrong* line, so it is the most
+recent copy of "that line" in the context, and a student that copies from there fails again (measured
+in the lab: 56 of 61 student turns right after an error were errors again). Re-reading puts the true
+line last, which is what a careful human does and what DAgger's labels at error states should show.
+The expert's own edits never fail, so its trajectories from reset (the warm start's demos) are
+unchanged; ``reread_after_failed_edit=False`` gives the older expert that repeats the edit at once.
+
 Deterministic given (task, workspace, history): no randomness, no clock.
 """
 
@@ -142,11 +151,59 @@ def _minimal_edit(current: str, target: str) -> tuple[str, str] | None:
     return old, new
 
 
+_EDIT_COMMANDS = ("str_replace", "insert")
+_REREAD_MARGIN = 2  # lines of context shown around the lines to replace
+
+
+def _failed_edit_path(messages: list[Message]) -> str | None:
+    """The path of the last assistant call when it was a ``file_editor`` edit the tool refused."""
+    for k in range(len(messages) - 1, -1, -1):
+        msg = messages[k]
+        if msg.get("role") != "assistant":
+            continue
+        calls = msg.get("tool_calls") or []
+        if len(calls) != 1 or not isinstance(calls[0], dict):
+            return None
+        fn = calls[0].get("function") or {}
+        if TOOL_ALIASES.get(fn.get("name"), fn.get("name")) != "file_editor":
+            return None
+        try:
+            args = json.loads(fn.get("arguments") or "{}")
+        except (TypeError, ValueError):
+            return None
+        if not isinstance(args, dict) or args.get("command") not in _EDIT_COMMANDS:
+            return None
+        replies = [m for m in messages[k + 1 :] if m.get("role") == "tool"]
+        refused = bool(replies) and str(replies[0].get("content") or "").startswith("ERROR")
+        return str(args.get("path")) if refused else None
+    return None
+
+
+def _lines_to_replace(current: str, target: str) -> tuple[int, int] | None:
+    """1-based [start, end] lines of ``current`` that the minimal edit replaces, with a small margin."""
+    edit = _minimal_edit(current, target)
+    if edit is None or not edit[0]:
+        return None
+    offset = current.find(edit[0])
+    if offset < 0:
+        return None
+    n_lines = current.count("\n") + (0 if current.endswith("\n") else 1)
+    first = current.count("\n", 0, offset) + 1
+    last = first + edit[0].count("\n")
+    return max(1, first - _REREAD_MARGIN), min(max(n_lines, 1), last + _REREAD_MARGIN)
+
+
 class ScriptedExpert:
     """Policy(name="expert", white_box=False) for :class:`~unipost.envs.embedded.env.EmbeddedEnv`."""
 
     name = "expert"
     white_box = False
+
+    def __init__(self, *, reread_after_failed_edit: bool = True) -> None:
+        self.reread_after_failed_edit = reread_after_failed_edit
+
+    def __repr__(self) -> str:
+        return f"ScriptedExpert(reread_after_failed_edit={self.reread_after_failed_edit})"
 
     def act(self, states: list[AgentState], *, greedy: bool = False) -> list[PolicyOutput]:
         return [PolicyOutput(message=self.next_action(state)) for state in states]
@@ -207,7 +264,12 @@ class ScriptedExpert:
             if rel not in h.viewed:
                 return view(rel, f"`{rel}` was changed; let me check it.")
             return self._edit(
-                rel, current[rel], target[rel], cid, f"This change to `{rel}` is wrong; let me revert it."
+                rel,
+                current[rel],
+                target[rel],
+                cid,
+                f"This change to `{rel}` is wrong; let me revert it.",
+                state.messages,
             )
         if current[task.bug.path] != target[task.bug.path]:
             for k, (fn, path) in enumerate(task.chain):
@@ -234,6 +296,7 @@ class ScriptedExpert:
                 target[bug.path],
                 cid,
                 f"Found it: in `{bug.function}`, {bug.explanation}. Let me fix it.",
+                state.messages,
             )
         if h.last_repro < h.last_modify:
             return tool_call_message(
@@ -249,8 +312,19 @@ class ScriptedExpert:
             cid,
         )
 
-    def _edit(self, rel: str, current: str, target: str, cid: str, why: str) -> Message:
+    def _edit(
+        self, rel: str, current: str, target: str, cid: str, why: str, messages: list[Message] | None = None
+    ) -> Message:
         path = f"{WORKSPACE}/{rel}"
+        if self.reread_after_failed_edit and messages is not None and _failed_edit_path(messages) == path:
+            lines = _lines_to_replace(current, target)
+            if lines is not None:
+                return tool_call_message(
+                    "That edit did not apply; let me read the exact lines again before editing.",
+                    "file_editor",
+                    {"command": "view", "path": path, "view_range": list(lines)},
+                    cid,
+                )
         if not current:
             return tool_call_message(
                 why,
