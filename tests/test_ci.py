@@ -1,6 +1,8 @@
-"""CI's time bound: the whole `.ci/run` stays within 45 minutes, opt-in jobs included, and an opt-in job
-that does not finish in its slot is reported SKIP, never a failure (a slow package index must not block
-every landing); a job whose tests fail still fails CI. The job runner runs here on fake jobs."""
+"""CI's time bound: the whole `.ci/run` stays within CI's 90-minute hard limit, opt-in jobs included (the
+default suite's cap plus every job's declared minutes fit in the budget, so each job gets its whole slot),
+and an opt-in job that does not finish in its slot is reported SKIP, never a failure (a slow package index
+must not block every landing); a job whose tests fail still fails CI. The job runner runs here on fake
+jobs."""
 
 from __future__ import annotations
 
@@ -59,11 +61,20 @@ def test_a_job_gets_at_most_what_is_left_of_the_budget(tmp_path):
     assert "SKIP" in spent.stdout and "should not run" not in spent.stdout
 
 
-def test_ci_run_is_bounded_by_a_45_minute_budget():
+def test_ci_run_is_bounded_by_the_90_minute_limit_and_every_job_gets_its_whole_slot():
     ci = (ROOT / ".ci" / "run").read_text()
-    default = int(re.search(r"UNIPOST_CI_BUDGET_S:-(\d+)", ci).group(1))
-    assert default <= 45 * 60
-    assert re.search(r'timeout --kill-after=30 "\$budget" bash scripts/run-tests.sh', ci)
+    budget = int(re.search(r"UNIPOST_CI_BUDGET_S:-(\d+)", ci).group(1))
+    suite = int(re.search(r"UNIPOST_CI_SUITE_S:-(\d+)", ci).group(1))
+    runner = (ROOT / "scripts" / "run-optional-jobs.sh").read_text()
+    assert int(re.search(r"UNIPOST_CI_BUDGET_S:-(\d+)", runner).group(1)) == budget
+    # the budget, plus the kill grace periods (30 s for the suite, 10 s per job), inside 90 minutes
+    jobs = sorted((ROOT / "scripts" / "ci-optional").glob("*.sh"))
+    assert budget + 30 + 10 * len(jobs) <= 90 * 60 - 60
+    assert re.search(r'timeout --kill-after=30 "\$suite" bash scripts/run-tests.sh', ci)
     assert "scripts/run-optional-jobs.sh" in ci
-    for job in (ROOT / "scripts" / "ci-optional").glob("*.sh"):
-        assert re.search(r"^# ci-minutes: \d+$", job.read_text(), flags=re.M), f"{job} declares no minutes"
+    minutes = {}
+    for job in jobs:
+        declared = re.search(r"^# ci-minutes: (\d+)$", job.read_text(), flags=re.M)
+        assert declared, f"{job} declares no minutes"
+        minutes[job.name] = int(declared.group(1))
+    assert suite + 60 * sum(minutes.values()) <= budget, (suite, minutes, budget)
