@@ -5,7 +5,8 @@
 # no orphans, no host effects, no forged resolves, bounded memory; it counts every live sandbox-uid
 # process on the machine, so it cannot share the box with the suite's xdist workers), and the notebooks
 # at their 'small' budget, where their qualitative checks apply (tests/test_notebooks.py, ~1-2 min each).
-# Measured here: 132-306 s for both, under other jobs' load (1-minute load 3.7-10 on 2 cores).
+# Measured here (2 cores shared with other jobs): the whole job 239 s at 1-minute load 4.1-5.7; the two
+# notebooks alone 116-306 s at load 3.7-10.
 # SKIP (exit 0) when bubblewrap is missing (the soak and the notebooks' episodes run in the sandbox).
 set -uo pipefail
 cd "$(dirname "$0")/../.."

