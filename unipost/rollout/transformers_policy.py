@@ -26,14 +26,29 @@ the longest common *token* prefix (checked token by token, so an edited history,
 re-renders earlier turns differently, or a different tokenisation at the boundary just shortens the
 reused part; no match means a full encode) and only its new suffix is encoded. Entries are dropped
 when the model's weights change (a training step between rollouts), so a stale cache is never read.
+
+Decoding (``decode="compact"``, the default) is our own loop over the model's forward with the inputs
+``model.generate`` gives it (the same prompt, attention mask, cache and positions, the same processors
+in the same order, one multinomial over the whole batch per step), except that a row which has emitted
+the end-of-turn token leaves the batch: its keys/values are taken out of the cache then, and later steps
+compute only the rows still generating (``generate`` decodes every row until the last one stops, so a
+batch whose longest turn hits ``max_new_tokens`` paid for every row at every step). Row results do not
+depend on which other rows share the batch, so tokens, log-probs and cached keys/values are those of
+``decode="generate"`` (``model.generate`` itself), bitwise (tested); sampled rows see the same random
+draws, because the multinomial still runs over all rows (finished ones with a dummy distribution).
+On CPU, generation runs with ``cpu_threads`` intra-op threads (1 by default): decode steps are many
+small ops, where a second OpenMP thread barely helps on an idle machine and, on a loaded one, waiting
+for a descheduled thread made steps 5-20x slower (measured in benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -157,6 +172,33 @@ def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE: dict[str, Any] = {"depth": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside, restored by the last of nested/concurrent users
+    (a teacher generating in a worker thread while the student generates in the main one)."""
+    if n is None:
+        yield
+        return
+    with _THREADS_LOCK:
+        if _THREADS_STATE["depth"] == 0:
+            _THREADS_STATE["saved"] = torch.get_num_threads()
+        _THREADS_STATE["depth"] += 1
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_STATE["depth"] -= 1
+            saved = _THREADS_STATE["saved"]
+            if _THREADS_STATE["depth"] == 0 and saved is not None and torch.get_num_threads() != saved:
+                torch.set_num_threads(saved)
+
+
 class TransformersPolicy(ChatPolicyBase):
     """A local causal LM (any transformers model with a chat template) as a batched policy.
 
@@ -180,11 +222,18 @@ class TransformersPolicy(ChatPolicyBase):
         prefix_cache_mb: memory for keys/values kept between ``act`` calls so a turn encodes only what
             is new since an earlier prompt (see the module docstring); 0 turns KV reuse off. Models with
             sliding-window layers never reuse.
+        decode: ``"compact"`` (default) decodes with our own loop that drops finished rows from the batch;
+            ``"generate"`` calls ``model.generate``. Both give the same tokens, log-probs and cache
+            (see the module docstring); the second is kept as the reference.
+        cpu_threads: torch intra-op threads while generating on CPU (restored afterwards); None leaves
+            torch's setting. Ignored for models on other devices.
     """
 
     # reuse a cached prefix only if it saves at least this many tokens (else the row is encoded fresh,
     # in the same batch as other fresh rows)
     min_reuse_tokens = 16
+    # decode="compact" keeps at least this many rows in a batch (see _decode_compact)
+    min_decode_rows = 4
 
     white_box = True
 
@@ -208,6 +257,8 @@ class TransformersPolicy(ChatPolicyBase):
         score_batch_size: int = 8,
         end_of_turn: str = "<|im_end|>",
         prefix_cache_mb: float = 1024.0,
+        decode: Literal["compact", "generate"] = "compact",
+        cpu_threads: int | None = 1,
     ):
         self.sampling = SamplingConfig.resolve(
             sampling, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, logprobs=logprobs
@@ -223,6 +274,14 @@ class TransformersPolicy(ChatPolicyBase):
         self.prefix_cache = PrefixKVCache(int(prefix_cache_mb * 2**20))
         self.kv_stats = {"prompt_tokens": 0, "reused_tokens": 0, "generate_calls": 0}
         self._weights_key: tuple | None = None
+        if decode not in ("compact", "generate"):
+            raise ValueError(f"decode must be 'compact' or 'generate', got {decode!r}")
+        if cpu_threads is not None and (
+            isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int) or cpu_threads < 1
+        ):
+            raise ValueError(f"cpu_threads must be a positive integer or None, got {cpu_threads!r}")
+        self.decode = decode
+        self.cpu_threads = cpu_threads
 
     def __repr__(self) -> str:
         return (
@@ -330,25 +389,34 @@ class TransformersPolicy(ChatPolicyBase):
             layers.append((keys, values))
         return DynamicCache(ddp_cache_data=layers), length
 
+    @staticmethod
+    def _row_kv(
+        layers: list[tuple[torch.Tensor, torch.Tensor]], row: int, start: int, n: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Copies of one batch row's keys/values at cache positions [start, start + n), or None."""
+        if n <= 0 or start + n > layers[0][0].shape[2]:
+            return None
+        span = slice(start, start + n)
+        return [(k[row, :, span].clone(), v[row, :, span].clone()) for k, v in layers]
+
     def _remember(
-        self, prompts: list[list[int]], new_BS: torch.Tensor, tokens: list[list[int]], cache: Any, width: int
+        self,
+        prompts: list[list[int]],
+        tokens: list[list[int]],
+        kv_rows: list[list[tuple[torch.Tensor, torch.Tensor]] | None],
+        prefixes: list[tuple[_PrefixEntry | None, int]],
     ) -> None:
-        """Keep each row's keys/values of prompt + generated tokens (the last token was never fed).
+        """Keep each row's keys/values of prompt + generated tokens (the last token was never fed), in
+        row order.
 
         The entries these rows continued from are then dropped: each row's new entry holds all of the
         old one that its episode can still use (an action that was not executed as generated, e.g.
         re-rendered from its parsed tool call, is not in the next prompt).
         """
-        layers = _cache_layers(cache)
-        for row, (ids, toks) in enumerate(zip(prompts, tokens, strict=True)):
-            start = width - len(ids)
-            n = len(ids) + len(toks) - 1
-            if n <= 0 or start + n > layers[0][0].shape[2]:
-                continue
-            span = slice(start, start + n)
-            kv = [(k[row, :, span].clone(), v[row, :, span].clone()) for k, v in layers]
-            seq = torch.tensor(ids + new_BS[row, : len(toks) - 1].tolist(), dtype=torch.long)
-            self.prefix_cache.add(seq, kv)
+        for ids, toks, kv in zip(prompts, tokens, kv_rows, strict=True):
+            if kv is not None:
+                self.prefix_cache.add(torch.tensor(ids + toks[:-1], dtype=torch.long), kv)
+        self.prefix_cache.discard([entry for entry, _ in prefixes if entry is not None])
 
     @staticmethod
     def _cache_kwarg() -> str:
@@ -371,6 +439,29 @@ class TransformersPolicy(ChatPolicyBase):
     ) -> tuple[list[list[int]], list[list[float]]]:
         ids_BL, mask_BL = self._left_pad(prompts)
         width = ids_BL.shape[1]
+        self.kv_stats["generate_calls"] += 1
+        cache = None
+        if prefixes is not None and any(entry is not None for entry, _ in prefixes):
+            cache, reused = self._prefilled_cache(prompts, prefixes, width)
+            self.kv_stats["reused_tokens"] += int(mask_BL[:, :reused].sum())
+        device = self.device
+        threads = self.cpu_threads if device.type == "cpu" else None
+        run = self._decode_generate if self.decode == "generate" else self._decode_compact
+        with _intra_op_threads(threads), contextlib.ExitStack() as stack:
+            if seed is not None and not greedy:
+                cuda = [device.index or 0] if device.type == "cuda" else []
+                stack.enter_context(torch.random.fork_rng(devices=cuda))
+                torch.manual_seed(seed)
+            tokens, logps, kv_rows = run(ids_BL, mask_BL, cache, greedy=greedy, keep_kv=prefixes is not None)
+        if prefixes is not None:
+            self._remember(prompts, tokens, kv_rows, prefixes)
+        return tokens, logps
+
+    def _decode_generate(
+        self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, cache: Any, *, greedy: bool, keep_kv: bool
+    ) -> tuple[list[list[int]], list[list[float]], list[Any]]:
+        """``model.generate`` (the reference decoder): tokens, log-probs and each row's keys/values."""
+        width = ids_BL.shape[1]
         raw = _LogprobRecorder(self.temperature)
         sampled = _LogprobRecorder(1.0)
         processors = [raw, TemperatureLogitsWarper(self.temperature)]
@@ -388,22 +479,14 @@ class TransformersPolicy(ChatPolicyBase):
             use_cache=True,
             return_dict_in_generate=True,
         )
-        self.kv_stats["generate_calls"] += 1
-        if prefixes is not None and any(entry is not None for entry, _ in prefixes):
-            kwargs[self._cache_kwarg()], reused = self._prefilled_cache(prompts, prefixes, width)
-            self.kv_stats["reused_tokens"] += int(mask_BL[:, :reused].sum())
+        if cache is not None:
+            kwargs[self._cache_kwarg()] = cache
         if not greedy:
             # pinned so that the model's generation_config (Qwen3: temperature 0.6, top_k 20) cannot add
             # warpers after our recorders; ours above implement temperature and top-p
             kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
-        if seed is None or greedy:
-            out = self.model.generate(ids_BL, **kwargs)
-        else:
-            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(seed)
-                out = self.model.generate(ids_BL, **kwargs)
-        new_BS = out.sequences[:, ids_BL.shape[1] :].cpu()
+        out = self.model.generate(ids_BL, **kwargs)
+        new_BS = out.sequences[:, width:].cpu()
         recorder = raw if self.logprobs == "raw" else sampled
         other = sampled if recorder is raw else raw
         logp_BS = recorder.finish(new_BS[:, -1])
@@ -413,14 +496,112 @@ class TransformersPolicy(ChatPolicyBase):
             n = row.index(self.eot_id) + 1 if self.eot_id in row else len(row)
             tokens.append(row[:n])
             logps.append(lp[:n])
-        if prefixes is not None:
+        kv_rows: list[Any] = [None] * len(tokens)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        if keep_kv and cache is not None:
+            layers = _cache_layers(cache)
+            lengths = mask_BL.shape[1] - mask_BL.sum(1)  # left padding per row
+            for row, toks in enumerate(tokens):
+                start = int(lengths[row])
+                kv_rows[row] = self._row_kv(layers, row, start, width - start + len(toks) - 1)
+        return tokens, logps, kv_rows
+
+    def _decode_compact(
+        self, ids_BL: torch.Tensor, mask_BL: torch.Tensor, cache: Any, *, greedy: bool, keep_kv: bool
+    ) -> tuple[list[list[int]], list[list[float]], list[Any]]:
+        """``model.generate``'s sampling loop with finished rows dropped from the batch (module docstring).
+
+        Per step, exactly what ``generate`` computes for a row: the model's forward on the same inputs
+        (ids, attention mask, position ids counting the real tokens, ``logits_to_keep=1``), logits in
+        float32, our processors (raw log-probs, temperature, top-p, sampled log-probs), then the argmax,
+        or a multinomial over all rows of the batch (rows already finished get a uniform dummy
+        distribution; each row's draw depends only on its own row, so live rows get generate's draws).
+        """
+        batch, width = ids_BL.shape
+        cache_kwarg = self._cache_kwarg()
+
+        def forward(
+            input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any
+        ) -> tuple[Any, torch.Tensor]:
+            kwargs = {cache_kwarg: cache} if cache is not None else {}
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=mask,
+                logits_to_keep=1,
+                use_cache=True,
+                return_dict=True,
+                **kwargs,
+            )
             cache = getattr(out, "cache", None)
             if cache is None:
-                cache = getattr(out, "past_key_values", None)
-            if cache is not None:
-                self._remember(prompts, new_BS, tokens, cache, width)
-                self.prefix_cache.discard([entry for entry, _ in prefixes if entry is not None])
-        return tokens, logps
+                cache = out.past_key_values
+            return cache, out.logits[:, -1].to(copy=True, dtype=torch.float32)
+
+        # generate's positions: count of real tokens before each one (0 on left padding)
+        position_BL = (mask_BL.long().cumsum(-1) - 1).masked_fill(mask_BL == 0, 0)
+        past = cache.get_seq_length() if cache is not None else 0
+        cache, logits = forward(ids_BL[:, past:], mask_BL, position_BL[:, past:].clone(), cache)
+        position_B1 = position_BL[:, -1:]
+        top_p = TopPLogitsWarper(self.top_p) if self.top_p < 1.0 else None
+        pad_B = (mask_BL.shape[1] - mask_BL.sum(1)).tolist()
+        # the batch never shrinks below min_decode_rows: matrix products of fewer rows take other kernels
+        # (on this CPU, 1-3 rows give other bits than >= 4), so finished rows stay in as fillers
+        floor = min(batch, self.min_decode_rows)
+        rows = list(range(batch))  # the original row at each batch position
+        alive = [True] * batch  # per batch position: still generating (else a finished filler)
+        mask = mask_BL
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logps: list[list[float]] = [[] for _ in range(batch)]
+        kv_rows: list[Any] = [None] * batch
+        for step in range(self.max_new_tokens):
+            raw_BV = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+            scores = logits / self.temperature
+            if top_p is not None:
+                scores = top_p(None, scores)  # type: ignore[arg-type]
+            if greedy:
+                next_B = torch.argmax(scores, dim=-1)
+            elif len(rows) == batch and all(alive):
+                next_B = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:  # one draw per original row, as generate makes (a row's draw depends on its row only)
+                full = scores.new_full((batch, scores.shape[1]), 1.0 / scores.shape[1])
+                at = torch.tensor(rows, device=scores.device)
+                full[at] = torch.softmax(scores, dim=-1)
+                next_B = torch.multinomial(full, num_samples=1).squeeze(1)[at]
+            chosen = raw_BV if self.logprobs == "raw" else torch.log_softmax(scores.float() / 1.0, dim=-1)
+            logp_B = chosen.gather(1, next_B[:, None])[:, 0]
+            last = step == self.max_new_tokens - 1
+            done = []
+            for j, (tok, lp) in enumerate(zip(next_B.tolist(), logp_B.tolist(), strict=True)):
+                if alive[j]:
+                    tokens[rows[j]].append(tok)
+                    logps[rows[j]].append(lp)
+                    if last or tok == self.eot_id:
+                        done.append(j)
+            if done and keep_kv:  # the cache holds prompt + tokens before this step's (never fed)
+                layers = _cache_layers(cache)
+                for j in done:
+                    row = rows[j]
+                    kv_rows[row] = self._row_kv(layers, j, pad_B[row], width - pad_B[row] + step)
+            for j in done:
+                alive[j] = False
+            if last or not any(alive):
+                break
+            next_B = torch.where(torch.tensor(alive, device=next_B.device), next_B, self.pad_id)
+            keep = [j for j in range(len(rows)) if alive[j]]
+            keep += [j for j in range(len(rows)) if not alive[j]][: max(0, floor - len(keep))]
+            if len(keep) < len(rows):
+                keep.sort()
+                keep_t = torch.tensor(keep, device=next_B.device)
+                cache.batch_select_indices(keep_t)
+                mask, next_B, position_B1 = mask[keep_t], next_B[keep_t], position_B1[keep_t]
+                rows, alive = [rows[j] for j in keep], [alive[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            position_B1 = position_B1 + 1
+            cache, logits = forward(next_B[:, None], mask, position_B1, cache)
+        return tokens, logps, kv_rows
 
     # -- score --------------------------------------------------------------------------------------
 
