@@ -49,6 +49,7 @@ import json
 import re
 import weakref
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -417,6 +418,10 @@ def encode_rendered(tokenizer: Any, chat: RenderedChat, start: int = 0, end: int
     return out + vocab.encode_plain(region[prev:])
 
 
+_IDS_MEMO: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, tuple[int, ...]]] = weakref.WeakKeyDictionary()
+_IDS_MEMO_SIZE = 256
+
+
 def chat_ids(
     tokenizer: Any,
     messages: Sequence[Message],
@@ -425,9 +430,39 @@ def chat_ids(
     add_generation_prompt: bool,
     style: str = "hermes",
 ) -> list[int]:
-    """THE messages -> ids function (renderer, policies' prompts, KL, teacher scoring, packer)."""
+    """THE messages -> ids function (renderer, policies' prompts, KL, teacher scoring, packer).
+
+    The last few results are remembered per tokenizer, keyed by the exact ``repr`` of the messages and
+    tools, the flags, the chat template and the vocabulary size: the rollout engine's context budget
+    and the policy encode the same context every turn, and that costs one render + encode, not two.
+    """
+    try:
+        memo = _IDS_MEMO.get(tokenizer)
+        if memo is None:
+            memo = _IDS_MEMO[tokenizer] = OrderedDict()
+    except TypeError:  # not weak-referenceable: no memo
+        memo = None
+    key = None
+    if memo is not None:
+        key = (
+            repr(list(messages)),
+            repr(list(tools) if tools else None),
+            add_generation_prompt,
+            style,
+            len(tokenizer),
+            str(getattr(tokenizer, "chat_template", None)),
+        )
+        hit = memo.get(key)
+        if hit is not None:
+            memo.move_to_end(key)
+            return list(hit)
     chat = render_chat(tokenizer, messages, tools, add_generation_prompt=add_generation_prompt, style=style)
-    return encode_rendered(tokenizer, chat)
+    ids = encode_rendered(tokenizer, chat)
+    if memo is not None:
+        memo[key] = tuple(ids)
+        while len(memo) > _IDS_MEMO_SIZE:
+            memo.popitem(last=False)
+    return ids
 
 
 class TemplatePrefixError(ValueError):
