@@ -222,9 +222,10 @@ class TransformersPolicy(ChatPolicyBase):
         prefix_cache_mb: memory for keys/values kept between ``act`` calls so a turn encodes only what
             is new since an earlier prompt (see the module docstring); 0 turns KV reuse off. Models with
             sliding-window layers never reuse.
-        decode: ``"compact"`` (default) decodes with our own loop that drops finished rows from the batch;
-            ``"generate"`` calls ``model.generate``. Both give the same tokens, log-probs and cache
-            (see the module docstring); the second is kept as the reference.
+        decode: ``"compact"`` (default) decodes with our own loop that drops finished rows from the batch
+            (on CPU; other devices use ``model.generate``); ``"generate"`` calls ``model.generate``. Both
+            give the same tokens, log-probs and cache (see the module docstring); the second is kept as
+            the reference.
         cpu_threads: torch intra-op threads while generating on CPU (restored afterwards); None leaves
             torch's setting. Ignored for models on other devices.
     """
@@ -446,7 +447,10 @@ class TransformersPolicy(ChatPolicyBase):
             self.kv_stats["reused_tokens"] += int(mask_BL[:, :reused].sum())
         device = self.device
         threads = self.cpu_threads if device.type == "cpu" else None
-        run = self._decode_generate if self.decode == "generate" else self._decode_compact
+        # compact decoding is checked bitwise against generate on CPU only (other devices' matmul kernels
+        # may depend on the batch size differently), so elsewhere generate runs
+        compact = self.decode == "compact" and device.type == "cpu"
+        run = self._decode_compact if compact else self._decode_generate
         with _intra_op_threads(threads), contextlib.ExitStack() as stack:
             if seed is not None and not greedy:
                 cuda = [device.index or 0] if device.type == "cuda" else []
