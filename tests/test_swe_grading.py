@@ -267,18 +267,27 @@ class LocalContainer:
         self.env = {**os.environ, "HOME": str(home), "PYTEST_ADDOPTS": ""}
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
         self.calls: list[list[str]] = []
+        self.users: list[str | None] = []
 
     def _map(self, text: str) -> str:
         for inside, outside in self.mounts.items():
             text = text.replace(inside, str(outside))
         return text
 
-    def exec_run(self, cmd, workdir=None, demux=False, **_):
+    def exec_run(self, cmd, workdir=None, demux=False, user=None, **_):
+        """Runs ``cmd`` here; ``user`` ('uid:gid') switches ids as Docker would (only possible as root)."""
         assert demux is False and isinstance(cmd, list)
         self.calls.append(cmd)
+        self.users.append(user)
         args = [self._map(a) for a in cmd]
         cwd = self._map(workdir) if workdir else str(self.mounts["/testbed"])
-        done = subprocess.run(args, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        ids = {}
+        if user and os.getuid() == 0:
+            uid, gid = (int(x) for x in user.split(":"))
+            ids = {"user": uid, "group": gid, "extra_groups": []}
+        done = subprocess.run(
+            args, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **ids
+        )
         return done.returncode, done.stdout
 
     def put_archive(self, path: str, data: bytes) -> bool:
@@ -346,6 +355,123 @@ def _env(repo: Path, instance: SWEInstance, tmp_path: Path) -> tuple[DockerSWEEn
 
 def _act(env: DockerSWEEnv, name: str, args: dict) -> None:
     env.step(tool_call_message("", name, args, f"call_{len(env.actions)}"))
+
+
+class _FakeDockerClient:
+    """``docker.from_env()`` as reset() uses it: the image's /testbed as a tar stream, and ``run`` giving
+    a LocalContainer (its keyword arguments recorded)."""
+
+    def __init__(self, repo: Path, scratch: Path, home: Path) -> None:
+        self.repo, self.scratch, self.home = repo, scratch, home
+        self.run_kwargs: dict = {}
+        self.containers = self
+        self.container: LocalContainer | None = None
+
+    def create(self, image, command):
+        repo = self.repo
+
+        class _Tmp:
+            def get_archive(self, path):
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as tar:
+                    tar.add(repo, arcname="testbed")
+                return iter([buf.getvalue()]), {}
+
+            def remove(self, force=False):
+                pass
+
+        return _Tmp()
+
+    def run(self, image, **kwargs):
+        self.run_kwargs = kwargs
+        (mount,) = [Path(host) for host, spec in kwargs["volumes"].items() if spec["bind"] == "/testbed"]
+        self.container = LocalContainer({SCRATCH: self.scratch, "/testbed": mount}, self.home)
+        self.container.remove = lambda force=False: None  # type: ignore[attr-defined]
+        return self.container
+
+
+def test_the_agent_runs_unprivileged_in_the_container_and_verification_as_the_image_user(
+    repo_instance, tmp_path, monkeypatch
+):
+    """Issue 21: SWE containers ran the agent's commands as root. Now they run as an unprivileged uid that
+    owns /testbed (the host user's, or 1000 under a root host), with no-new-privileges; grading and patch
+    extraction keep the image's user. Fails on the old code: no user on exec_run, no security_opt."""
+    import tempfile
+
+    from unipost.envs.swe import docker_env
+
+    repo, instance = repo_instance
+    # folders an unprivileged uid can traverse (pytest's tmp_path is 0700 under root)
+    shared = Path(tempfile.mkdtemp(prefix="unipost-swe-test-"))
+    shared.chmod(0o711)
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))  # reset()'s mkdtemp lands here too
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "home").mkdir()
+    client = _FakeDockerClient(repo, tmp_path / "scratch", tmp_path / "home")
+    monkeypatch.setattr(docker_env, "docker_client", lambda: client)
+    monkeypatch.setattr(DockerSWEEnv, "_ensure_image", lambda self, c: None)
+    try:
+        env = DockerSWEEnv(instance, pull=False, grading_timeout_s=120)
+        assert env.agent_user == docker_env.agent_user_for_host()
+        env.reset()
+        assert client.run_kwargs["security_opt"] == ["no-new-privileges"]
+        uid = int(env.agent_user.split(":")[0])
+        assert uid != 0
+        assert env.workspace.stat().st_uid == uid
+        assert (env.workspace / "calc" / "ops.py").stat().st_uid == uid
+        _act(env, "terminal", {"command": "id -u > who.txt && touch calc/new_by_agent.py"})
+        container = client.container
+        assert container is not None and container.users == [env.agent_user]
+        assert (env.workspace / "who.txt").read_text().strip() == str(
+            uid if os.getuid() == 0 else os.getuid()
+        )
+        if os.getuid() == 0:  # a root-only host file is out of the agent's reach
+            secret = shared / "root-only.txt"
+            secret.write_text("host secret")
+            secret.chmod(0o600)
+            mapped = str(secret)
+            _act(env, "terminal", {"command": f"cat {mapped} > leak.txt 2>&1; echo rc=$?"})
+            assert "host secret" not in (env.workspace / "leak.txt").read_text()
+        _act(
+            env,
+            "file_editor",  # the host-side editor still writes the agent-owned tree
+            {
+                "command": "str_replace",
+                "path": "/testbed/calc/ops.py",
+                "old_str": "max(lo, x)",
+                "new_str": "max(lo, min(x, hi))",
+            },
+        )
+        # a file the editor creates belongs to the agent too, so its commands can change it
+        _act(
+            env,
+            "file_editor",
+            {"command": "create", "path": "/testbed/calc/notes.py", "file_text": "x = 1\n"},
+        )
+        assert (env.workspace / "calc" / "notes.py").stat().st_uid == uid
+        _act(env, "terminal", {"command": "echo y = 2 >> calc/notes.py && rm calc/notes.py"})
+        assert not (env.workspace / "calc" / "notes.py").exists()
+        _act(env, "finish", {"message": "done"})
+        before = len(container.users)
+        outcome = env.verify()
+        assert outcome.resolved, env.grade_report.log_tail if env.grade_report else None
+        assert container.users[before:] and all(u is None for u in container.users[before:])
+    finally:
+        import shutil
+
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_agent_user_choice_and_validation(repo_instance):
+    from unipost.envs.swe.docker_env import agent_user_for_host
+
+    assert agent_user_for_host(0, 0) == "1000:1000"
+    assert agent_user_for_host(1234, 99) == "1234:99"
+    _, instance = repo_instance
+    assert DockerSWEEnv(instance, pull=False, agent_user=None).agent_user is None  # the old behaviour
+    assert DockerSWEEnv(instance, pull=False, agent_user="2000:2000").agent_user == "2000:2000"
+    with pytest.raises(ValueError, match="agent_user"):
+        DockerSWEEnv(instance, pull=False, agent_user="nobody")
 
 
 def test_verify_grades_a_fix_in_the_container_and_reverts_test_edits(repo_instance, tmp_path):

@@ -261,6 +261,7 @@ class FileEditor:
     root: Path
     max_chars: int = 12_000
     sandbox: Sandbox | None = None  # to hand ownership of written files to the sandbox uid
+    owner_uid: int | None = None  # or to this uid (a container's agent user); None: the sandbox's
     # undo history per file (keyed by the normalised /testbed path, so ``/testbed/./a`` is ``/testbed/a``),
     # at most HISTORY_DEPTH entries per file and ``max_history_chars`` in all (oldest dropped first): it is
     # host memory, and an agent can name one 8 MiB file under thousands of spellings in one turn
@@ -439,7 +440,9 @@ class FileEditor:
 
     def _give(self, target: int | str, dir_fd: int | None) -> None:
         """Hand what the editor created (as root) to the sandbox uid, so commands can modify it."""
-        uid = self.sandbox._drop_to if self.sandbox is not None else None
+        uid = self.owner_uid
+        if uid is None and self.sandbox is not None:
+            uid = self.sandbox._drop_to
         if uid is None:
             return
         if isinstance(target, int):

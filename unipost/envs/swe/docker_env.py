@@ -63,17 +63,42 @@ def docker_client() -> Any:
     return client
 
 
+DEFAULT_AGENT_UID = 1000  # the agent's uid when the host runs as root (SWE images' own user is root)
+
+
+def agent_user_for_host(uid: int | None = None, gid: int | None = None) -> str:
+    """The ``uid:gid`` the agent's commands run as: the host user's own ids, or 1000:1000 under root.
+
+    The workspace is a host folder the container mounts, and the host-side file editor writes it, so
+    the agent's uid must own it: a non-root host user's files already belong to that uid; a root host
+    hands the folder to an unprivileged uid (``reset`` chowns it), never running the agent as root.
+    """
+    uid = os.getuid() if uid is None else uid
+    gid = os.getgid() if gid is None else gid
+    if uid == 0:
+        return f"{DEFAULT_AGENT_UID}:{DEFAULT_AGENT_UID}"
+    return f"{uid}:{gid}"
+
+
 @dataclass
 class DockerExecutor:
-    """The embedded ``Terminal``'s sandbox interface (``run``, ``limits``) on a running container."""
+    """The embedded ``Terminal``'s sandbox interface (``run``, ``limits``) on a running container.
+
+    ``user`` (``uid:gid``) is who the agent's commands run as; None runs them as the image's user.
+    """
 
     container: Any
     limits: Limits
+    user: str | None = None
 
     def run(self, command: str, *, cwd: str = WORKSPACE, timeout_s: float | None = None, **_: Any):
         timeout = int(max(1, min(timeout_s or self.limits.timeout_s, self.limits.timeout_s * 6)))
+        as_user = {"user": self.user} if self.user else {}
         code, output = self.container.exec_run(
-            ["timeout", "-s", "KILL", str(timeout), "bash", "-c", command], workdir=cwd, demux=False
+            ["timeout", "-s", "KILL", str(timeout), "bash", "-c", command],
+            workdir=cwd,
+            demux=False,
+            **as_user,
         )
         text = (output or b"").decode("utf-8", errors="replace")[-self.limits.max_output_chars :]
         timed_out = code in (124, 137)
@@ -97,6 +122,7 @@ class DockerSWEEnv(EmbeddedEnv):
         pull: bool = True,
         grade: bool = True,
         grading_timeout_s: float = 1800.0,
+        agent_user: str | None = "auto",
     ) -> None:
         if not isinstance(instance, SWEInstance):
             raise TypeError(f"DockerSWEEnv needs an SWEInstance, got {type(instance).__name__}")
@@ -116,6 +142,13 @@ class DockerSWEEnv(EmbeddedEnv):
         self.memory = memory
         self.pids_limit = pids_limit
         self.pull = pull
+        if agent_user == "auto":
+            agent_user = agent_user_for_host()
+        if agent_user is not None and not _is_uid_gid(agent_user):
+            raise ValueError(
+                f"DockerSWEEnv agent_user must be 'auto', None or 'uid:gid' numbers, got {agent_user!r}"
+            )
+        self.agent_user = agent_user
         self.container: Any = None
         self.patch: str | None = None
 
@@ -126,6 +159,7 @@ class DockerSWEEnv(EmbeddedEnv):
         self._ensure_image(client)
         self.workspace = Path(tempfile.mkdtemp(prefix="unipost-swe-"))
         self._copy_testbed_out(client)
+        self._hand_workspace_to_agent()
         self.container = client.containers.run(
             self.image,
             command=["sleep", "infinity"],
@@ -135,10 +169,14 @@ class DockerSWEEnv(EmbeddedEnv):
             pids_limit=self.pids_limit,
             working_dir=WORKSPACE,
             volumes={str(self.workspace): {"bind": WORKSPACE, "mode": "rw"}},
+            # no setuid/setgid escalation (sudo, su, a planted setuid binary) for the agent's uid
+            security_opt=["no-new-privileges"],
         )
-        executor = DockerExecutor(self.container, self.limits)
+        # the agent's commands run unprivileged; patch extraction and grading (verify) stay the image's user
+        executor = DockerExecutor(self.container, self.limits, user=self.agent_user)
         self.sandbox = None
-        self.editor = FileEditor(self.workspace, self.max_observation_chars)
+        owner = int(self.agent_user.split(":")[0]) if self.agent_user and os.getuid() == 0 else None
+        self.editor = FileEditor(self.workspace, self.max_observation_chars, owner_uid=owner)
         self.terminal = Terminal(executor, self.max_observation_chars)  # type: ignore[arg-type]
         return [
             {"role": "system", "content": SWE_SYSTEM_PROMPT},
@@ -185,6 +223,17 @@ class DockerSWEEnv(EmbeddedEnv):
         super().close()
 
     # -- internals ----------------------------------------------------------------------------------
+    def _hand_workspace_to_agent(self) -> None:
+        """Make the agent's uid own the copied /testbed (only a root host must: agent_user_for_host)."""
+        assert self.workspace is not None
+        if self.agent_user is None or os.getuid() != 0:
+            return
+        uid, gid = (int(x) for x in self.agent_user.split(":"))
+        for root, dirs, files in os.walk(self.workspace):
+            for name in (*dirs, *files):
+                os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+        os.chown(self.workspace, uid, gid)
+
     def _ensure_image(self, client: Any) -> None:
         import docker
 
@@ -216,3 +265,8 @@ class DockerSWEEnv(EmbeddedEnv):
                 tar.extractall(self.workspace, members=members, filter="tar")
             else:  # pragma: no cover - older interpreters; members were sanitised above
                 tar.extractall(self.workspace, members=members)
+
+
+def _is_uid_gid(text: str) -> bool:
+    uid, sep, gid = text.partition(":")
+    return bool(sep) and uid.isdigit() and gid.isdigit()
