@@ -235,5 +235,9 @@ class Policy(Protocol):
 
     name: str
     white_box: bool  # can return per-token log-probs of given actions (needed by OPD's score)
+    # Optional, not part of the structural check: ``messages_only = True`` declares that act() reads
+    # only a state's messages, tools and turn (never ``env``) and answers each state independently of
+    # the batch, so the rollout engine may ask for its labels later, from another thread
+    # (``unipost.rollout.label_queue``). Absent means False.
 
     def act(self, states: list[AgentState], *, greedy: bool = False) -> list[PolicyOutput]: ...

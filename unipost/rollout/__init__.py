@@ -2,6 +2,7 @@
 
     RolloutEngine(env_factory, student=..., teacher=..., recipe=...)   many episodes, batched policy calls
     Policy / AgentState / PolicyOutput                                 the protocol every policy implements
+    LabelQueue, LabelFailedError                                       DAgger's API labels off the tick
     TransformersPolicy, VLLMPolicy, OpenAIChatPolicy                   local, vLLM and API policies
     SamplingConfig                                                     how a local policy samples a turn
     TrajectoryStore, to_hf_dataset / from_hf_dataset                   crash-safe JSONL; HF datasets bridge
@@ -21,6 +22,7 @@ _EXPORTS: dict[str, str] = {
         ["CountTokens", "RolloutBatch", "RolloutEngine", "verify_episode"], "unipost.rollout.engine"
     ),
     "RolloutStats": "unipost.rollout.stats",
+    **dict.fromkeys(["LabelFailedError", "LabelQueue"], "unipost.rollout.label_queue"),
     **dict.fromkeys(["LogprobKind", "SamplingConfig"], "unipost.rollout.sampling"),
     **dict.fromkeys(["CONTEXT_OVERFLOW", "ChatPolicyBase"], "unipost.rollout.chat_policy"),
     "TransformersPolicy": "unipost.rollout.transformers_policy",

@@ -18,6 +18,18 @@ Which algorithm runs is entirely the recipe's business: the engine only reads ``
 ``Need.TEACHER_ACTIONS in recipe.needs``. Teacher log-probs (OPD) are not collected here: the trainer
 computes them on the packed batch with the white-box teacher, which is cheaper than per-turn scoring.
 
+Deferred labels (``defer_labels``): a label is not read until the batch is packed, so when the teacher's
+answer depends on the messages alone (``messages_only = True``: an API teacher, paper §3.3) the engine
+does not wait for it in the tick. Each student state is handed to a
+:class:`~unipost.rollout.label_queue.LabelQueue` the moment it exists (bounded concurrency, one request
+per distinct state, the teacher's own retries), the tick goes on, and a finished episode is stored and
+returned only once all its labels have resolved, in the order episodes finished (the store's order is
+the synchronous path's). Labels equal the synchronous path's for a deterministic teacher (tested). A
+label that fails after the teacher's retries follows the recipe's ``TeacherLabels.on_missing``: "error"
+(default) stops the collection with :class:`~unipost.rollout.label_queue.LabelFailedError`, after
+storing every episode whose labels all resolved; "skip" keeps the turn without a label and records why
+in ``meta["label_errors"]``. The scripted expert reads the live workspace, so its labels stay synchronous.
+
 Robustness rules (a rollout run is hours long; one bad episode must not end it):
 
 * a ``PolicyOutput`` with ``tool_error`` (a malformed tool call) is executed as a message *without* tool
@@ -41,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -54,11 +67,13 @@ from unipost.data import TOOL_ERROR_KINDS, Message, Outcome, Trajectory, Turn
 from unipost.envs.base import Environment, StepResult
 from unipost.objective import EpisodePlan, Need, Recipe, RolloutProtocol
 from unipost.rollout.chat_policy import CONTEXT_OVERFLOW  # a policy refused an overlong prompt
+from unipost.rollout.label_queue import LabelFailedError, LabelQueue, labels_deferrable
 from unipost.rollout.policy import AgentState, Policy, PolicyOutput
 from unipost.rollout.stats import RolloutStats
 from unipost.rollout.store import TrajectoryStore
 
 CountTokens = Callable[[list[Message], list[dict[str, Any]]], int]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +104,8 @@ class _Episode:
     ended_by: str | None = None  # "turn_budget" | "context_budget"
     env_error: str | None = None
     trajectory: Trajectory | None = None  # set when finished
+    # deferred teacher labels of student turns: (turn index, the label's future)
+    pending_labels: list[tuple[int, Future[PolicyOutput]]] = field(default_factory=list)
 
     @property
     def over(self) -> bool:
@@ -117,6 +134,12 @@ class RolloutEngine:
         concurrency: episodes in flight at once (the student's batch size, and env worker threads).
         seed: base seed of the per-episode plan generators.
         progress: show a rich progress bar.
+        defer_labels: take teacher labels off the tick's critical path (module docstring). None: when
+            the teacher declares ``messages_only = True`` (``OpenAIChatPolicy``); False: the
+            synchronous path (the tick waits for its labels); True: required (an error for a teacher
+            whose labels may read the environment).
+        label_concurrency: deferred teacher requests in flight at once; None: the teacher's own
+            ``concurrency`` (its connection pool), else 8.
     """
 
     def __init__(
@@ -132,6 +155,8 @@ class RolloutEngine:
         concurrency: int = 8,
         seed: int = 0,
         progress: bool = True,
+        defer_labels: bool | None = None,
+        label_concurrency: int | None = None,
     ) -> None:
         if not callable(env_factory):
             raise TypeError(f"env_factory must be callable (task -> Environment), got {env_factory!r}")
@@ -164,13 +189,29 @@ class RolloutEngine:
         self.concurrency = concurrency
         self.seed = seed
         self.progress = progress
+        if defer_labels not in (None, True, False):
+            raise ValueError(f"defer_labels must be None, True or False, got {defer_labels!r}")
+        if defer_labels and teacher is not None and not labels_deferrable(teacher):
+            raise ValueError(
+                f"defer_labels=True, but the teacher {_name(teacher)!r} does not declare messages_only = "
+                "True: its labels may read the live environment, so they are computed at the state"
+            )
+        self.defer_labels = labels_deferrable(teacher) if defer_labels is None else defer_labels
+        if label_concurrency is None:
+            own = getattr(teacher, "concurrency", None)
+            label_concurrency = own if isinstance(own, int) and not isinstance(own, bool) and own > 0 else 8
+        lc = label_concurrency
+        if isinstance(lc, bool) or not isinstance(lc, int) or lc < 1:
+            raise ValueError(f"label_concurrency must be an integer >= 1, got {label_concurrency!r}")
+        self.label_concurrency = label_concurrency
         self._check_policies(recipe.rollout, Need.TEACHER_ACTIONS in recipe.needs)
 
     def __repr__(self) -> str:
         return (
             f"RolloutEngine(recipe={self.recipe.display_name!r}, student={_name(self.student)!r}, "
             f"teacher={_name(self.teacher)!r}, max_turns={self.max_turns}, "
-            f"context_budget={self.context_budget}, concurrency={self.concurrency})"
+            f"context_budget={self.context_budget}, concurrency={self.concurrency}, "
+            f"defer_labels={self.defer_labels})"
         )
 
     def _check_policies(self, protocol: RolloutProtocol, labels: bool) -> None:
@@ -246,6 +287,8 @@ class _Run:
         self.greedy = greedy
         self.store = store
         self.teacher_labels = teacher_labels
+        self.defer = teacher_labels and engine.defer_labels
+        self.on_missing = getattr(engine.recipe.labels, "on_missing", "error")
         self.counters: dict[str, Any] = dict(
             teacher_queries=0,
             student_queries=0,
@@ -254,8 +297,17 @@ class _Run:
             student_time_s=0.0,
             teacher_time_s=0.0,
             env_time_s=0.0,
+            ticks=0,
+            ticks_blocked_on_teacher=0,
+            teacher_wait_s=0.0,
+            label_drain_s=0.0,
+            label_failures=0,
+            deferred_labels=self.defer,
         )
         self.finished: dict[tuple[int, int], Trajectory] = {}
+        self.labels: LabelQueue | None = None  # the deferred labels' queue, while run() runs
+        self.awaiting: deque[_Episode] = deque()  # finished, in finish order, until their labels resolve
+        self.unlabelled: list[tuple[_Episode, int, BaseException]] = []  # failed labels (on_missing error)
 
     def _episodes(self) -> deque[_Episode]:
         group_size = int(self.protocol.group_size)
@@ -291,9 +343,14 @@ class _Run:
         start = time.perf_counter()
         bar = _ProgressBar(total, self.e.progress, f"{self.e.recipe.display_name} episodes")
         pool = ThreadPoolExecutor(max_workers=self.e.concurrency, thread_name_prefix="unipost-env")
+        if self.defer:
+            assert self.e.teacher is not None
+            self.labels = LabelQueue(self.e.teacher, concurrency=self.e.label_concurrency, greedy=self.greedy)
+        clean = False
         try:
             with bar:
                 while pending or live:
+                    self.counters["ticks"] += 1
                     starting = [
                         pending.popleft() for _ in range(min(len(pending), self.e.concurrency - len(live)))
                     ]
@@ -312,22 +369,115 @@ class _Run:
                     ended = [ep for ep in live if ep.over]
                     if ended:
                         self._timed_env(pool, self._finish, ended)
-                        for ep in ended:
-                            traj = ep.trajectory
-                            assert traj is not None
-                            self.finished[(ep.task_index, ep.sample)] = traj
-                            if self.store is not None:
-                                self.store.append(traj)
-                            bar.advance(traj)
+                        self.awaiting += ended  # released (stored) once their labels resolve
                         live = [ep for ep in live if not ep.over]
+                    self._release(bar, block=False)
+                    if self._label_failed(live):
+                        self._abort(live, bar)
+                t0 = time.perf_counter()
+                self._release(bar, block=True)  # the labels still in flight after the last tick
+                self.counters["label_drain_s"] = time.perf_counter() - t0
+                self.counters["teacher_wait_s"] += self.counters["label_drain_s"]
+                if self.unlabelled:
+                    self._abort([], bar)
+            clean = True
         finally:
             for ep in live:  # a policy raised: do not leak workspaces
                 _safe_close(ep.env)
             pool.shutdown(wait=True)
+            if self.labels is not None:
+                self.labels.close(wait=clean)
         wall = time.perf_counter() - start
+        if self.labels is not None:
+            self.counters["teacher_requests"] = self.labels.requests
+            self.counters["label_cache_hits"] = self.labels.cache_hits
+            self.counters["teacher_time_s"] = self.labels.teacher_time_s
+        else:
+            self.counters["teacher_requests"] = self.counters["teacher_queries"]
         trajectories = [self.finished[k] for k in sorted(self.finished)]
         stats = RolloutStats.from_trajectories(trajectories, wall_time_s=wall, **self.counters)
         return RolloutBatch(trajectories, stats)
+
+    # -- deferred labels ----------------------------------------------------------------------------
+
+    def _release(self, bar: _ProgressBar, *, block: bool) -> None:
+        """Store and count finished episodes whose labels have all resolved, in the order they finished.
+
+        ``block``: wait for the labels (the end of the run); otherwise stop at the first episode with a
+        label still in flight, so the store's order is the synchronous path's.
+        """
+        while self.awaiting:
+            ep = self.awaiting[0]
+            if not block and not all(f.done() for _, f in ep.pending_labels):
+                return
+            self.awaiting.popleft()
+            traj = ep.trajectory
+            assert traj is not None
+            errors = []
+            for t, future in ep.pending_labels:
+                try:
+                    traj.turns[t].label = future.result().message
+                except Exception as exc:  # the teacher's retries are spent (or the request was cancelled)
+                    errors.append((t, exc))
+            ep.pending_labels = []
+            if errors and self.on_missing != "skip":
+                self.unlabelled += [(ep, t, exc) for t, exc in errors]
+                continue  # never stored: a trajectory with a hole where a required label should be
+            if errors:
+                self.counters["label_failures"] += len(errors)
+                traj.meta["label_errors"] = [{"turn": t, "error": _describe(exc)} for t, exc in errors]
+                logger.warning(
+                    "%s: %d teacher label(s) failed and are left out (TeacherLabels(on_missing='skip')); "
+                    "first, turn %d: %s",
+                    traj.task_id,
+                    len(errors),
+                    errors[0][0],
+                    _describe(errors[0][1]),
+                )
+            self.finished[(ep.task_index, ep.sample)] = traj
+            if self.store is not None:
+                self.store.append(traj)
+            bar.advance(traj)
+
+    def _label_failed(self, live: list[_Episode]) -> bool:
+        """Whether a required label failed (then the collection stops, as the synchronous path would)."""
+        if self.labels is None or self.on_missing == "skip":
+            return False
+        if self.unlabelled:
+            return True
+        return any(
+            f.done() and not f.cancelled() and f.exception() is not None
+            for ep in (*self.awaiting, *live)
+            for _, f in ep.pending_labels
+        )
+
+    def _abort(self, live: list[_Episode], bar: _ProgressBar) -> None:
+        """Keep every finished episode whose labels resolve, drop the live ones, raise LabelFailedError."""
+        assert self.labels is not None
+        keep = {f for ep in self.awaiting for _, f in ep.pending_labels}
+        self.labels.cancel_pending(keep)  # the episodes in flight are dropped: their labels are not needed
+        self._release(bar, block=True)
+        failed = [(ep, t, exc) for ep, t, exc in self.unlabelled]
+        if not failed:  # a live episode's label failed: finished ones were all kept
+            ep, t, exc = next(
+                (ep, t, f.exception())
+                for ep in live
+                for t, f in ep.pending_labels
+                if f.done() and not f.cancelled() and f.exception() is not None
+            )
+            failed = [(ep, t, exc)]
+        ep, t, exc = failed[0]
+        kept = [self.finished[k] for k in sorted(self.finished)]
+        episodes = len({id(e) for e, _, _ in failed})
+        task_id = _task_id(ep.env, ep.task, ep.task_index)
+        raise LabelFailedError(
+            f"a teacher label failed after the teacher's retries (task {task_id!r}, turn {t}: "
+            f"{_describe(exc)}); {len(failed)} label(s) of {episodes} episode(s) are missing, "
+            f"{len(live)} episode(s) in flight were dropped, and the {len(kept)} finished episode(s) with "
+            "every label were stored and are on this error's .trajectories. TeacherLabels(on_missing='skip') "
+            "trains without the missing labels instead.",
+            kept,
+        ) from exc
 
     # -- phases -------------------------------------------------------------------------------------
 
@@ -357,13 +507,25 @@ class _Run:
                 ep.ended_by = "context_budget"
 
     def _act(self, pool: ThreadPoolExecutor, acting: list[_Episode]) -> list[tuple[_Episode, Turn, Message]]:
-        """One batched student call and one batched teacher call (in parallel); returns what to step."""
+        """One batched student call and the teacher's answers (in parallel); returns what to step.
+
+        Synchronous labels: one batched teacher call over executed and labelled states, awaited here.
+        Deferred: every state goes to the label queue now; the tick waits only for teacher-executed
+        turns (urgent requests), and student turns carry their label's future until release.
+        """
         executors = [ep.plan.executor(len(ep.turns)) for ep in acting]
         states = [ep.state() for ep in acting]
         s_idx = [i for i, who in enumerate(executors) if who == "student"]
         t_idx = [i for i, who in enumerate(executors) if who == "teacher" or self.teacher_labels]
         teacher_future: Future[tuple[list[PolicyOutput], float]] | None = None
-        if t_idx:
+        urgent: dict[int, Future[PolicyOutput]] = {}
+        deferred: dict[int, Future[PolicyOutput]] = {}
+        if self.labels is not None:  # issued as soon as the states exist, before the student generates
+            teacher_idx = [i for i in t_idx if executors[i] == "teacher"]
+            urgent = {i: self.labels.request(states[i], urgent=True) for i in teacher_idx}
+            deferred = {i: self.labels.request(states[i]) for i in s_idx}
+            self.counters["teacher_queries"] += len(t_idx)
+        elif t_idx:
             assert self.e.teacher is not None
             teacher_future = pool.submit(_timed_act, self.e.teacher, [states[i] for i in t_idx], self.greedy)
         s_out: dict[int, PolicyOutput] = {}
@@ -377,11 +539,16 @@ class _Run:
                 self.counters["student_calls"] += 1
         finally:
             t_out: dict[int, PolicyOutput] = {}
+            waiting = [teacher_future] if teacher_future is not None else list(urgent.values())
+            self.counters["ticks_blocked_on_teacher"] += any(not f.done() for f in waiting)
+            t0 = time.perf_counter()
             if teacher_future is not None:
                 outs, dt = teacher_future.result()
                 t_out = dict(zip(t_idx, _checked(outs, len(t_idx), self.e.teacher), strict=True))
                 self.counters["teacher_time_s"] += dt
                 self.counters["teacher_queries"] += len(t_idx)
+            t_out.update({i: f.result() for i, f in urgent.items()})
+            self.counters["teacher_wait_s"] += time.perf_counter() - t0
         stepping = []
         for i, (ep, who) in enumerate(zip(acting, executors, strict=True)):
             out = s_out[i] if who == "student" else t_out[i]
@@ -389,6 +556,8 @@ class _Run:
                 ep.ended_by = "context_budget"
                 continue
             label = t_out[i].message if i in t_out else None
+            if i in deferred:
+                ep.pending_labels.append((len(ep.turns), deferred[i]))
             action = _executed_message(out)
             turn = Turn(
                 index=len(ep.turns),
@@ -461,6 +630,10 @@ def _timed_act(policy: Policy, states: list[AgentState], greedy: bool) -> tuple[
     t0 = time.perf_counter()
     outs = policy.act(states, greedy=greedy)
     return outs, time.perf_counter() - t0
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _checked(outs: Any, n: int, policy: Any) -> list[PolicyOutput]:

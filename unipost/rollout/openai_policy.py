@@ -70,6 +70,10 @@ class OpenAIChatPolicy:
     """
 
     white_box = False
+    # Each answer is a function of the state's messages, tools and turn alone (one HTTP request per
+    # state, its own retries): the rollout engine may ask for DAgger's labels later, off the tick's
+    # critical path (unipost.rollout.label_queue).
+    messages_only = True
 
     def __init__(
         self,

@@ -27,6 +27,10 @@ class RolloutStats:
     teacher_turns: int = 0
     teacher_fraction: float = 0.0  # teacher-executed turns / all turns (the realised beta)
     teacher_queries: int = 0  # states the teacher was asked at (executed turns and labels)
+    teacher_requests: int = 0  # teacher calls actually made (deferred labels: one per distinct state)
+    label_cache_hits: int = 0  # deferred labels answered by an earlier request for the same state
+    label_failures: int = 0  # labels left out after the teacher's retries (TeacherLabels(on_missing="skip"))
+    deferred_labels: bool = False  # labels were taken off the tick's critical path (RolloutEngine)
     student_queries: int = 0  # states the student generated at
     student_calls: int = 0  # batched student.act calls (one per tick with student work)
     tool_errors: int = 0  # turns whose action was a malformed or invalid tool call
@@ -44,6 +48,10 @@ class RolloutStats:
     student_time_s: float = 0.0  # inside student.act (the teacher runs in parallel with it)
     teacher_time_s: float = 0.0  # inside teacher.act
     env_time_s: float = 0.0  # wall time of the env phases (reset, step, verify; run concurrently)
+    ticks: int = 0  # the engine's lock-step rounds
+    ticks_blocked_on_teacher: int = 0  # ticks whose student work was done before the teacher's answers
+    teacher_wait_s: float = 0.0  # time the engine blocked on the teacher (ticks and the final drain)
+    label_drain_s: float = 0.0  # of which after the last tick, resolving deferred labels still in flight
     episodes_per_s: float = 0.0
     env_steps_per_s: float = 0.0
 
