@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/ablate")
+    ap.add_argument("--assets", default=None, help="a warm-start directory other than the shipped one")
     args = ap.parse_args()
 
     from unipost.train.lab import tiny_config  # noqa: F401
@@ -105,7 +106,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     val = [("train", VAL_START + i) for i in range(args.tasks)]
-    base_file = out / f"base-seed{args.seed}-n{args.tasks}.json"
+    tag = f"-{Path(args.assets).name}" if args.assets else ""  # a warm start other than the shipped one
+    base_file = out / f"base-seed{args.seed}-n{args.tasks}{tag}.json"
     for spec in args.arm:
         name, recipe, over = parse_arm(spec)
         torch.set_num_threads(int(__import__("os").environ.get("ABL_THREADS", "2")))
@@ -113,7 +115,7 @@ def main() -> None:
         if recipe == "base":
             if base_file.exists():
                 continue
-            cfg = main_config(str(out), recipe="sft", seed=args.seed).replace(
+            cfg = main_config(str(out), recipe="sft", seed=args.seed, assets=args.assets).replace(
                 name=f"base-s{args.seed}", iterations=1
             )
             trainer = Trainer(cfg, heldout_tasks=val)
@@ -139,13 +141,13 @@ def main() -> None:
                 sections[sec][field] = value
             else:
                 top[key] = value
-        cfg = main_config(str(out), recipe=recipe, seed=args.seed)
+        cfg = main_config(str(out), recipe=recipe, seed=args.seed, assets=args.assets)
         upd = {k: {**dict(getattr(cfg, k)), **v} for k, v in sections.items() if v}
         recipe_kwargs = {k[3:]: top.pop(k) for k in list(top) if k.startswith("rk.")}
         if recipe_kwargs:
             top["recipe_kwargs"] = {**cfg.recipe_kwargs, **recipe_kwargs}
         cfg = cfg.replace(
-            name=name.replace(":", "_").replace(",", "_").replace("=", "")[:120] + f"-s{args.seed}",
+            name=name.replace(":", "_").replace(",", "_").replace("=", "")[:120] + f"-s{args.seed}{tag}",
             eval={"every": 0},
             **upd,
             **top,
@@ -160,6 +162,7 @@ def main() -> None:
         cmp = paired(a, b)
         row = {
             "arm": spec,
+            "assets": args.assets,
             "seed": args.seed,
             "n": len(ids),
             "base": float(a.mean()),
