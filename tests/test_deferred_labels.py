@@ -259,3 +259,21 @@ def test_the_label_queue_sends_urgent_requests_first_and_promotes_a_queued_twin(
     digests = [latency_teacher.LatencyTeacher.digest({"messages": m, "tools": TOOLS}) for m in messages]
     assert teacher_server.requests == [digests[0], digests[3], digests[1], digests[2]]
     assert labels.requests == 4
+
+
+def test_the_train_config_switch_reaches_the_engine(teacher_server):
+    from types import SimpleNamespace
+
+    from unipost.train.build import build_engine
+    from unipost.train.lab import tiny_config
+
+    with api_teacher(teacher_server) as teacher:
+        parts = SimpleNamespace(
+            make_env=EchoEnv,
+            student_policy=RandomToolPolicy(TOOLS),
+            teacher_policy=teacher,
+            renderer=SimpleNamespace(count_tokens=lambda messages, tools: 0),
+        )
+        for flag in (True, False):
+            config = tiny_config(rollout={"defer_labels": flag})
+            assert build_engine(config, dagger(0.0), parts).defer_labels is flag

@@ -24,7 +24,8 @@ does not wait for it in the tick. Each student state is handed to a
 :class:`~unipost.rollout.label_queue.LabelQueue` the moment it exists (bounded concurrency, one request
 per distinct state, the teacher's own retries), the tick goes on, and a finished episode is stored and
 returned only once all its labels have resolved, in the order episodes finished (the store's order is
-the synchronous path's). Labels equal the synchronous path's for a deterministic teacher (tested). A
+the synchronous path's; a crash also loses the finished episodes still waiting for a label, about one
+API latency's worth). Labels equal the synchronous path's for a deterministic teacher (tested). A
 label that fails after the teacher's retries follows the recipe's ``TeacherLabels.on_missing``: "error"
 (default) stops the collection with :class:`~unipost.rollout.label_queue.LabelFailedError`, after
 storing every episode whose labels all resolved; "skip" keeps the turn without a label and records why

@@ -46,7 +46,7 @@ class RolloutStats:
     env_steps: int = 0
     wall_time_s: float = 0.0
     student_time_s: float = 0.0  # inside student.act (the teacher runs in parallel with it)
-    teacher_time_s: float = 0.0  # inside teacher.act
+    teacher_time_s: float = 0.0  # inside teacher.act (deferred labels: summed over concurrent requests)
     env_time_s: float = 0.0  # wall time of the env phases (reset, step, verify; run concurrently)
     ticks: int = 0  # the engine's lock-step rounds
     ticks_blocked_on_teacher: int = 0  # ticks whose student work was done before the teacher's answers

@@ -131,6 +131,7 @@ def build_engine(config: TrainConfig, recipe: Recipe, parts: Components, *, is_m
         concurrency=config.rollout.concurrency,
         seed=config.seed,
         progress=config.progress,
+        defer_labels=None if config.rollout.defer_labels else False,
     )
 
 

@@ -240,6 +240,12 @@ class RolloutConfig(_Strict):
     temperature: float = Field(1.0, description="rollout sampling temperature, > 0 (eval is greedy)")
     top_p: float = Field(1.0, description="rollout nucleus sampling mass in (0, 1]; 1 = off")
     concurrency: int = Field(8, ge=1, description="episodes in flight (the student's generation batch)")
+    defer_labels: bool = Field(
+        True,
+        description="ask an API teacher (messages_only) for DAgger's labels off the tick's critical path, "
+        "resolved before the batch is returned (unipost.rollout.label_queue); False: each tick waits for "
+        "its labels (the synchronous path). The scripted expert is always synchronous",
+    )
     backend: Literal["transformers", "vllm"] = Field(
         "transformers",
         description="who generates the student's turns: 'transformers' (model.generate, the CPU path) or "
