@@ -53,6 +53,7 @@ with ``greedy=True`` and deterministic policies whole trajectories do not either
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import time
@@ -417,7 +418,8 @@ class _Run:
             errors = []
             for t, future in ep.pending_labels:
                 try:
-                    traj.turns[t].label = future.result().message
+                    # a copy: a cached answer may label several episodes' identical states
+                    traj.turns[t].label = copy.deepcopy(future.result().message)
                 except Exception as exc:  # the teacher's retries are spent (or the request was cancelled)
                     errors.append((t, exc))
             ep.pending_labels = []

@@ -124,7 +124,7 @@ class LabelQueue:
             if self._closed:
                 raise RuntimeError("LabelQueue is closed")
             future = self._futures.get(key)
-            if future is not None:
+            if future is not None and not future.cancelled():
                 self.cache_hits += 1
                 if urgent and key in self._states:  # still queued: a second, urgent entry jumps ahead
                     self._heap.put((_URGENT, next(self._seq), key))
