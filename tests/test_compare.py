@@ -86,6 +86,36 @@ def test_compare_refuses_different_task_sets_naming_the_mismatch(tmp_path, capsy
     assert not (tmp_path / "x.png").exists()
 
 
+def test_compare_pools_seeds_keeping_tasks_paired(tmp_path, capsys):
+    """RUN_S0,RUN_S1 is one arm over two seeds: seed k pairs with the reference's seed k, the counts are
+    over tasks x seeds, and the numbers are paired_comparison's on the per-seed tuples."""
+    from unipost.eval import paired_comparison
+
+    s0 = _run(tmp_path, "s0", {0: _tasks("110000"), 2: _tasks("111000")})  # seed 0 gains task 2
+    s1 = _run(tmp_path, "s1", {0: _tasks("110000"), 2: _tasks("010011")})  # seed 1: -task 0, +4, +5
+    plot = tmp_path / "pooled.png"
+    out = _cli(
+        capsys, "compare", f"{s0}@0,{s1}@0", f"{s0},{s1}", "--plot", str(plot), "--resamples", "2000"
+    )
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    expected = paired_comparison(
+        {t: (a, b) for (t, a), b in zip(_tasks("111000").items(), _tasks("010011").values(), strict=True)},
+        {t: (a, a) for t, a in _tasks("110000").items()},
+        resamples=2000,
+    )
+    assert expected.gained == 3 and expected.lost == 1 and expected.n == 12
+    assert f"{expected.diff:+.3f}" == "+0.167"
+    assert "gained 3 / lost 1 of 12" in text and "+0.167" in text, text
+    assert "6/12" in text and "4/12" in text  # pooled resolved counts: arm, reference
+    # a reference with one seed against an arm with two is refused, naming why
+    out = _cli(capsys, "compare", f"{s0}@0", f"{s0},{s1}", "--plot", str(tmp_path / "x.png"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "seeds" in out.stderr and len(out.stderr.strip().splitlines()) <= 2
+    out = _cli(capsys, "compare", f"{s0}@0", f"{s0},,{s1}", "--plot", str(tmp_path / "x.png"))
+    assert out.returncode == 2 and "empty entry" in out.stderr
+
+
 @pytest.mark.parametrize(
     "make, expected",
     [

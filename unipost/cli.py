@@ -171,21 +171,62 @@ def _saved_eval(spec: str, step: int | None):
     return load_eval_outcomes(run / EVAL_OUTCOMES_DIR, step)
 
 
+def _arm_evals(spec: str, step: int | None) -> list:
+    """``RUN[@STEP][,RUN[@STEP]...]`` -> the saved evaluations of one arm, one per seed, in the order given.
+
+    Why commas: a method's result must not hinge on one seed, and pooling seeds keeps every task paired
+    (seed k of one arm with seed k of another, as :func:`unipost.eval.paired_comparison` requires), where
+    averaging per-seed intervals would not.
+    """
+    parts = spec.split(",")
+    if any(not part.strip() for part in parts):
+        raise UserError(f"{spec!r} has an empty entry; separate one arm's seeds by single commas: RUN,RUN")
+    return [_saved_eval(part.strip(), step) for part in parts]
+
+
+def _arm_label(spec: str) -> str:
+    """A short name for an arm: its folder name (with @STEP), and how many seeds it pools."""
+    names = [Path(part.strip()).name for part in spec.split(",")]
+    if len(names) == 1:
+        return names[0]
+    return f"{names[0]} ({len(names)} seeds)" if len(set(names)) == 1 else ",".join(names)
+
+
+def _pooled_outcomes(evals: list) -> dict:
+    """``task id -> (resolved per seed...)`` over one arm's evaluations (a bare bool for one seed)."""
+    from unipost.eval import outcomes_by_task
+
+    return outcomes_by_task([episode for ev in evals for episode in ev.episodes])
+
+
+def _pooled_mechanism(evals: list) -> dict:
+    """The tool-error mechanism metrics over every episode of one arm's evaluations (all seeds)."""
+    import dataclasses
+
+    return dataclasses.replace(evals[0], episodes=[e for ev in evals for e in ev.episodes]).mechanism()
+
+
 @app.command()
 def compare(
     runs: list[str] = typer.Argument(
-        ..., help="two or more run folders, each RUN or RUN@STEP (default: its latest held-out evaluation)"
+        ...,
+        help="two or more arms, each RUN or RUN@STEP (default: its latest held-out evaluation), or one run "
+        "per seed joined by commas (RUN_S0,RUN_S1,...) to pool seeds with tasks kept paired",
     ),
     step: int | None = typer.Option(None, help="evaluation step of every run given without @STEP"),
     plot: Path = typer.Option(Path("compare.png"), help="where the paired forest plot is saved"),
     resamples: int = typer.Option(10_000, help="bootstrap resamples of the task set"),
 ) -> None:
-    """Paired comparison of runs on the same held-out tasks: each run minus the FIRST (the reference).
+    """Paired comparison of runs on the same held-out tasks: each arm minus the FIRST (the reference).
 
-    Prints each run's resolve rate and tool-error mechanism metrics, then per run the paired difference
+    Prints each arm's resolve rate and tool-error mechanism metrics, then per arm the paired difference
     with its 95% interval (bootstrap over tasks), exact McNemar p and tasks gained / lost, and saves a
     forest plot. E.g. ``unipost compare runs/main/dagger@0 runs/main/dagger runs/main/sft`` (the warm
-    start is the step-0 evaluation of either arm). Runs evaluated on different task sets are refused.
+    start is the step-0 evaluation of either arm). An arm may pool seeds, one run per seed joined by
+    commas, seed k of every arm paired with seed k of the reference: ``unipost compare
+    runs/main/dagger@0,runs/main-s1/dagger@0 runs/main/dagger,runs/main-s1/dagger``. The interval then
+    resamples tasks with their seeds kept together. Runs evaluated on different task sets, or arms with
+    different numbers of seeds, are refused.
     """
     from rich.console import Console
     from rich.table import Table
@@ -206,30 +247,32 @@ def compare(
         raise UserError(
             f"a run is named twice in {runs}; name each evaluation once (RUN@STEP for another step)"
         )
-    saved = {spec: _saved_eval(spec, step) for spec in runs}
-    short = [Path(spec).name for spec in runs]  # folder names (with @STEP) when they tell runs apart
+    saved = {spec: _arm_evals(spec, step) for spec in runs}
+    short = [_arm_label(spec) for spec in runs]
     label = dict(zip(runs, short if len(set(short)) == len(short) else runs, strict=True))
     console = Console(width=160)
     table = Table(title="Held-out evaluations compared")
-    for column in ("run", "step", "resolved", "resolve", "file"):
+    for column in ("run", "seeds", "step", "resolved", "resolve", "file"):
         table.add_column(column, justify="left" if column in ("run", "file") else "right")
-    for spec, ev in saved.items():
-        outcomes = [r["resolved"] for r in ev.episodes]
+    for spec, evals in saved.items():
+        outcomes = [r["resolved"] for ev in evals for r in ev.episodes]
         table.add_row(
             spec,
-            str(ev.step),
+            str(len(evals)),
+            ",".join(str(ev.step) for ev in evals),
             f"{sum(outcomes)}/{len(outcomes)}",
             f"{sum(outcomes) / max(1, len(outcomes)):.3f}",
-            str(ev.path),
+            "\n".join(str(ev.path) for ev in evals),
         )
     console.print(table)
-    console.print(mechanism_table({spec: ev.mechanism() for spec, ev in saved.items()}))
+    mechanism = {label[spec]: _pooled_mechanism(evals) for spec, evals in saved.items()}
+    console.print(mechanism_table(mechanism))
     reference, *others = runs
     comparisons = {}
     for spec in others:
         try:
             comparisons[f"{label[spec]} - {label[reference]}"] = paired_comparison(
-                saved[spec].task_outcomes(), saved[reference].task_outcomes(), resamples=resamples
+                _pooled_outcomes(saved[spec]), _pooled_outcomes(saved[reference]), resamples=resamples
             )
         except TaskSetMismatchError as exc:
             raise UserError(f"cannot pair {spec} with {reference}: {exc}") from None
