@@ -11,11 +11,14 @@ because no Docker engine exists here; everything on either side of that interfac
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from unipost.envs.embedded.expert import tool_call_message
 from unipost.envs.embedded.tools import FileEditor, Terminal
 from unipost.envs.registry import make_env_factory
 from unipost.envs.swe import DockerExecutor, DockerSWEEnv, SWEInstance, load_instances, parse_instance
+from unipost.envs.swe.docker_env import STOP_AGENT_COMMAND
 from unipost.envs.swe.grading import (
     SCRATCH,
     GradingUnavailableError,
@@ -285,6 +289,10 @@ class LocalContainer:
         if user and os.getuid() == 0:
             uid, gid = (int(x) for x in user.split(":"))
             ids = {"user": uid, "group": gid, "extra_groups": []}
+        if user and not ids and cmd == ["bash", "-c", STOP_AGENT_COMMAND]:
+            # Without root this stand-in cannot switch uid, and kill -1 as the host user would kill the
+            # test run itself: recorded, not run (Docker always runs it as the agent's uid)
+            return 0, b""
         done = subprocess.run(
             args, cwd=cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **ids
         )
@@ -345,7 +353,8 @@ def _env(repo: Path, instance: SWEInstance, tmp_path: Path) -> tuple[DockerSWEEn
     (tmp_path / "scratch").mkdir()
     (tmp_path / "home").mkdir()
     container = LocalContainer({SCRATCH: tmp_path / "scratch", "/testbed": repo}, tmp_path / "home")
-    env = DockerSWEEnv(instance, pull=False, grading_timeout_s=120)
+    # the agent's commands run as this process's user here (no uid switch), as with agent_user=None
+    env = DockerSWEEnv(instance, pull=False, grading_timeout_s=120, agent_user=None)
     env._reset_state()
     env.workspace, env.container = repo, container
     env.editor = FileEditor(repo, env.max_observation_chars)
@@ -394,8 +403,11 @@ def test_the_agent_runs_unprivileged_in_the_container_and_verification_as_the_im
     repo_instance, tmp_path, monkeypatch
 ):
     """Issue 21: SWE containers ran the agent's commands as root. Now they run as an unprivileged uid that
-    owns /testbed (the host user's, or 1000 under a root host), with no-new-privileges; grading and patch
-    extraction keep the image's user. Fails on the old code: no user on exec_run, no security_opt."""
+    owns /testbed (the host user's, or 1000 under a root host), with no-new-privileges. Before verifying,
+    every process of that uid is killed (a daemon it left could rewrite the tree during grading), and the
+    patch is extracted as that uid (git runs commands from the agent-owned .git: core.fsmonitor, hooks,
+    filters); grading keeps the image's user. Fails on the old code: no user on exec_run, no
+    security_opt; then (second round) a planted core.fsmonitor ran as root and the daemon survived."""
     import tempfile
 
     from unipost.envs.swe import docker_env
@@ -451,11 +463,35 @@ def test_the_agent_runs_unprivileged_in_the_container_and_verification_as_the_im
         assert (env.workspace / "calc" / "notes.py").stat().st_uid == uid
         _act(env, "terminal", {"command": "echo y = 2 >> calc/notes.py && rm calc/notes.py"})
         assert not (env.workspace / "calc" / "notes.py").exists()
+        # a daemon that outlives its command, and a git setting that runs a command on `git add`
+        _act(env, "terminal", {"command": "(setsid sleep 300 >/dev/null 2>&1 & echo $! > daemon.pid)"})
+        daemon = int((env.workspace / "daemon.pid").read_text())
+        (env.workspace / "daemon.pid").unlink()
+        marker = shared / "fsmonitor-ran-as"
+        _act(
+            env,
+            "terminal",
+            {"command": f"git config core.fsmonitor 'id -u > {marker}; false' && rm -f {marker}"},
+        )
         _act(env, "finish", {"message": "done"})
         before = len(container.users)
-        outcome = env.verify()
-        assert outcome.resolved, env.grade_report.log_tail if env.grade_report else None
-        assert container.users[before:] and all(u is None for u in container.users[before:])
+        try:
+            outcome = env.verify()
+            assert outcome.resolved, env.grade_report.log_tail if env.grade_report else None
+            calls, users = container.calls[before:], container.users[before:]
+            # the daemon is killed as the agent, the patch extracted as the agent, grading as the image user
+            assert calls[0] == ["bash", "-c", docker_env.STOP_AGENT_COMMAND] and users[0] == env.agent_user
+            assert "add -A" in calls[1][-1] and users[1] == env.agent_user
+            assert users[2:] and all(u is None for u in users[2:]), users
+            assert not marker.exists(), f"core.fsmonitor ran during verification as uid {marker.read_text()}"
+            if os.getuid() == 0:  # only then can this stand-in switch to the agent's uid and kill
+                time.sleep(0.2)
+                state = Path(f"/proc/{daemon}/status")
+                alive = state.exists() and "State:\tZ" not in state.read_text()
+                assert not alive, "the agent's daemon outlived the episode into verification"
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(daemon, signal.SIGKILL)
     finally:
         import shutil
 

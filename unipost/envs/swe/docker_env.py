@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -63,7 +64,19 @@ def docker_client() -> Any:
     return client
 
 
+# Run as the agent's uid before verification: SIGKILL to every process that uid owns in the container.
+STOP_AGENT_COMMAND = "kill -KILL -1 2>/dev/null; true"
 DEFAULT_AGENT_UID = 1000  # the agent's uid when the host runs as root (SWE images' own user is root)
+
+
+def _remove(path: Path) -> None:
+    """Delete ``path`` whatever it is, never following a link (a link is removed, not its target)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):  # a fifo, socket or device node
+        path.unlink()
 
 
 def agent_user_for_host(uid: int | None = None, gid: int | None = None) -> str:
@@ -151,6 +164,7 @@ class DockerSWEEnv(EmbeddedEnv):
         self.agent_user = agent_user
         self.container: Any = None
         self.patch: str | None = None
+        self._git_config: bytes | None = None  # the image's .git/config, put back before verify
 
     def reset(self) -> list[Message]:
         self.close()
@@ -159,6 +173,8 @@ class DockerSWEEnv(EmbeddedEnv):
         self._ensure_image(client)
         self.workspace = Path(tempfile.mkdtemp(prefix="unipost-swe-"))
         self._copy_testbed_out(client)
+        config = self.workspace / ".git" / "config"
+        self._git_config = config.read_bytes() if config.is_file() and not config.is_symlink() else None
         self._hand_workspace_to_agent()
         self.container = client.containers.run(
             self.image,
@@ -172,7 +188,7 @@ class DockerSWEEnv(EmbeddedEnv):
             # no setuid/setgid escalation (sudo, su, a planted setuid binary) for the agent's uid
             security_opt=["no-new-privileges"],
         )
-        # the agent's commands run unprivileged; patch extraction and grading (verify) stay the image's user
+        # the agent's commands run unprivileged; so does patch extraction; grading stays the image's user
         executor = DockerExecutor(self.container, self.limits, user=self.agent_user)
         self.sandbox = None
         owner = int(self.agent_user.split(":")[0]) if self.agent_user and os.getuid() == 0 else None
@@ -187,6 +203,8 @@ class DockerSWEEnv(EmbeddedEnv):
         """The agent's patch (``git diff`` vs the base commit), graded in the container when submitted."""
         if self.container is None:
             raise RuntimeError("DockerSWEEnv.verify() called before reset().")
+        self.stop_agent_processes()
+        self.restore_git_metadata()
         self.patch = self.extract_patch()
         self.grade_report = None
         edited = bool(self.patch.strip())
@@ -205,11 +223,60 @@ class DockerSWEEnv(EmbeddedEnv):
             detail=self.patch,
         )
 
+    def stop_agent_processes(self) -> None:
+        """Kill every process of the agent's uid left in the container (daemons outlive their command).
+
+        Why: verification runs after the episode, partly with more privileges than the agent; a process
+        the agent left behind could rewrite the tree or the grader's files while it runs. ``kill -1`` from
+        the agent's own uid reaches exactly that uid's processes (never root's, never the caller itself).
+        Nothing to do when the agent runs as the image's user (``agent_user=None``).
+        """
+        if self.agent_user is None:
+            return
+        self.container.exec_run(["bash", "-c", STOP_AGENT_COMMAND], demux=False, user=self.agent_user)
+
+    def restore_git_metadata(self) -> None:
+        """Put ``.git/config`` back as the image had it and drop the hooks and ``info/attributes``.
+
+        Why: git runs commands named in the repository's own metadata (``core.fsmonitor``, hooks, clean
+        and smudge filters, diff drivers, ``include.path``), and grading runs git on the agent's tree as
+        the image's user. The agent owned ``.git`` during the episode; after its processes are gone
+        (``stop_agent_processes``), this host-side reset leaves nothing of its git settings for grading.
+        Every path is checked without following links: the workspace is a host folder, and a link the
+        agent planted must not redirect a host-side write or delete.
+        """
+        if self.workspace is None:
+            return
+        git = self.workspace / ".git"
+        if git.is_symlink() or not git.is_dir():
+            raise RuntimeError(f"{WORKSPACE}/.git is no longer a directory (the agent replaced it): no patch")
+        if self._git_config is not None:
+            config = git / "config"
+            _remove(config)
+            fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._git_config)
+        hooks = git / "hooks"
+        _remove(hooks)
+        hooks.mkdir()
+        info = git / "info"
+        if info.is_symlink():
+            _remove(info)
+        elif info.is_dir():
+            _remove(info / "attributes")
+
     def extract_patch(self) -> str:
+        """``git add -A && git diff --cached`` against the base commit, run as the agent's uid.
+
+        The agent owns ``.git`` (its config, hooks and attributes included), and git runs commands from
+        them (``core.fsmonitor``, hooks, diff drivers, clean filters): run as the agent they can do nothing
+        it could not do itself; the flags below switch off what git allows switching off anyway.
+        """
         # the mounted copy belongs to the host's uid: git >= 2.35.2 refuses it without safe.directory
-        git = f"git -c safe.directory={WORKSPACE}"
-        cmd = f"cd {WORKSPACE} && {git} add -A && {git} diff --cached --no-color {self.instance.base_commit}"
-        code, out = self.container.exec_run(["bash", "-c", cmd], demux=False)
+        git = f"git -c safe.directory={WORKSPACE} -c core.fsmonitor=false -c core.hooksPath=/dev/null"
+        diff = f"diff --cached --no-color --no-ext-diff --no-textconv {self.instance.base_commit}"
+        cmd = f"cd {WORKSPACE} && {git} add -A && {git} {diff}"
+        code, out = self.container.exec_run(["bash", "-c", cmd], demux=False, user=self.agent_user)
         text = (out or b"").decode("utf-8", errors="replace")
         if code != 0:
             raise RuntimeError(f"git diff failed in the container (exit {code}): {text[-500:]}")

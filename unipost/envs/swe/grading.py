@@ -468,7 +468,9 @@ def grade_in_container(
     t0 = time.perf_counter()
     timeout = str(max(1, int(spec.timeout_s)))
     try:
-        code, out = container.exec_run(["mkdir", "-p", scratch])
+        # a fresh root-only folder: whatever the agent may have planted at that path is gone first
+        q = shlex.quote(scratch)
+        code, out = container.exec_run(["bash", "-c", f"rm -rf {q} && mkdir -m 700 -p {q}"])
         if code != 0:
             raise RuntimeError(
                 f"mkdir {scratch} exited {code}: {(out or b'').decode(errors='replace')[-300:]}"
