@@ -242,6 +242,47 @@ def test_a_failed_label_with_on_missing_skip_leaves_the_turn_unlabelled_and_says
     assert TeacherLabels(on_missing="skip").select(poison) == []
 
 
+def test_a_failed_teacher_executed_turn_is_a_label_failed_error_that_keeps_finished_episodes(
+    teacher_server, tmp_path
+):
+    """beta 1: the teacher executes every turn (urgent requests). Its failure at the poisoned task stops
+    the collection with LabelFailedError carrying, and having stored, the episodes that finished before
+    (the old code let the teacher's own error escape and dropped finished episodes awaiting labels)."""
+    teacher_server.fail_substring = "task poison"
+    store = TrajectoryStore(tmp_path / "s.jsonl")
+    with (
+        api_teacher(teacher_server, max_retries=0) as teacher,
+        pytest.raises(
+            LabelFailedError, match=r"teacher-executed turn failed.*poison.*cannot be skipped"
+        ) as err,
+    ):
+        collect(
+            dagger(1.0, "skip"), teacher, ["a", "b", "poison", "c"], store=store, max_turns=2, concurrency=2
+        )
+    store.close()
+    kept_ids = [t.task_id for t in err.value.trajectories]
+    assert kept_ids == ["a", "b"]
+    assert [t.task_id for t in load(tmp_path / "s.jsonl").trajectories] == kept_ids
+
+
+def test_the_label_queue_asks_again_for_a_state_whose_request_failed(teacher_server):
+    """A failed answer is not a cache entry: the next request for that state goes to the teacher again
+    (the synchronous path would ask again), and succeeds once the teacher is back."""
+    teacher_server.fail_substring = "task 0"
+    state = AgentState([{"role": "user", "content": "task 0"}], TOOLS, None, 0)
+    with (
+        api_teacher(teacher_server, max_retries=0) as teacher,
+        LabelQueue(teacher, concurrency=1, greedy=True) as labels,
+    ):
+        first = labels.request(state)
+        with pytest.raises(Exception, match="HTTP"):
+            first.result(timeout=30)
+        teacher_server.fail_substring = None
+        again = labels.request(state, urgent=True)
+        assert again is not first and again.result(timeout=30).message["tool_calls"]
+    assert labels.requests == 2 and labels.cache_hits == 0
+
+
 def test_the_label_queue_sends_urgent_requests_first_and_promotes_a_queued_twin(teacher_server):
     teacher_server.gate = threading.Event()
     messages = [[{"role": "user", "content": f"task {i}"}] for i in range(4)]

@@ -24,8 +24,12 @@ does not wait for it in the tick. Each student state is handed to a
 :class:`~unipost.rollout.label_queue.LabelQueue` the moment it exists (bounded concurrency, one request
 per distinct state, the teacher's own retries), the tick goes on, and a finished episode is stored and
 returned only once all its labels have resolved, in the order episodes finished (the store's order is
-the synchronous path's; a crash also loses the finished episodes still waiting for a label, about one
-API latency's worth). Labels equal the synchronous path's for a deterministic teacher (tested). A
+the synchronous path's; a crash also loses the finished episodes still waiting for a label: every one
+behind the oldest unresolved label, one API latency's worth while the API keeps up, more when the student
+outpaces its throughput). Labels equal the synchronous path's for a deterministic (greedy) teacher
+(tested); a sampling teacher's answer is shared by identical states, so a group's identical states get
+one sampled label where the synchronous path draws one each. A teacher-executed turn that fails stops
+the collection with ``LabelFailedError`` whatever ``on_missing`` says, finished episodes kept. A
 label that fails after the teacher's retries follows the recipe's ``TeacherLabels.on_missing``: "error"
 (default) stops the collection with :class:`~unipost.rollout.label_queue.LabelFailedError`, after
 storing every episode whose labels all resolved; "skip" keeps the turn without a label and records why
@@ -116,6 +120,14 @@ class _Episode:
     def state(self) -> AgentState:
         tools = list(getattr(self.env, "tools", []) or [])
         return AgentState(list(self.messages), tools, self.env, len(self.turns))
+
+
+class _TeacherTurnFailedError(Exception):
+    """Inside the engine: a teacher-executed turn's deferred request failed (becomes LabelFailedError)."""
+
+    def __init__(self, episode: _Episode, turn: int, error: BaseException):
+        super().__init__(str(error))
+        self.episode, self.turn, self.error = episode, turn, error
 
 
 class RolloutEngine:
@@ -363,7 +375,10 @@ class _Run:
                         live += starting
                     acting = [ep for ep in live if not ep.over]
                     if acting:
-                        stepping = self._act(pool, acting)
+                        try:
+                            stepping = self._act(pool, acting)
+                        except _TeacherTurnFailedError as failure:
+                            self._abort(live, bar, executed=failure)
                         self._timed_env(pool, self._step, stepping)
                         self.counters["env_steps"] += len(stepping)
                         for ep, _, _ in stepping:  # main thread: tokenizers are not thread-safe
@@ -454,14 +469,22 @@ class _Run:
             for _, f in ep.pending_labels
         )
 
-    def _abort(self, live: list[_Episode], bar: _ProgressBar) -> None:
-        """Keep every finished episode whose labels resolve, drop the live ones, raise LabelFailedError."""
+    def _abort(
+        self, live: list[_Episode], bar: _ProgressBar, executed: _TeacherTurnFailedError | None = None
+    ) -> None:
+        """Keep every finished episode whose labels resolve, drop the live ones, raise LabelFailedError.
+
+        ``executed``: a teacher-executed turn failed (the environment had no action to step), which
+        stops the collection whatever ``on_missing`` says; finished episodes are kept all the same.
+        """
         assert self.labels is not None
         keep = {f for ep in self.awaiting for _, f in ep.pending_labels}
         self.labels.cancel_pending(keep)  # the episodes in flight are dropped: their labels are not needed
         self._release(bar, block=True)
         failed = [(ep, t, exc) for ep, t, exc in self.unlabelled]
-        if not failed:  # a live episode's label failed: finished ones were all kept
+        if executed is not None:
+            failed = [(executed.episode, executed.turn, executed.error), *failed]
+        elif not failed:  # a live episode's label failed: finished ones were all kept
             ep, t, exc = next(
                 (ep, t, f.exception())
                 for ep in live
@@ -473,12 +496,17 @@ class _Run:
         kept = [self.finished[k] for k in sorted(self.finished)]
         episodes = len({id(e) for e, _, _ in failed})
         task_id = _task_id(ep.env, ep.task, ep.task_index)
+        what = "teacher-executed turn" if executed is not None else "teacher label"
+        hint = (
+            "A teacher-executed turn cannot be skipped: the episode has no action without it."
+            if executed is not None
+            else "TeacherLabels(on_missing='skip') trains without the missing labels instead."
+        )
         raise LabelFailedError(
-            f"a teacher label failed after the teacher's retries (task {task_id!r}, turn {t}: "
+            f"a {what} failed after the teacher's retries (task {task_id!r}, turn {t}: "
             f"{_describe(exc)}); {len(failed)} label(s) of {episodes} episode(s) are missing, "
             f"{len(live)} episode(s) in flight were dropped, and the {len(kept)} finished episode(s) with "
-            "every label were stored and are on this error's .trajectories. TeacherLabels(on_missing='skip') "
-            "trains without the missing labels instead.",
+            f"every label were stored and are on this error's .trajectories. {hint}",
             kept,
         ) from exc
 
@@ -550,7 +578,11 @@ class _Run:
                 t_out = dict(zip(t_idx, _checked(outs, len(t_idx), self.e.teacher), strict=True))
                 self.counters["teacher_time_s"] += dt
                 self.counters["teacher_queries"] += len(t_idx)
-            t_out.update({i: f.result() for i, f in urgent.items()})
+            for i, f in urgent.items():
+                try:
+                    t_out[i] = f.result()
+                except Exception as exc:  # the teacher's own retries are spent: no action to execute
+                    raise _TeacherTurnFailedError(acting[i], len(acting[i].turns), exc) from exc
             self.counters["teacher_wait_s"] += time.perf_counter() - t0
         stepping = []
         for i, (ep, who) in enumerate(zip(acting, executors, strict=True)):

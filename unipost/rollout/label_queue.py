@@ -117,14 +117,18 @@ class LabelQueue:
         """The teacher's action at ``state``, as a future; the request is issued now (or reused).
 
         ``urgent`` (a teacher-executed turn the environment waits for) goes ahead of queued labels; a
-        queued label of the same state is promoted rather than asked twice.
+        queued label of the same state is promoted rather than asked twice. A state whose last request
+        failed or was cancelled is asked again.
         """
         key = state_key(state, self.greedy)
         with self._lock:
             if self._closed:
                 raise RuntimeError("LabelQueue is closed")
             future = self._futures.get(key)
-            if future is not None and not future.cancelled():
+            # a cancelled request, or one that failed after the teacher's retries, is asked again, as the
+            # synchronous path would; an answer (or one in flight) is shared
+            failed = future is not None and future.done() and (future.cancelled() or future.exception())
+            if future is not None and not failed:
                 self.cache_hits += 1
                 if urgent and key in self._states:  # still queued: a second, urgent entry jumps ahead
                     self._heap.put((_URGENT, next(self._seq), key))

@@ -244,7 +244,9 @@ class RolloutConfig(_Strict):
         True,
         description="ask an API teacher (messages_only) for DAgger's labels off the tick's critical path, "
         "resolved before the batch is returned (unipost.rollout.label_queue); False: each tick waits for "
-        "its labels (the synchronous path). The scripted expert is always synchronous",
+        "its labels (the synchronous path). The scripted expert is always synchronous. Labels equal the "
+        "synchronous path's for a greedy teacher; a sampling teacher's one answer per distinct state is "
+        "shared by identical states (a group of identical prefixes gets one sampled label)",
     )
     backend: Literal["transformers", "vllm"] = Field(
         "transformers",
