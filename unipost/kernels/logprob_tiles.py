@@ -83,6 +83,25 @@ def bwd_tile(
     return g.to(raw.dtype), colsum
 
 
+def bwd_tile_into(raw, lse, coef, ge, inv_temp, want_colsum):
+    """:func:`bwd_tile` written over ``raw`` (its own input): no tile-sized temporary; returns the colsum.
+
+    For the three-GEMM loss, whose stored logits are dead once turned into their gradient. Compiled, the
+    input mutation becomes the kernel's store into ``raw``'s own memory.
+    """
+    g, colsum = bwd_tile(raw, lse, coef, ge, inv_temp, want_colsum)
+    raw.copy_(g)
+    return colsum
+
+
+def _bwd_tile_into_eager(raw, lse, coef, ge, inv_temp, want_colsum):
+    """:func:`bwd_tile_into` with the eager in-place passes (fp32 / fp64 never leave ``raw``)."""
+    g, colsum = _bwd_tile_eager(raw, lse, coef, ge, inv_temp, want_colsum)
+    if g.data_ptr() != raw.data_ptr():
+        raw.copy_(g)
+    return colsum
+
+
 def _fwd_tile_eager(raw: Tensor, inv_temp: float, want_entropy: bool) -> tuple[Tensor, Tensor | None]:
     """:func:`fwd_tile` with in-place passes (eager runs each op as a pass: fewer temporaries)."""
     cdtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
@@ -122,10 +141,25 @@ def _bwd_tile_eager(raw, lse, coef, ge, inv_temp, want_colsum):
 
 
 class TileOps:
-    """The two tile functions of one mode; ``inv_temp(x)`` makes the temperature argument they take."""
+    """The tile functions of one mode; ``inv_temp(x)`` makes the temperature argument they take.
 
-    def __init__(self, name: str, fwd: Callable, bwd: Callable, tensor_temp: bool) -> None:
+    ``fwd`` may overwrite its input tile (the eager body does, to save temporaries: the four-GEMM kernel
+    drops the tile anyway); ``fwd_keep`` never does, for the three-GEMM loss
+    (:mod:`unipost.kernels.fused_loss`), which keeps the tile for its gradient and then turns it into
+    that gradient in place with ``bwd_into``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fwd: Callable,
+        bwd: Callable,
+        tensor_temp: bool,
+        fwd_keep: Callable,
+        bwd_into: Callable,
+    ) -> None:
         self.name, self.fwd, self.bwd, self._tensor_temp = name, fwd, bwd, tensor_temp
+        self.fwd_keep, self.bwd_into = fwd_keep, bwd_into
 
     def inv_temp(self, value: float, like: Tensor) -> Tensor | float:
         if not self._tensor_temp:
@@ -134,7 +168,14 @@ class TileOps:
         return torch.tensor(value, dtype=cdtype, device=like.device)
 
 
-EAGER = TileOps("eager", _fwd_tile_eager, _bwd_tile_eager, tensor_temp=False)
+EAGER = TileOps(
+    "eager",
+    _fwd_tile_eager,
+    _bwd_tile_eager,
+    tensor_temp=False,
+    fwd_keep=fwd_tile,
+    bwd_into=_bwd_tile_into_eager,
+)
 
 _lock = threading.Lock()
 _compiled: TileOps | None = None
@@ -143,7 +184,15 @@ _stats = {"compiled_calls_first": 0, "compile_seconds": 0.0}
 
 
 def _make_compiled() -> TileOps:
-    return TileOps("compiled", _Compiled(fwd_tile), _Compiled(bwd_tile), tensor_temp=True)
+    fwd = _Compiled(fwd_tile)  # compiled bodies never write their inputs: one object serves both
+    return TileOps(
+        "compiled",
+        fwd,
+        _Compiled(bwd_tile),
+        tensor_temp=True,
+        fwd_keep=fwd,
+        bwd_into=_Compiled(bwd_tile_into),
+    )
 
 
 class _Compiled:

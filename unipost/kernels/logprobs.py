@@ -18,7 +18,11 @@ with a rank-C update; square-ish tiles keep both costs small.
 Unlike fused *losses* (Liger's fused linear cross-entropy computes the gradient inside the forward pass
 for a fixed loss), this returns per-token log-probs and takes **arbitrary** upstream gradients: per-token
 weights ``w_t`` on ``logp`` (the advantage, the DAgger/AggreVaTe weight) and a separate gradient on the
-entropy. Both are applied in the backward pass; neither is dropped or assumed to be 1.
+entropy. Both are applied in the backward pass; neither is dropped or assumed to be 1. The price is a
+fourth GEMM (the backward recomputes every tile). Where the loss is a sum of per-token terms known as
+soon as each row's log-prob is (every built-in recipe), :mod:`unipost.kernels.fused_loss` forms the
+gradient inside the forward sweep instead (three GEMMs); the Trainer picks per recipe
+(:func:`unipost.batch.select_head`).
 
 Backends: this file is the plain-torch kernel and the dispatcher. ``backend="auto"`` (the default) runs the
 Triton kernel (:mod:`unipost.kernels.triton`, same contract) when the tensors are on CUDA, triton imports and
@@ -117,7 +121,9 @@ def token_logprobs(
 
     The logits are assumed finite (a ``-inf`` bias entry would turn the streaming entropy into NaN).
     """
-    _validate(hidden, weight, targets, bias, ignore_index, temperature, chunk_size, vocab_chunk_size)
+    check_logprobs_inputs(
+        hidden, weight, targets, bias, ignore_index, temperature, chunk_size, vocab_chunk_size
+    )
     if select_logprobs_backend(hidden.device, hidden.dtype, backend) == "triton":
         from unipost.kernels.triton import token_logprobs_triton
 
@@ -154,7 +160,7 @@ def select_logprobs_backend(device: torch.device, dtype: torch.dtype, backend: s
     return "triton" if on_cuda and dtype in SUPPORTED_DTYPES and available("triton") else "torch"
 
 
-def _validate(
+def check_logprobs_inputs(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
@@ -231,17 +237,23 @@ def _plan_tiles(n: int, v: int, chunk_size: int | None, vocab_chunk_size: int | 
     return rows, max(1, min(cols, v))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The softmax's dtype for GEMM inputs of ``dtype``: fp64 stays fp64, everything else runs in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _raw_logits(h_c: Tensor, w_t: Tensor, b_t: Tensor | None) -> Tensor:
+def _raw_logits(h_c: Tensor, w_t: Tensor, b_t: Tensor | None, buf: Tensor | None = None) -> Tensor:
     """``h_c @ w_t.T + b_t`` for one tile, in the input dtype (bf16 GEMMs accumulate in fp32 internally).
 
     Forward and backward both call this, so the recomputed tile is bit-identical to the one the saved
-    log-sum-exp was taken over.
+    log-sum-exp was taken over. ``buf`` (a flat tile-sized buffer, reused tile after tile) receives the
+    product: a fresh multi-MiB tensor per tile costs the allocator a map, page faults and a trim each
+    time, which the reused buffer does not.
     """
-    return torch.addmm(b_t, h_c, w_t.T) if b_t is not None else h_c @ w_t.T  # (C, Cv)
+    if buf is None:
+        return torch.addmm(b_t, h_c, w_t.T) if b_t is not None else h_c @ w_t.T  # (C, Cv)
+    out = buf[: h_c.shape[0] * w_t.shape[0]].view(h_c.shape[0], w_t.shape[0])  # (C, Cv)
+    return torch.addmm(b_t, h_c, w_t.T, out=out) if b_t is not None else torch.mm(h_c, w_t.T, out=out)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -254,13 +266,14 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ignore_index, rows, cols, inv_temp, want_entropy, ops):
         n, v = hidden.shape[0], weight.shape[0]
-        cdtype = _compute_dtype(hidden.dtype)
+        cdtype = compute_dtype(hidden.dtype)
         valid_N = targets != ignore_index
         lse_N = hidden.new_empty(n, dtype=cdtype)
         target_logit_N = hidden.new_zeros(n, dtype=cdtype)
         entropy_N = hidden.new_zeros(n, dtype=cdtype) if want_entropy else None
         temp = ops.inv_temp(inv_temp, hidden)
 
+        tile_buf = hidden.new_empty(min(rows, n) * min(cols, v))  # every tile's GEMM output, in turn
         with torch.no_grad():
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
@@ -269,7 +282,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 for v0 in range(0, v, cols):
                     v1 = min(v, v0 + cols)
                     b_t = bias[v0:v1] if bias is not None else None
-                    raw = _raw_logits(h_c, weight[v0:v1], b_t)  # (C, Cv) input dtype
+                    raw = _raw_logits(h_c, weight[v0:v1], b_t, tile_buf)  # (C, Cv) input dtype
                     # The target's logit, read from the same (rounded) tile the log-sum-exp is taken
                     # over, so logp <= 0 holds in every dtype.
                     in_tile = (tgt_c >= v0) & (tgt_c < v1)
@@ -316,7 +329,7 @@ class _TokenLogprobs(torch.autograd.Function):
             return nones
 
         n, v = hidden.shape[0], weight.shape[0]
-        dtype, cdtype = hidden.dtype, _compute_dtype(hidden.dtype)
+        dtype, cdtype = hidden.dtype, compute_dtype(hidden.dtype)
         valid_N = targets != ignore_index
         safe_N = torch.where(valid_N, targets, torch.zeros_like(targets)).long()
         zero_N = torch.zeros_like(lse_N)
@@ -374,6 +387,7 @@ class _TokenLogprobs(torch.autograd.Function):
             if full_w is not None:
                 onehot_w(full_w, 0, v, r0, r1)
 
+        tile_buf = hidden.new_empty(min(rows, n) * min(cols, v))  # recomputed tile, then its gradient
         row_starts, col_starts = range(0, n, rows), range(0, v, cols)
         outer, inner = (row_starts, col_starts) if rows_outer else (col_starts, row_starts)
         for o0 in outer:
@@ -392,7 +406,9 @@ class _TokenLogprobs(torch.autograd.Function):
                 h_c, w_t = hidden[r0:r1], weight[v0:v1]
                 b_t = bias[v0:v1] if bias is not None else None
                 ge_c = ge_N[r0:r1] if ge_N is not None else None
-                g, colsum = ops.bwd(_raw_logits(h_c, w_t, b_t), lse_N[r0:r1], c_N[r0:r1], ge_c, temp, need_b)
+                raw = _raw_logits(h_c, w_t, b_t, tile_buf)
+                colsum = ops.bwd_into(raw, lse_N[r0:r1], c_N[r0:r1], ge_c, temp, need_b)
+                g = raw  # the recomputed logits, now dL/dz: no second tile
                 if need_b:
                     grad_b[v0:v1] += colsum
                 if need_h:

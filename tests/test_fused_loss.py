@@ -1,0 +1,239 @@
+"""The three-GEMM fused loss against the fp64 reference: loss, log-probs and every gradient.
+
+Ground truth: ``token_logprobs_reference`` in float64 on the same inputs, with the same loss applied by
+autograd. The fused kernel forms its gradients inside the forward sweep from per-row derivatives of the
+loss, so every test puts a *different* derivative on each row (random weights, a nonlinear per-token
+term, an entropy term): a kernel that drops or misplaces one (wrong chunk, wrong tile, wrong row) fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_token_logprobs import _inputs as _token_inputs
+
+from unipost.kernels.fused_loss import fused_token_loss, fused_weighted_nll, plan_fused_tiles
+from unipost.kernels.reference import token_logprobs_reference
+
+IGNORE = -100
+FP32_TOL = {"atol": 1e-5, "rtol": 1e-5}  # as tests/test_token_logprobs.py (measured ~1e-6 relative)
+BF16_REL = 1.5e-2
+
+
+def _inputs(n, h, v, *, dtype=torch.float32, bias=True, mask_every=5, seed=0):
+    """test_token_logprobs' inputs, plus a per-token "reference" log-prob r_t for the k3 term."""
+    hidden, weight, b, targets, a, c = _token_inputs(
+        n, h, v, dtype=dtype, bias=bias, mask_every=mask_every, seed=seed
+    )
+    r = -torch.rand(n, generator=torch.Generator().manual_seed(seed + 1)) * 3
+    return hidden, weight, b, targets, (a, c, r)
+
+
+def _loss_fn(consts, entropy: bool):
+    """sum_t a_t logp_t + k3(r_t - logp_t) [+ c_t H_t]: per-token, nonlinear in logp, any dtype."""
+    a, c, r = consts
+
+    def fn(logp, ent):
+        a_, r_ = a.to(logp.dtype), r.to(logp.dtype)
+        log_ratio = r_ - logp
+        out = (a_ * logp).sum() + 0.3 * (torch.exp(log_ratio) - log_ratio - 1).sum()
+        if entropy:
+            out = out + (c.to(ent.dtype) * ent).sum()
+        return out
+
+    return fn
+
+
+def _leaves(hidden, weight, bias, dtype=None):
+    tensors = [hidden, weight] + ([bias] if bias is not None else [])
+    return [(x if dtype is None else x.to(dtype)).detach().clone().requires_grad_() for x in tensors]
+
+
+def _reference(hidden, weight, bias, targets, loss_fn, entropy, temperature=1.0, ignore_index=IGNORE):
+    leaves = _leaves(hidden, weight, bias, torch.float64)
+    b = leaves[2] if bias is not None else None
+    out = token_logprobs_reference(
+        leaves[0], leaves[1], targets, bias=b, ignore_index=ignore_index, temperature=temperature,
+        return_entropy=entropy,
+    )  # fmt: skip
+    logp, ent = out if entropy else (out, None)
+    loss = loss_fn(logp, ent)
+    loss.backward()
+    return loss.detach(), logp.detach(), ent.detach() if entropy else None, [x.grad for x in leaves]
+
+
+def _fused(hidden, weight, bias, targets, loss_fn, entropy, **kw):
+    leaves = _leaves(hidden, weight, bias)
+    b = leaves[2] if bias is not None else None
+    kw.setdefault("ignore_index", IGNORE)
+    out = fused_token_loss(leaves[0], leaves[1], targets, loss_fn, bias=b, return_entropy=entropy, **kw)
+    out.loss.backward()
+    return out, [x.grad for x in leaves]
+
+
+def _close(got, want, **tol):
+    """fp32 tolerance, relative to the largest |value| (the k3 term's derivatives reach ~1e2)."""
+    if not tol:
+        scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+        tol = {"atol": FP32_TOL["atol"] * scale, "rtol": FP32_TOL["rtol"]}
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize(
+    ("n", "h", "v", "chunk_size", "vocab_chunk_size"),
+    [
+        (37, 16, 101, None, None),  # one chunk, one tile
+        (37, 16, 101, 8, 13),  # chunks and tiles with ragged ends
+        (64, 8, 300, 16, 100),  # chunks and tiles dividing exactly
+        (50, 12, 97, 1, 97),  # one row per chunk
+        (29, 16, 64, 50, 1),  # one column per tile
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("entropy", [True, False])
+def test_fp32_loss_logp_and_gradients_match_fp64_reference(
+    n, h, v, chunk_size, vocab_chunk_size, bias, temperature, entropy
+):
+    hidden, weight, b, targets, consts = _inputs(n, h, v, bias=bias)
+    loss_fn = _loss_fn(consts, entropy)
+    ref_loss, ref_logp, ref_ent, ref_grads = _reference(
+        hidden, weight, b, targets, loss_fn, entropy, temperature
+    )
+    out, grads = _fused(
+        hidden, weight, b, targets, loss_fn, entropy, temperature=temperature, chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )  # fmt: skip
+    _close(out.loss, ref_loss, atol=1e-4, rtol=1e-5)
+    _close(out.logp, ref_logp)
+    if entropy:
+        _close(out.entropy, ref_ent)
+    assert not out.logp.requires_grad
+    for got, want in zip(grads, ref_grads, strict=True):
+        _close(got, want)
+
+
+@pytest.mark.parametrize(("chunk_size", "vocab_chunk_size"), [(None, None), (7, 30)])
+def test_weighted_nll_matches_reference_and_four_gemm_path(chunk_size, vocab_chunk_size):
+    from unipost.kernels.logprobs import token_logprobs
+
+    hidden, weight, b, targets, (a, _, _) = _inputs(45, 16, 211, bias=True)
+    leaves = _leaves(hidden, weight, b)
+    loss, logp = fused_weighted_nll(
+        leaves[0], leaves[1], targets, a, bias=leaves[2], ignore_index=IGNORE, chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )  # fmt: skip
+    loss.backward()
+    ref_loss, ref_logp, _, ref_grads = _reference(
+        hidden, weight, b, targets, lambda lp, e: -(a.double() * lp).sum(), False
+    )
+    _close(loss, ref_loss, atol=1e-4, rtol=1e-5)
+    _close(logp, ref_logp)
+    for x, want in zip(leaves, ref_grads, strict=True):
+        _close(x.grad, want)
+    four = _leaves(hidden, weight, b)
+    lp4 = token_logprobs(four[0], four[1], targets, bias=four[2], ignore_index=IGNORE)
+    (-(a * lp4).sum()).backward()
+    for x, y in zip(leaves, four, strict=True):  # the two heads agree with each other as well
+        torch.testing.assert_close(x.grad, y.grad, **FP32_TOL)
+
+
+def test_masked_rows_are_zero_and_get_exactly_zero_gradient():
+    hidden, weight, b, targets, consts = _inputs(20, 8, 50, mask_every=0)
+    targets[3:7] = IGNORE
+    out, (g_h, *_) = _fused(hidden, weight, b, targets, _loss_fn(consts, True), True, chunk_size=4)
+    assert (out.logp[3:7] == 0).all() and (out.entropy[3:7] == 0).all()
+    assert (g_h[3:7] == 0).all(), "ignored rows must get exactly zero gradient"
+    assert g_h[:3].abs().sum() > 0
+
+
+def test_custom_ignore_index():
+    hidden, weight, b, targets, consts = _inputs(25, 8, 40, mask_every=0)
+    targets[::4] = 7  # a real token id used as the ignore index
+    loss_fn = _loss_fn(consts, True)
+    ref = _reference(hidden, weight, b, targets, loss_fn, True, ignore_index=7)
+    out, grads = _fused(hidden, weight, b, targets, loss_fn, True, ignore_index=7, chunk_size=6)
+    _close(out.loss, ref[0], atol=1e-4, rtol=1e-5)
+    for got, want in zip(grads, ref[3], strict=True):
+        _close(got, want)
+
+
+def test_upstream_gradient_scales_the_stored_gradients():
+    """The backward only scales what the forward formed: (3.5 * loss).backward() is 3.5x the gradient."""
+    hidden, weight, b, targets, consts = _inputs(30, 8, 60)
+    loss_fn = _loss_fn(consts, True)
+    _, ref_grads = _fused(hidden, weight, b, targets, loss_fn, True, chunk_size=8)
+    leaves = _leaves(hidden, weight, b)
+    out = fused_token_loss(
+        leaves[0], leaves[1], targets, loss_fn, bias=leaves[2], ignore_index=IGNORE, return_entropy=True,
+        chunk_size=8,
+    )  # fmt: skip
+    (3.5 * out.loss).backward()
+    for x, want in zip(leaves, ref_grads, strict=True):
+        torch.testing.assert_close(x.grad, 3.5 * want, **FP32_TOL)
+
+
+def test_frozen_head_gives_hidden_gradient_only_and_no_grad_gives_the_value():
+    hidden, weight, _, targets, consts = _inputs(30, 8, 60, bias=False)
+    loss_fn = _loss_fn(consts, False)
+    h = hidden.clone().requires_grad_()
+    out = fused_token_loss(h, weight, targets, loss_fn, ignore_index=IGNORE, chunk_size=7)
+    out.loss.backward()
+    ref = _reference(hidden, weight, None, targets, loss_fn, False)
+    _close(h.grad, ref[3][0])
+    with torch.no_grad():
+        value = fused_token_loss(hidden, weight, targets, loss_fn, ignore_index=IGNORE).loss
+    _close(value, ref[0], atol=1e-4, rtol=1e-5)
+
+
+def test_bf16_against_fp32_truth_of_rounded_inputs():
+    hidden, weight, b, targets, consts = _inputs(70, 32, 300, dtype=torch.bfloat16)
+    loss_fn = _loss_fn(consts, True)
+    ref = _reference(hidden, weight, b, targets, loss_fn, True)
+    out, grads = _fused(hidden, weight, b, targets, loss_fn, True, chunk_size=16, vocab_chunk_size=64)
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    for got, want in zip(grads, ref[3], strict=True):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < BF16_REL, err
+    assert (out.logp.double() - ref[1]).abs().max() < BF16_REL * ref[1].abs().max()
+
+
+def test_compiled_tiles_match_reference_fp32():
+    hidden, weight, b, targets, consts = _inputs(40, 16, 130)
+    loss_fn = _loss_fn(consts, True)
+    ref = _reference(hidden, weight, b, targets, loss_fn, True, 0.8)
+    out, grads = _fused(
+        hidden, weight, b, targets, loss_fn, True, temperature=0.8, chunk_size=16, vocab_chunk_size=50,
+        compile=True,
+    )  # fmt: skip
+    _close(out.loss, ref[0], atol=1e-4, rtol=1e-5)
+    for got, want in zip(grads, ref[3], strict=True):
+        _close(got, want)
+
+
+def test_float64_is_exact_and_a_second_backward_is_refused():
+    """In fp64 the fused gradients equal the reference's to 1e-10 (what gradcheck would check, without its
+    second backward: the stored gradients are handed over once, and a replay says so)."""
+    hidden, weight, b, targets, consts = _inputs(9, 4, 11, dtype=torch.float64)
+    loss_fn = _loss_fn(consts, True)
+    ref = _reference(hidden, weight, b, targets, loss_fn, True)
+    leaves = _leaves(hidden, weight, b)
+    out = fused_token_loss(
+        leaves[0], leaves[1], targets, loss_fn, bias=leaves[2], ignore_index=IGNORE, return_entropy=True,
+        chunk_size=4, vocab_chunk_size=5,
+    )  # fmt: skip
+    out.loss.backward(retain_graph=True)
+    torch.testing.assert_close(out.loss, ref[0], atol=1e-10, rtol=1e-10)
+    for x, want in zip(leaves, ref[3], strict=True):
+        torch.testing.assert_close(x.grad, want, atol=1e-10, rtol=1e-10)
+    with pytest.raises(RuntimeError, match="backward once"):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize(("n", "v"), [(4096, 32768), (4096, 152064), (16384, 32768)])
+def test_default_buffer_stays_under_two_percent_of_naive(n, v):
+    """The chunk's logits buffer plus one tile temporary, against naive's ~12 bytes per logit (fp32)."""
+    rows, cols = plan_fused_tiles(n, v)
+    held = 4 * (rows * v + rows * cols)
+    assert held <= 0.02 * 12 * n * v, (rows, cols, held / (12 * n * v))
+    assert rows * cols <= 2 * 1024 * 1024 and rows >= n // 25
