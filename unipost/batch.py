@@ -24,6 +24,7 @@ from unipost.kernels.loss import weighted_nll
 from unipost.kernels.model import LabelLogprobs, packed_logprobs
 from unipost.kernels.packing import PackedBatch, PackSequence, first_fit, pack, pack_shared, packed_size
 from unipost.objective import Need, Recipe, RegularizerInputs, ScoreInputs, clipped_ratio
+from unipost.objective.needs import logp_scope_of
 from unipost.rendering.chat import ChatRenderer, LabelSpec, RenderStats, trajectory_sequences
 
 
@@ -229,6 +230,97 @@ def build_batch(
     )
 
 
+HEADS = ("auto", "fused_loss", "logprobs")
+
+
+def select_head(
+    recipe: Recipe,
+    head: str = "auto",
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """The LM-head path :func:`objective_loss` runs for ``recipe``: ``"fused_loss"`` or ``"logprobs"``.
+
+    ``"fused_loss"`` (three GEMMs, :func:`~unipost.kernels.fused_loss.fused_token_loss`) forms the
+    gradient inside the forward sweep; it needs a loss made of per-token terms, i.e. a recipe whose
+    ``logp_scope`` is "none" or "token" (every built-in score and regulariser, ratio clipping
+    included). ``"logprobs"`` (four GEMMs, ``token_logprobs``) takes any loss. ``head="auto"`` picks
+    ``"fused_loss"`` where it applies and the torch kernel is the one that would run (CPU); on CUDA the
+    Triton ``token_logprobs`` stays. A forced ``"fused_loss"`` on a recipe whose loss reads other
+    tokens' log-probs is an error, never a silent approximation.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    per_token = recipe.logp_scope != "batch"
+    if head == "fused_loss" and not per_token:
+        raise ValueError(
+            f"{recipe.display_name}: head='fused_loss' needs a loss made of per-token terms, but a part of "
+            f"{recipe.describe()} reads other tokens' log-probs (logp_scope 'batch'); use head='logprobs' "
+            "or 'auto'"
+        )
+    if head != "auto":
+        return head
+    from unipost.kernels.logprobs import select_logprobs_backend
+
+    torch_kernel = device is None or select_logprobs_backend(device, dtype or torch.float32) == "torch"
+    return "fused_loss" if per_token and torch_kernel else "logprobs"
+
+
+class _ObjectiveTerms:
+    """The recipe's loss as a function of the student's ``(logp_L, entropy_L)``, for either head.
+
+    The four-GEMM head evaluates it once on differentiable log-probs; the three-GEMM head once per row
+    chunk on detached values (for the chunk's gradient) and once more for the value, so both heads
+    compute the one loss by the one code path. Weights that read no log-prob are computed once.
+    """
+
+    def __init__(self, recipe, batch, teacher_logp, ref_logp, normalization_constant) -> None:
+        self.recipe, self.batch = recipe, batch
+        self.teacher_logp, self.ref_logp = teacher_logp, ref_logp
+        self.constant = normalization_constant
+        self._fixed_weights: torch.Tensor | None = None
+        self._reads_logp = recipe.ratio_clip is not None or logp_scope_of(recipe.score) != "none"
+
+    def inputs(self, logp_L: torch.Tensor) -> ScoreInputs:
+        device, batch = logp_L.device, self.batch
+        return ScoreInputs(
+            logp_L=logp_L.detach(),
+            label_seq_L=batch.packed.label_seq_L.to(device),
+            traj_of_seq_S=batch.traj_of_seq_S.to(device),
+            reward_B=batch.reward_B.to(device),
+            resolved_B=batch.resolved_B.to(device),
+            submitted_B=batch.submitted_B.to(device),
+            teacher_logp_L=None if self.teacher_logp is None else self.teacher_logp.to(device),
+            group_of_traj_B=batch.group_of_traj_B.to(device),
+            old_logp_L=None if batch.old_logp_L is None else batch.old_logp_L.to(device),
+        )
+
+    def weights(self, logp_L: torch.Tensor) -> torch.Tensor:
+        if self._fixed_weights is not None:
+            return self._fixed_weights
+        w = self.recipe.loss_weights(self.inputs(logp_L)) * self.batch.packed.label_weight_L.to(logp_L.device)
+        if not self._reads_logp:
+            self._fixed_weights = w
+        return w
+
+    def __call__(self, logp_L: torch.Tensor, entropy_L: torch.Tensor | None):
+        """``(loss, nll, regulariser, metrics)``; differentiable through ``logp_L`` / ``entropy_L``."""
+        device = logp_L.device
+        nll, metrics = weighted_nll(
+            logp_L,
+            self.weights(logp_L),
+            self.batch.traj_of_token_L.to(device),  # sequence_mean: one sequence per trajectory
+            normalization=self.recipe.normalization,
+            constant=self.constant,
+        )
+        ref = None if self.ref_logp is None else self.ref_logp.to(device)
+        reg = self.recipe.regularization(
+            RegularizerInputs(logp_L=logp_L, ref_logp_L=ref, entropy_L=entropy_L)
+        )
+        return nll + reg, nll, reg, metrics
+
+
 def objective_loss(
     model: torch.nn.Module,
     batch: TrainingBatch,
@@ -237,7 +329,8 @@ def objective_loss(
     teacher: torch.nn.Module | None = None,
     reference: torch.nn.Module | None = None,
     normalization_constant: float | None = None,
-    student_forward: Callable[[PackedBatch, bool], LabelLogprobs] | None = None,
+    student_forward: Callable[..., LabelLogprobs] | None = None,
+    head: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The Eq. 14 surrogate for one batch: sum_t sg(w_t) (-log pi(y_t|x)) / Z + R.
 
@@ -245,16 +338,18 @@ def objective_loss(
     ``recipe.ratio_clip`` the weights carry the clipped ratio against ``batch.old_logp_L`` (ratio 1
     when the batch has none, i.e. before any update on it). ``normalization_constant`` is used when
     ``recipe.normalization == "constant"`` (e.g. the global label-token count when a batch is split
-    into micro-batches). ``student_forward(packed,
-    return_entropy)`` replaces ``packed_logprobs(model, ...)`` for the student, so a data-parallel
-    wrapper's forward (and its gradient hooks) runs; see :mod:`unipost.train.distributed`.
+    into micro-batches). ``student_forward(packed, return_entropy[, loss_fn])`` replaces
+    ``packed_logprobs(model, ...)`` for the student, so a data-parallel wrapper's forward (and its
+    gradient hooks) runs; see :mod:`unipost.train.distributed`. ``head`` picks the LM-head path
+    (:func:`select_head`: three GEMMs where the loss is per-token, else four); the loss and gradients
+    are the same either way to fp32 rounding, and ``metrics["head_three_gemm"]`` says which ran.
     """
     needs = recipe.needs
     packed = batch.packed
-    if student_forward is not None:
-        out = student_forward(packed, Need.ENTROPY in needs)
-    else:
-        out = packed_logprobs(model, packed, return_entropy=Need.ENTROPY in needs)
+    want_entropy = Need.ENTROPY in needs
+    param = next(model.parameters(), None)
+    device, dtype = (None, None) if param is None else (param.device, param.dtype)
+    chosen = select_head(recipe, head, device=device, dtype=dtype)
     teacher_logp = None
     if Need.TEACHER_LOGPROBS in needs:
         if teacher is None:
@@ -271,30 +366,26 @@ def objective_loss(
             )
         with torch.no_grad():
             ref_logp = packed_logprobs(reference, packed).logp_L
+    terms = _ObjectiveTerms(recipe, batch, teacher_logp, ref_logp, normalization_constant)
+    if chosen == "fused_loss":
+
+        def loss_fn(logp_L: torch.Tensor, entropy_L: torch.Tensor | None) -> torch.Tensor:
+            return terms(logp_L, entropy_L)[0]
+
+        if student_forward is not None:
+            out = student_forward(packed, want_entropy, loss_fn)
+        else:
+            out = packed_logprobs(model, packed, return_entropy=want_entropy, loss_fn=loss_fn)
+        with torch.no_grad():
+            _, nll, reg, metrics = terms(out.logp_L, out.entropy_L)
+        loss = out.loss
+    else:
+        if student_forward is not None:
+            out = student_forward(packed, want_entropy)
+        else:
+            out = packed_logprobs(model, packed, return_entropy=want_entropy)
+        loss, nll, reg, metrics = terms(out.logp_L, out.entropy_L)
     device = out.logp_L.device
-    inputs = ScoreInputs(
-        logp_L=out.logp_L.detach(),
-        label_seq_L=packed.label_seq_L.to(device),
-        traj_of_seq_S=batch.traj_of_seq_S.to(device),
-        reward_B=batch.reward_B.to(device),
-        resolved_B=batch.resolved_B.to(device),
-        submitted_B=batch.submitted_B.to(device),
-        teacher_logp_L=None if teacher_logp is None else teacher_logp.to(device),
-        group_of_traj_B=batch.group_of_traj_B.to(device),
-        old_logp_L=None if batch.old_logp_L is None else batch.old_logp_L.to(device),
-    )
-    weights_L = recipe.loss_weights(inputs) * packed.label_weight_L.to(device)
-    nll, metrics = weighted_nll(
-        out.logp_L,
-        weights_L,
-        batch.traj_of_token_L.to(device),  # sequence_mean: one sequence per trajectory
-        normalization=recipe.normalization,
-        constant=normalization_constant,
-    )
-    reg = recipe.regularization(
-        RegularizerInputs(logp_L=out.logp_L, ref_logp_L=ref_logp, entropy_L=out.entropy_L)
-    )
-    loss = nll + reg
     metrics.update(
         {
             "loss": float(loss.detach()),
@@ -303,9 +394,11 @@ def objective_loss(
             "packed_tokens": float(packed.num_tokens),
             "labels": float(packed.num_labels),
             "trajectories": float(batch.num_sequences),
+            "head_three_gemm": 1.0 if chosen == "fused_loss" else 0.0,
         }
     )
-    if recipe.ratio_clip is not None and inputs.old_logp_L is not None and out.logp_L.numel():
+    if recipe.ratio_clip is not None and batch.old_logp_L is not None and out.logp_L.numel():
+        inputs = terms.inputs(out.logp_L)
         unclipped_w = recipe.loss_weights(replace(inputs, old_logp_L=None))
         ratio = clipped_ratio(inputs.logp_L, inputs.old_logp_L, unclipped_w, recipe.ratio_clip)
         metrics["ratio_clipped_frac"] = float((ratio == 0).double().mean())

@@ -8,6 +8,7 @@ Works for the Qwen3 / Llama families (and anything exposing ``get_decoder()`` +
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,9 @@ from unipost.kernels.packing import PackedBatch
 
 @dataclass
 class LabelLogprobs:
-    logp_L: torch.Tensor  # float32, differentiable
-    entropy_L: torch.Tensor | None = None  # float32, differentiable, when requested
+    logp_L: torch.Tensor  # float32, differentiable (detached when ``loss`` is set)
+    entropy_L: torch.Tensor | None = None  # float32, differentiable, when requested (detached likewise)
+    loss: torch.Tensor | None = None  # the fused loss, when packed_logprobs got a loss_fn (three GEMMs)
 
 
 def split_causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -108,18 +110,34 @@ def packed_logprobs(
     impl: str = "fused",
     backend: str = "auto",
     attention: str = "auto",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> LabelLogprobs:
     """log pi_theta(y_j | x, y_<j) for every label token of ``batch`` (and optionally the entropy).
 
     ``impl="reference"`` uses the plain-PyTorch head (full logits) for checking. ``backend`` picks the
     fused head's kernel (``"auto"``: Triton on CUDA, torch otherwise; see ``token_logprobs``) and
     ``attention`` the attention implementation (see :func:`hidden_states`).
+
+    ``loss_fn(logp_L, entropy_L) -> scalar`` (a sum of per-token terms) switches the head to the
+    three-GEMM fused loss (:func:`~unipost.kernels.fused_loss.fused_token_loss`): the result's ``loss``
+    carries the gradient and ``logp_L`` / ``entropy_L`` come back detached.
     """
     _, head = split_causal_lm(model)
     weight, bias = head_params(head)
     hidden_T = hidden_states(model, batch, attention=attention)
     hidden_L = hidden_T.index_select(0, batch.label_src_L.to(hidden_T.device))
     targets_L = batch.label_target_L.to(hidden_T.device)
+    if loss_fn is not None:
+        if impl != "fused":
+            raise ValueError("loss_fn runs the fused three-GEMM head; impl='reference' has none")
+        from unipost.kernels.fused_loss import fused_token_loss
+
+        kw = {"chunk_size": chunk_size} if chunk_size is not None else {}
+        out = fused_token_loss(
+            hidden_L, weight, targets_L, loss_fn, bias=bias, temperature=temperature,
+            return_entropy=return_entropy, **kw,
+        )  # fmt: skip
+        return LabelLogprobs(out.logp, out.entropy, out.loss)
     if impl == "fused":
         from unipost.kernels.logprobs import token_logprobs as fn
     elif impl == "reference":

@@ -52,3 +52,26 @@ def needs_of(*parts: object) -> frozenset[Need]:
         if part is not None:
             out |= frozenset(getattr(part, "needs", frozenset()))
     return out
+
+
+# Which log-probs a part's per-token value reads, from least to most: "none" (known before the step: a
+# constant, a reward, a group advantage), "token" (the token's own log-prob and entropy: OPD's teacher
+# log-ratio, PPO's clipped ratio, the k3 KL, the entropy bonus), "batch" (other tokens' too: e.g. a
+# weight normalised over the batch, a sequence-level ratio). Up to "token" the loss is a sum of per-token
+# terms, so the fused three-GEMM head can form its gradient row chunk by row chunk
+# (unipost.kernels.fused_loss); "batch" needs every log-prob first (token_logprobs, four GEMMs).
+LOGP_SCOPES: tuple[str, ...] = ("none", "token", "batch")
+
+
+def logp_scope_of(*parts: object) -> str:
+    """The widest ``logp_scope`` of the given parts (``None`` parts are skipped).
+
+    A part that does not declare one (a user's own score or regulariser) counts as ``"batch"``: the
+    four-GEMM head is right for any loss, the three-GEMM one only for losses known to be per-token.
+    """
+    widest = 0
+    for part in parts:
+        if part is not None:
+            scope = getattr(part, "logp_scope", "batch")
+            widest = max(widest, LOGP_SCOPES.index(scope) if scope in LOGP_SCOPES else len(LOGP_SCOPES) - 1)
+    return LOGP_SCOPES[widest]

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from unipost.data import Trajectory
 from unipost.objective.labels import LabelSource, OwnSamples, TeacherLabels
-from unipost.objective.needs import Need, needs_of
+from unipost.objective.needs import Need, logp_scope_of, needs_of
 from unipost.objective.regularizers import KLToReference, Regularizer, RegularizerInputs
 from unipost.objective.rollouts import (
     OfflineData,
@@ -203,6 +203,17 @@ class Recipe:
         return needs_of(self.rollout, self.labels, self.score, self.regularizer)
 
     @property
+    def logp_scope(self) -> str:
+        """Which log-probs a token's loss term reads: "none", "token" or "batch" (``needs.LOGP_SCOPES``).
+
+        The widest of the score's, the regulariser's and, with ``ratio_clip``, "token" (PPO's ratio
+        and its clip are per token: r_t = exp(logp_t - old_logp_t)). Up to "token" the loss is a sum
+        of per-token terms and the Trainer's three-GEMM head applies (``unipost.batch.select_head``).
+        """
+        ratio = _RatioClipScope() if self.ratio_clip is not None else None
+        return logp_scope_of(self.score, self.regularizer, ratio)
+
+    @property
     def group_size(self) -> int:
         """Samples per task per iteration (GRPO groups; 1 otherwise)."""
         return int(self.rollout.group_size)
@@ -318,6 +329,12 @@ class Recipe:
 
 
 _TEACHER_NEEDS = frozenset({Need.TEACHER_ACTIONS, Need.TEACHER_LOGPROBS})
+
+
+class _RatioClipScope:
+    """``ratio_clip``'s part in ``Recipe.logp_scope``: the clipped ratio of a token reads its own logp."""
+
+    logp_scope = "token"
 
 
 def clipped_ratio(logp_L: Tensor, old_logp_L: Tensor | None, weights_L: Tensor, clip: float) -> Tensor:

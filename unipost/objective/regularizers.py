@@ -12,7 +12,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from unipost.objective.needs import Need
+from unipost.objective.needs import Need, logp_scope_of
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,10 @@ class Regularizer(Protocol):
 
 
 class _RegBase:
+    """``logp_scope``: as a score's (``unipost.objective.scores``); undeclared counts as "batch"."""
+
     needs: ClassVar[frozenset[Need]] = frozenset()
+    logp_scope: ClassVar[str] = "batch"
 
     def __add__(self, other: object) -> RegularizerSum:
         if not isinstance(other, Regularizer):
@@ -88,6 +91,7 @@ class KLToReference(_RegBase):
     coef: float = 0.04
 
     needs: ClassVar[frozenset[Need]] = frozenset({Need.REFERENCE_LOGPROBS})
+    logp_scope: ClassVar[str] = "token"  # a mean of per-token k3 terms
 
     def __post_init__(self) -> None:
         _check_coef("KLToReference", self.coef)
@@ -113,6 +117,7 @@ class EntropyBonus(_RegBase):
     coef: float = 0.01
 
     needs: ClassVar[frozenset[Need]] = frozenset({Need.ENTROPY})
+    logp_scope: ClassVar[str] = "token"  # a mean of per-token entropies
 
     def __post_init__(self) -> None:
         _check_coef("EntropyBonus", self.coef)
@@ -144,6 +149,11 @@ class RegularizerSum(_RegBase):
     def needs(self) -> frozenset[Need]:  # type: ignore[override]
         """Union of both terms' needs."""
         return frozenset(self.a.needs) | frozenset(self.b.needs)
+
+    @property
+    def logp_scope(self) -> str:  # type: ignore[override]
+        """The wider of the terms' scopes."""
+        return logp_scope_of(self.a, self.b)
 
     def __call__(self, inputs: RegularizerInputs) -> Tensor:
         return self.a(inputs) + self.b(inputs)

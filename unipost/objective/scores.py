@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from unipost.data import Trajectory
-from unipost.objective.needs import Need
+from unipost.objective.needs import Need, logp_scope_of
 
 
 @dataclass(frozen=True)
@@ -129,10 +129,16 @@ class TrajectoryFilter(Protocol):
 
 
 class _ScoreBase:
-    """Shared call path: compute, detach, cast, check the shape. Subclasses implement ``_weights``."""
+    """Shared call path: compute, detach, cast, check the shape. Subclasses implement ``_weights``.
+
+    ``logp_scope`` says which log-probs a token's weight reads (``unipost.objective.needs.LOGP_SCOPES``):
+    "none" (known before the step), "token" (that token's own), "batch" (others' too). The Trainer's
+    three-GEMM head needs at most "token"; a subclass that does not say is taken as "batch".
+    """
 
     needs: ClassVar[frozenset[Need]] = frozenset()
     requires_own_samples: ClassVar[bool] = False
+    logp_scope: ClassVar[str] = "batch"
 
     def _weights(self, ctx: ScoreInputs) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -158,6 +164,8 @@ class _ScoreBase:
 class Uniform(_ScoreBase):
     """w = 1: plain cross-entropy on the labels (SFT, DAgger, AggreVaTe)."""
 
+    logp_scope: ClassVar[str] = "none"
+
     def _weights(self, ctx: ScoreInputs) -> Tensor:
         return torch.ones_like(ctx.logp_L)
 
@@ -175,6 +183,7 @@ class SuccessFilter(_ScoreBase):
     """
 
     needs: ClassVar[frozenset[Need]] = frozenset({Need.REWARDS})
+    logp_scope: ClassVar[str] = "none"
 
     def keep(self, trajectory: Trajectory) -> bool:
         """Only resolved trajectories enter the data."""
@@ -202,6 +211,7 @@ class GroupAdvantage(_ScoreBase):
 
     needs: ClassVar[frozenset[Need]] = frozenset({Need.REWARDS, Need.GROUPS})
     requires_own_samples: ClassVar[bool] = True
+    logp_scope: ClassVar[str] = "none"  # rewards only
 
     def __post_init__(self) -> None:
         if not isinstance(self.eps, (int, float)) or self.eps < 0:
@@ -255,6 +265,7 @@ class TeacherLogRatio(_ScoreBase):
 
     needs: ClassVar[frozenset[Need]] = frozenset({Need.TEACHER_LOGPROBS})
     requires_own_samples: ClassVar[bool] = True
+    logp_scope: ClassVar[str] = "token"  # the token's own log pi_theta
 
     def __post_init__(self) -> None:
         if self.clip is not None and (not isinstance(self.clip, (int, float)) or self.clip <= 0):
@@ -293,6 +304,11 @@ class Product(_ScoreBase):
     def requires_own_samples(self) -> bool:  # type: ignore[override]
         """True when either factor is a score-function weight."""
         return bool(self.a.requires_own_samples or self.b.requires_own_samples)
+
+    @property
+    def logp_scope(self) -> str:  # type: ignore[override]
+        """The wider of the factors' scopes."""
+        return logp_scope_of(self.a, self.b)
 
     def factors(self) -> list[Score]:
         """The non-product scores this product multiplies, flattened."""

@@ -306,6 +306,13 @@ class OptimConfig(_Strict):
     )
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; None = no clipping")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    head: Literal["auto", "fused_loss", "logprobs"] = Field(
+        "auto",
+        description="the LM head's path: 'fused_loss' forms the gradients inside the forward sweep (three "
+        "GEMMs; needs a loss of per-token terms: every built-in recipe), 'logprobs' returns log-probs and "
+        "takes any loss (four GEMMs); 'auto' picks 'fused_loss' where it applies on the torch (CPU) "
+        "kernel, else 'logprobs' (unipost.batch.select_head). Same loss and gradients to fp32 rounding",
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> OptimConfig:

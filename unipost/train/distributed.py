@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-StudentForward = Callable[[PackedBatch, bool], LabelLogprobs]
+StudentForward = Callable[..., LabelLogprobs]  # (packed, return_entropy[, loss_fn]) -> LabelLogprobs
 # (batch, forward) -> (loss already scaled by the step's global normaliser, metrics)
 StepLoss = Callable[[Any, StudentForward], tuple[torch.Tensor, dict[str, float]]]
 
@@ -62,8 +62,9 @@ class PackedLogprobs(torch.nn.Module):
         self.model = model
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
-    def forward(self, packed: PackedBatch, return_entropy: bool = False) -> LabelLogprobs:
-        return packed_logprobs(self.model, packed, return_entropy=return_entropy)
+    def forward(self, packed: PackedBatch, return_entropy: bool = False, loss_fn=None) -> LabelLogprobs:
+        """``loss_fn``: the three-GEMM head's per-token loss (``packed_logprobs``), else None."""
+        return packed_logprobs(self.model, packed, return_entropy=return_entropy, loss_fn=loss_fn)
 
 
 def launched_world_size() -> int:
@@ -183,11 +184,11 @@ class Distributed:
         self.model = wrapper
         return wrapper, optimizer
 
-    def forward(self, packed: PackedBatch, return_entropy: bool = False) -> LabelLogprobs:
-        """The student's log-probs through the prepared wrapper (so gradient hooks fire)."""
+    def forward(self, packed: PackedBatch, return_entropy: bool = False, loss_fn=None) -> LabelLogprobs:
+        """The student's log-probs (or fused loss) through the prepared wrapper (so gradient hooks fire)."""
         if self.model is None:
             raise RuntimeError("Distributed.forward before Distributed.prepare(model, optimizer)")
-        return self.model(packed, return_entropy)
+        return self.model(packed, return_entropy, loss_fn)
 
     # -- one optimiser step ---------------------------------------------------------------------------
 

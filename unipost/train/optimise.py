@@ -91,6 +91,7 @@ def optimise_epoch(
     on_step=None,
     dist: Distributed | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    head: str = "auto",
 ) -> dict[str, float]:
     """One pass over ``batches`` in a seeded random order; returns mean metrics over updates.
 
@@ -98,6 +99,8 @@ def optimise_epoch(
     the prepared optimiser) each update's ``grad_accumulation`` micro-batches are split over the
     processes, and the update equals the single-process one (see that module for why).
     ``scheduler`` is stepped after every optimiser step (LR schedules count optimiser steps).
+    ``head``: the LM-head path of every micro-batch (:func:`unipost.batch.select_head`; ``"auto"``:
+    three GEMMs where the recipe's loss is per-token, else four).
     """
     if not batches:
         return {"loss": float("nan"), "updates": 0.0}
@@ -112,7 +115,9 @@ def optimise_epoch(
         step_metrics: dict[str, float] = {}
         if dist is None:
             for batch in group:
-                loss, metrics = objective_loss(model, batch, recipe, teacher=teacher, reference=reference)
+                loss, metrics = objective_loss(
+                    model, batch, recipe, teacher=teacher, reference=reference, head=head
+                )
                 (loss * _scale(batch, recipe, totals)).backward()
                 for k, v in metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v / len(group)
@@ -120,8 +125,9 @@ def optimise_epoch(
 
             def scaled_loss(batch: TrainingBatch, forward, totals=totals):
                 loss, metrics = objective_loss(
-                    model, batch, recipe, teacher=teacher, reference=reference, student_forward=forward
-                )
+                    model, batch, recipe, teacher=teacher, reference=reference, student_forward=forward,
+                    head=head,
+                )  # fmt: skip
                 return loss * _scale(batch, recipe, totals), metrics
 
             step_metrics = dist.accumulate(group, scaled_loss, size=lambda b: b.packed.num_tokens)

@@ -288,6 +288,7 @@ class Trainer:
                 reference=self.reference,
                 dist=self.dist,
                 scheduler=self.scheduler,
+                head=cfg.optim.head,
             )
             metrics.update({f"train/{k}": v for k, v in stats.items()})
             self._say(
