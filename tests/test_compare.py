@@ -114,6 +114,14 @@ def test_compare_pools_seeds_keeping_tasks_paired(tmp_path, capsys):
     assert "seeds" in out.stderr and len(out.stderr.strip().splitlines()) <= 2
     out = _cli(capsys, "compare", f"{s0}@0", f"{s0},,{s1}", "--plot", str(tmp_path / "x.png"))
     assert out.returncode == 2 and "empty entry" in out.stderr
+    # one evaluation twice would count its tasks twice (a McNemar p too small): refused
+    out = _cli(capsys, "compare", f"{s0}@0,{s0}@0", f"{s0},{s1}", "--plot", str(tmp_path / "x.png"))
+    assert out.returncode == 2 and "used twice" in out.stderr
+    # seeds listed in another order than the reference's would pair seed 0 with seed 1: refused
+    for run, seed in ((s0, 0), (s1, 1)):
+        (run / "config.json").write_text(f'{{"seed": {seed}}}')
+    out = _cli(capsys, "compare", f"{s0}@0,{s1}@0", f"{s1},{s0}", "--plot", str(tmp_path / "x.png"))
+    assert out.returncode == 2 and "same seed order" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize(

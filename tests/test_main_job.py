@@ -49,3 +49,17 @@ def test_main_job_quick(tmp_path):
     assert summary["warm_start"]["effective_samples"] == 0
     assert "score Un…" not in out.stdout and "score Uniform()" in out.stdout  # the recipe header is whole
     assert (tmp_path / "main" / "comparison.png").stat().st_size > 10_000
+
+
+def test_the_main_jobs_recorded_settings(tmp_path):
+    """The settings the README's numbers were measured with (chosen on validation tasks, issue 20): 100
+    held-out tasks, lr 1e-4 with 4 micro-batches per step, 2 epochs, 320 matched effective samples, the
+    warm start and the final student evaluated. The quick form changes them, so only this guards them."""
+    from unipost.train.main_job import MAIN_HELDOUT_TASKS, MATCHED_EFFECTIVE_SAMPLES, main_config
+
+    for recipe in ("dagger", "sft"):
+        cfg = main_config(str(tmp_path / recipe), recipe=recipe)
+        assert cfg.env.heldout_tasks == MAIN_HELDOUT_TASKS == 100
+        assert (cfg.optim.lr, cfg.optim.grad_accumulation, cfg.optim.epochs_per_batch) == (1e-4, 4, 2)
+        assert cfg.max_effective_samples == MATCHED_EFFECTIVE_SAMPLES == 320
+        assert cfg.eval.every > cfg.iterations

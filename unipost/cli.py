@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,39 @@ def _arm_evals(spec: str, step: int | None) -> list:
     return [_saved_eval(part.strip(), step) for part in parts]
 
 
+def _run_seed(ev) -> int | None:
+    """The training seed recorded in the run folder's config.json (None when it records none)."""
+    config = ev.path.parent.parent / "config.json"
+    try:
+        seed = json.loads(config.read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) else None
+
+
+def _check_pooling(saved: dict) -> None:
+    """Refuse pooled arms that would not pair: one evaluation used twice (it would count its tasks twice
+    and shrink the McNemar p), or seeds in a different order than the reference's."""
+    seen: dict = {}
+    for spec, evals in saved.items():
+        for ev in evals:
+            if ev.path in seen and (seen[ev.path] != spec or len(evals) > 1):
+                raise UserError(
+                    f"{ev.path} is used twice ({seen[ev.path]} and {spec}): each evaluation counts once"
+                )
+            seen[ev.path] = spec
+    reference, *others = saved
+    ref_seeds = [_run_seed(ev) for ev in saved[reference]]
+    for spec in others:
+        seeds = [_run_seed(ev) for ev in saved[spec]]
+        known = all(s is not None for s in (*seeds, *ref_seeds))
+        if known and len(seeds) == len(ref_seeds) and seeds != ref_seeds:
+            raise UserError(
+                f"the seeds of {spec} ({seeds}) are not in the reference's order ({ref_seeds}): "
+                "list each arm's runs in the same seed order, so seed k pairs with seed k"
+            )
+
+
 def _arm_label(spec: str) -> str:
     """A short name for an arm: its folder name (with @STEP), and how many seeds it pools."""
     names = [Path(part.strip()).name for part in spec.split(",")]
@@ -248,6 +282,7 @@ def compare(
             f"a run is named twice in {runs}; name each evaluation once (RUN@STEP for another step)"
         )
     saved = {spec: _arm_evals(spec, step) for spec in runs}
+    _check_pooling(saved)
     short = [_arm_label(spec) for spec in runs]
     label = dict(zip(runs, short if len(set(short)) == len(short) else runs, strict=True))
     console = Console(width=160)

@@ -62,8 +62,8 @@ def main_config(
         seed=seed,
         iterations=1 if quick else 6,
         max_effective_samples=None if quick else MATCHED_EFFECTIVE_SAMPLES,
-        # evaluate the warm start and each method when its budget is spent: each held-out evaluation
-        # costs about a minute, and the whole job has ten (bench_methods draws the full curves)
+        # evaluate the warm start and each method only when its budget is spent: three evaluations of
+        # 100 tasks, 1-2 minutes each on 2 cores, most of the job (bench_methods draws the full curves)
         eval={"every": 1 if quick else 99},
         # 100 held-out tasks: paired differences of ~0.1 show at this size (30 hid a -0.12 regression)
         env={"heldout_tasks": 2 if quick else MAIN_HELDOUT_TASKS},
