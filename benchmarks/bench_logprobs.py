@@ -15,6 +15,9 @@ Implementations (``--impls``), each case in its OWN fresh Python process, one af
 * ``ours``        : ``unipost.kernels.token_logprobs(..., backend="torch")`` as a user gets it (on CPU its
   tile bodies are compiled once per shape class above 16M logits);
 * ``ours-eager``  : the same with ``compile=False`` (what the torch kernel did before compiled tiles);
+* ``ours-3gemm``  : ``unipost.kernels.fused_loss.fused_weighted_nll`` with weights ``-w_t`` (the same
+  ``sum_t w_t logp_t``): the fused loss that forms the gradients inside the forward sweep, three tile
+  GEMMs, holding one row chunk's logits (``N / 24`` rows x V) between its log-sum-exp and its gradient;
 * ``ours-triton`` : ``backend="triton"`` (CUDA; on CPU only under Triton's interpreter, tiny shapes);
 * ``cce``         : cut-cross-entropy ``linear_cross_entropy(..., reduction="none")`` returning ``-logp``,
   ``impl="torch_compile"`` on CPU (its only CPU mode; it materialises the logits), its default ``"cce"``
@@ -25,6 +28,8 @@ Implementations (``--impls``), each case in its OWN fresh Python process, one af
 * ``gemm4``       : the four tile GEMMs alone, on ``ours``' tile plan (forward logits; backward recompute,
   ``G W``, ``G^T h``), no softmax: the floor of any exact method that never stores [N, V] and takes
   arbitrary upstream gradients. ``gemm3`` / ``gemm4`` produce no log-probs (their ``err`` is ``-``);
+* ``gemm3-tiles`` : the three tile GEMMs alone on ``ours-3gemm``'s plan (chunk logits stored in its
+  buffer, then ``G W`` and ``G^T h`` per tile, the stored logits standing in for ``G``): its floor;
 * ``liger``       : liger-kernel; on CPU its plain-torch chunked log-prob function
   (``chunked_loss.fused_linear_ppo._ChunkedSelectiveLogProbFunction``, what its GRPO/PPO losses call), on
   CUDA its fused linear cross-entropy (``liger_fused_linear_cross_entropy(..., reduction="none")``).
@@ -64,9 +69,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-IMPLS = ("naive", "ours", "ours-eager", "ours-triton", "cce", "liger", "gemm3", "gemm4")
+IMPLS = (
+    "naive", "ours", "ours-eager", "ours-3gemm", "ours-triton", "cce", "liger",
+    "gemm3", "gemm4", "gemm3-tiles",
+)  # fmt: skip
 # The matrix work alone, no softmax: what the fastest possible method of each kind would cost here.
-FLOORS = ("gemm3", "gemm4")
+FLOORS = ("gemm3", "gemm4", "gemm3-tiles")
 # Peak bytes per [N, V] logit in fwd+bwd for the methods that materialise logits (measured here: naive
 # ~12 in fp32 and bf16, CCE's torch_compile ~4 in fp32 and ~2.3 in bf16), with a margin.
 BYTES_PER_LOGIT = {
@@ -99,6 +107,15 @@ def _impl(name: str, device: str):
 
         compile_ = None if name == "ours" else False
         return (lambda h, w, t: token_logprobs(h, w, t, backend="torch", compile=compile_)), "torch"
+    if name == "ours-3gemm":
+        from unipost.kernels.fused_loss import fused_weighted_nll
+
+        # sum_t w_t logp_t = sum_t (-w_t) (-logp_t): the fused loss with weights -w, gradients in the forward
+        def fused(h, w, t, w_N):
+            return fused_weighted_nll(h, w, t, -w_N)
+
+        fused.takes_weights = True
+        return fused, "fused loss"
     if name == "ours-triton":
         from unipost.kernels.logprobs import token_logprobs
 
@@ -124,10 +141,10 @@ def _impl(name: str, device: str):
 
 @functools.cache
 def _floor_functions():
-    """The two GEMM-floor autograd functions (defined lazily: torch is imported per worker process)."""
+    """The GEMM-floor autograd functions (defined lazily: torch is imported per worker process)."""
     import torch
 
-    from unipost.kernels.logprobs import _plan_tiles
+    from unipost.kernels.logprobs import _plan_tiles, _raw_logits
 
     class Gemm3(torch.autograd.Function):
         @staticmethod
@@ -146,9 +163,10 @@ def _floor_functions():
         def forward(ctx, h, w):
             n, v = h.shape[0], w.shape[0]
             rows, cols = _plan_tiles(n, v, None, None)
+            buf = h.new_empty(min(rows, n) * min(cols, v))  # as ours' reused tile buffer
             for r0 in range(0, n, rows):
                 for v0 in range(0, v, cols):
-                    h[r0 : r0 + rows] @ w[v0 : v0 + cols].T  # computed and dropped, as ours keeps only lse
+                    _raw_logits(h[r0 : r0 + rows], w[v0 : v0 + cols], None, buf)  # dropped: ours keeps lse
             ctx.save_for_backward(h, w)
             ctx.tiles = rows, cols
             return h.new_zeros(n, dtype=torch.float32)
@@ -159,18 +177,48 @@ def _floor_functions():
             (rows, cols), n, v = ctx.tiles, h.shape[0], w.shape[0]
             gh, gw = torch.zeros_like(h), torch.zeros_like(w)
             rows_outer = n >= v
+            buf = h.new_empty(min(rows, n) * min(cols, v))
             outer = range(0, n, rows) if rows_outer else range(0, v, cols)
             inner = range(0, v, cols) if rows_outer else range(0, n, rows)
             for o0 in outer:
                 for i0 in inner:
                     r0, v0 = (o0, i0) if rows_outer else (i0, o0)
                     h_c, w_t = h[r0 : r0 + rows], w[v0 : v0 + cols]
-                    g = h_c @ w_t.T  # the recompute; stands in for dL/dz
+                    g = _raw_logits(h_c, w_t, None, buf)  # the recompute; stands in for dL/dz
                     gh[r0 : r0 + rows].addmm_(g, w_t)
                     gw[v0 : v0 + cols].addmm_(g.T, h_c)
             return gh, gw
 
-    return Gemm3, Gemm4
+    class Gemm3Tiles(torch.autograd.Function):
+        """The three tile GEMMs of ``ours-3gemm`` on its plan (row chunk x vocabulary tile), no softmax."""
+
+        @staticmethod
+        def forward(ctx, h, w):
+            from unipost.kernels.fused_loss import plan_fused_tiles
+
+            n, v = h.shape[0], w.shape[0]
+            rows, cols = plan_fused_tiles(n, v)
+            buf = h.new_empty(rows * v)
+            gh, gw = torch.zeros_like(h), torch.zeros_like(w)
+            for r0 in range(0, n, rows):
+                h_c, m = h[r0 : r0 + rows], min(rows, n - r0)
+                tiles = []
+                for v0 in range(0, v, cols):
+                    v1 = min(v, v0 + cols)
+                    z = buf[rows * v0 : rows * v0 + m * (v1 - v0)].view(m, v1 - v0)
+                    torch.mm(h_c, w[v0:v1].T, out=z)  # stored, as ours-3gemm stores the chunk's logits
+                    tiles.append((v0, v1, z))
+                for v0, v1, z in tiles:  # the stored logits stand in for dL/dz
+                    gh[r0 : r0 + m].addmm_(z, w[v0:v1])
+                    gw[v0:v1].addmm_(z.T, h_c)
+            ctx.grads = gh, gw
+            return h.new_zeros(n, dtype=torch.float32)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return ctx.grads
+
+    return Gemm3, Gemm4, Gemm3Tiles
 
 
 def _inputs(n: int, v: int, h: int, dtype, device: str, seed: int = 0):
@@ -191,19 +239,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _loss(fn, h, w, targets, w_N):
+    """``(sum_t w_t logp_t, logp)``: through the log-probs, or the fused loss for ``ours-3gemm``."""
+    if getattr(fn, "takes_weights", False):
+        return fn(h, w, targets, w_N)
+    logp = fn(h, w, targets)
+    return (logp.float() * w_N.to(logp.device)).sum(), logp
+
+
 def _step(fn, hidden, weight, targets, w_N, device: str) -> tuple[float, float]:
     """One forward + backward of sum_t w_t logp_t; returns (forward s, backward s)."""
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
     _sync(device)
     t0 = time.perf_counter()
-    logp = fn(h, w, targets)
-    _sync(device)
-    t1 = time.perf_counter()
-    (logp.float() * w_N).sum().backward()
+    if getattr(fn, "takes_weights", False):
+        loss, logp = fn(h, w, targets, w_N)
+        _sync(device)
+        t1 = time.perf_counter()
+    else:
+        logp = fn(h, w, targets)
+        _sync(device)
+        t1 = time.perf_counter()
+        loss = (logp.float() * w_N).sum()
+    loss.backward()
     _sync(device)
     t2 = time.perf_counter()
-    del logp, h, w  # frees the gradients too
+    del logp, loss, h, w  # frees the gradients too
     return t1 - t0, t2 - t1
 
 
@@ -218,8 +280,8 @@ def _check(fn, n: int, v: int, h: int, dtype, device: str) -> tuple[float, float
     ref = token_logprobs_reference(h64, w64, targets)
     (ref * w_N.double()).sum().backward()
     hh, ww = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-    logp = fn(hh, ww, targets)
-    (logp.float() * w_N).sum().backward()
+    loss, logp = _loss(fn, hh, ww, targets, w_N)
+    loss.backward()
     err = (logp.double() - ref.detach()).abs().max().item()
     gerr = max(
         ((a.grad.double() - b.grad).abs().max() / b.grad.abs().max()).item()
@@ -365,7 +427,7 @@ def _ratios(rows: list[dict]) -> None:
             groups.setdefault((r["dtype"], r["N"], r["V"]), {})[r["impl"]] = r
     for r in rows:
         g = groups.get((r["dtype"], r["N"], r["V"]), {})
-        for ref_name, col in (("naive", "naive"), ("cce", "cce")):
+        for ref_name, col in (("naive", "naive"), ("cce", "cce"), ("gemm4", "gemm4")):
             ref = g.get(ref_name)
             ok = r["status"] == "ok" and ref is not None
             r[f"time_vs_{col}"] = round(r["total_s"] / ref["total_s"], 3) if ok else None
@@ -376,7 +438,8 @@ def _ratios(rows: list[dict]) -> None:
 
 COLS = [
     "impl", "variant", "device", "dtype", "N", "V", "H", "status", "fwd_s", "bwd_s", "total_s", "min_total_s",
-    "repeats", "time_vs_naive", "time_vs_cce", "peak_mib", "grad_mib", "extra_mib", "extra_vs_naive",
+    "repeats", "time_vs_naive", "time_vs_cce", "time_vs_gemm4", "peak_mib", "grad_mib", "extra_mib",
+    "extra_vs_naive",
     "first_s", "compile_s", "recompiled", "graphs", "fxgraph_cache", "err_logp", "err_grad",
     "load1_before", "load1_after", "others_cores", "threads", "busy", "time_note",
 ]  # fmt: skip
@@ -396,18 +459,19 @@ def write_outputs(rows: list[dict], header: list[str], out_dir: Path, name: str)
     json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
     lines = [*header, ""]
     lines.append(
-        "| dtype | N | V | impl | fwd+bwd s (median) | vs naive | vs CCE | extra MiB | extra / naive "
-        "| compile s | err logp | load before/after | others cores | threads | busy |"
+        "| dtype | N | V | impl | fwd+bwd s (median) | min s | vs naive | vs CCE | vs gemm4 | extra MiB "
+        "| extra / naive | compile s | err logp | load before/after | others cores | threads | busy |"
     )
-    lines.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
+    lines.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|")
     for r in rows:
         head = f"| {r['dtype']} | {r['N']} | {r['V']} | {r['impl']}"
         if r["status"] != "ok":
-            lines.append(f"{head} | {r['status']} | | | | | | | | | | |")
+            lines.append(f"{head} | {r['status']} | | | | | | | | | | | | |")
             continue
         t = f"{r['total_s']:.2f}" + (" (GPU target)" if r.get("time_note") else "")
         lines.append(
-            f"{head} | {t} | {_f(r['time_vs_naive'], '.2f')} | {_f(r['time_vs_cce'], '.2f')} | "
+            f"{head} | {t} | {r['min_total_s']:.2f} | {_f(r['time_vs_naive'], '.2f')} | "
+            f"{_f(r['time_vs_cce'], '.2f')} | {_f(r['time_vs_gemm4'], '.2f')} | "
             f"{r['extra_mib']:.0f} | {_f(r['extra_vs_naive'], '.2%')} | {_f(r.get('compile_s'), '.1f')} | "
             f"{_f(r.get('err_logp'), '.1e')} | {r['load1_before']}/{r['load1_after']} | "
             f"{r['others_cores']} | {r['threads']} | {'BUSY' if r['busy'] else 'no'} |"

@@ -35,10 +35,12 @@ system prompt tokens shared by all, a synthetic ~100-token issue each, turns of 
 a ~150-token observation, beta 0.5: student turns carry the teacher's label as a branch), micro-batches
 of 4096 tokens (the lab's ``micro_batch_tokens``), AdamW. One step = packing (``first_fit`` +
 ``pack``/``pack_shared``), per micro-batch the backbone forward (embeddings, decoder layers with their
-attention), the fused head's forward and backward (``token_logprobs``), the backbone backward, then the
-optimiser step. Each part is timed on its own (the head's backward is split from the backbone's by
-detaching the hidden states), for one tree per trajectory and for the cross-trajectory tree. Rows
-record load, threads, others' CPU use and a busy mark (``unipost.machine``).
+attention), the fused head's forward and backward, the backbone backward, then the optimiser step.
+Each part is timed on its own (the head's backward is split from the backbone's by detaching the
+hidden states), for one tree per trajectory and for the cross-trajectory tree (``--step-layouts``),
+and for each LM-head path the Trainer chooses between (``--step-heads``): ``token_logprobs`` + the
+weighted NLL (four GEMMs) and ``fused_weighted_nll`` (three GEMMs, gradient formed in the head's
+forward). Rows record load, threads, others' CPU use and a busy mark (``unipost.machine``).
 
     python benchmarks/bench_train.py            # the recorded configuration (tiny + wide student)
     python benchmarks/bench_train.py --quick    # a smoke run (seconds)
@@ -222,8 +224,19 @@ def lab_iteration(
     return docs
 
 
-def timed_step(model, optimizer, docs, budget: int, share: bool) -> tuple[dict[str, float], list]:
-    """One optimiser step over ``docs``; seconds per part (see ``STEP_PARTS``) and the packs."""
+STEP_HEADS = {"logprobs": "four GEMMs", "fused_loss": "three GEMMs"}
+
+
+def timed_step(
+    model, optimizer, docs, budget: int, share: bool, head: str = "logprobs"
+) -> tuple[dict[str, float], list]:
+    """One optimiser step over ``docs``; seconds per part (see ``STEP_PARTS``) and the packs.
+
+    ``head``: ``"logprobs"`` (``token_logprobs`` then the weighted NLL: four GEMMs, the gradient formed
+    in the backward) or ``"fused_loss"`` (``fused_weighted_nll``: three GEMMs, the gradient formed in
+    the head's forward, its backward only scales it), the two paths the Trainer chooses between.
+    """
+    from unipost.kernels.fused_loss import fused_weighted_nll
     from unipost.kernels.logprobs import token_logprobs
     from unipost.kernels.model import head_params, hidden_states, split_causal_lm
 
@@ -241,10 +254,13 @@ def timed_step(model, optimizer, docs, budget: int, share: bool) -> tuple[dict[s
         parts["backbone fwd"] += clock() - t
         t = clock()
         detached = hidden.detach().requires_grad_()
-        logp = token_logprobs(
-            detached.index_select(0, batch.label_src_L), weight, batch.label_target_L, bias=bias
-        )
-        loss, _ = weighted_nll(logp, batch.label_weight_L, normalization="constant", constant=normaliser)
+        hidden_L = detached.index_select(0, batch.label_src_L)
+        if head == "fused_loss":
+            w_L = batch.label_weight_L / normaliser
+            loss, _ = fused_weighted_nll(hidden_L, weight, batch.label_target_L, w_L, bias=bias)
+        else:
+            logp = token_logprobs(hidden_L, weight, batch.label_target_L, bias=bias)
+            loss, _ = weighted_nll(logp, batch.label_weight_L, normalization="constant", constant=normaliser)
         parts["head fwd"] += clock() - t
         t = clock()
         loss.backward()
@@ -292,14 +308,19 @@ def step_workload_rows(
     params = sum(p.numel() for p in model.parameters())
     # lr 0: the step runs (AdamW's update arithmetic) but the weights stay, so every repeat is alike
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    modes = {"per-trajectory trees": False, "cross-trajectory tree": True}
+    layouts = {"per-trajectory": ("per-trajectory trees", False), "cross": ("cross-trajectory tree", True)}
+    modes = {
+        f"{layouts[layout][0]}, {STEP_HEADS[head]}": (layouts[layout][1], head)
+        for layout in args.step_layouts.split(",")
+        for head in args.step_heads.split(",")
+    }
     seconds: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     records: dict[str, list[dict]] = {m: [] for m in modes}
     packs: dict[str, list] = {}
     for repeat in range(args.repeats + 1):  # repeat 0 warms up and is dropped
-        for mode, share in modes.items():
+        for mode, (share, head) in modes.items():
             with QuietMonitor() as quiet:
-                parts, packs[mode] = timed_step(model, optimizer, docs, args.step_budget, share)
+                parts, packs[mode] = timed_step(model, optimizer, docs, args.step_budget, share, head)
             total = sum(parts.values())
             print(
                 f"step {workload} {mode} repeat {repeat}: {total:.2f} s "
@@ -332,15 +353,41 @@ def step_workload_rows(
                 "speedup": round(base / total, 2),
                 **{f"{part} s": round(parts[part], 3) for part in STEP_PARTS},
                 "head_share": round((parts["head fwd"] + parts["head bwd"]) / total, 3),
+                "head_path": modes[mode][1],
+                "layout_shared": modes[mode][0],
                 **combine_records(records[mode]),
             }
         )
+    _head_savings(rows)
     return rows
+
+
+def _head_savings(rows: list[dict]) -> None:
+    """Per three-GEMM row: the head time it saves against the four-GEMM row of its layout, as a share of
+    that row's step. The head parts are timed on their own, so this is readable where the step totals'
+    difference (a few per cent of a step between repeats) is not."""
+    four = {r["layout_shared"]: r for r in rows if r["head_path"] == "logprobs"}
+    for r in rows:
+        ref = four.get(r["layout_shared"])
+        head = r["head fwd s"] + r["head bwd s"]
+        r["head_s"] = round(head, 4)
+        if r["head_path"] == "fused_loss" and ref is not None:
+            ref_head = ref["head fwd s"] + ref["head bwd s"]
+            r["head_saved_s"] = round(ref_head - head, 4)
+            r["head_saved_share_of_step"] = round((ref_head - head) / ref["step_seconds"], 4)
+            r["head_ratio"] = round(head / ref_head, 3) if ref_head else None
+
+
+def _saved_cell(r: dict) -> str:
+    if "head_saved_s" not in r:
+        return "-"
+    share = 100 * r["head_saved_share_of_step"]
+    return f"{r['head_saved_s']:.3f} s, {share:.2f}%, {r['head_ratio']:.2f}x"
 
 
 def write_step(rows: list[dict], state: dict, args) -> None:
     table = Table(title="The lab's whole training step (192x4 student): parts and shares")
-    cols = ["workload", "mode", "mbs", "tokens", "step s", "x", *STEP_PARTS, "head share"]
+    cols = ["workload", "mode", "mbs", "tokens", "step s", "x", *STEP_PARTS, "head share", "head saved"]
     for col in [*cols, *HYGIENE_HEADERS]:
         table.add_column(col, justify="right")
     md = [
@@ -348,10 +395,13 @@ def write_step(rows: list[dict], state: dict, args) -> None:
         "",
         "| workload | mode | micro-batches | tokens | step s (median) | speed-up | "
         + " | ".join(f"{p} s" for p in STEP_PARTS)
-        + " | head share of the step | "
+        + " | head share of the step | head saved vs four GEMMs (s, share of that step, head ratio) | "
         + " | ".join(HYGIENE_HEADERS)
         + " |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * len(STEP_PARTS) + "---:|" + "---|" * len(HYGIENE_HEADERS),
+        "|---|---|---:|---:|---:|---:|"
+        + "---:|" * len(STEP_PARTS)
+        + "---:|---:|"
+        + "---|" * len(HYGIENE_HEADERS),
     ]
     for r in rows:
         cells = [
@@ -363,6 +413,7 @@ def write_step(rows: list[dict], state: dict, args) -> None:
             f"{r['speedup']:.2f}x",
             *(f"{r[f'{p} s']:.3f}" for p in STEP_PARTS),
             f"{100 * r['head_share']:.1f}%",
+            _saved_cell(r),
         ]
         table.add_row(*cells, *hygiene_cells(r))
         md.append("| " + " | ".join(cells + hygiene_cells(r)) + " |")
@@ -401,6 +452,14 @@ def main() -> None:
     parser.add_argument("--step-doc-tokens", type=int, default=1050, help="tokens per trajectory (lab demos)")
     parser.add_argument("--step-group", type=int, default=4, help="GRPO group size (bench_methods')")
     parser.add_argument("--step-budget", type=int, default=4096, help="micro-batch tokens (the lab's)")
+    parser.add_argument(
+        "--step-layouts", default="per-trajectory,cross", help="per-trajectory and/or cross (tree layouts)"
+    )
+    parser.add_argument(
+        "--step-heads",
+        default="logprobs,fused_loss",
+        help="LM-head paths: logprobs (4 GEMMs), fused_loss (3)",
+    )
     args = parser.parse_args()
     if args.step:
         if args.quick:

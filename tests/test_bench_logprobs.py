@@ -22,7 +22,8 @@ HYGIENE = ("load1_before", "load1_after", "others_cores", "threads", "busy")
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_logprobs")
-    cmd = [sys.executable, str(SCRIPT), "--dry-run", "--impls", "naive,ours,ours-eager", "--out", str(out)]
+    impls = "naive,ours,ours-eager,ours-3gemm"
+    cmd = [sys.executable, str(SCRIPT), "--dry-run", "--impls", impls, "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, proc
@@ -31,7 +32,7 @@ def dry_run(tmp_path_factory):
 def test_dry_run_writes_one_ok_row_per_impl_with_load_columns(dry_run):
     out, _ = dry_run
     rows = list(csv.DictReader((out / "logprobs-dry-run.csv").open()))
-    assert [r["impl"] for r in rows] == ["naive", "ours", "ours-eager"]
+    assert [r["impl"] for r in rows] == ["naive", "ours", "ours-eager", "ours-3gemm"]
     for r in rows:
         assert r["status"] == "ok", r
         assert r["dtype"] == "fp32" and r["device"] == "cpu"
@@ -61,7 +62,7 @@ def test_missing_peer_or_unusable_impl_is_a_row_not_a_crash(tmp_path):
         bench.parse_args(["--impls", "naive,nonsense"])
 
 
-@pytest.mark.parametrize("impl", ["gemm3", "gemm4"])
+@pytest.mark.parametrize("impl", ["gemm3", "gemm4", "gemm3-tiles"])
 def test_gemm_floors_do_exactly_the_matrix_work_they_claim(impl):
     """The floor rows must do every tile's GEMMs once: their gradients equal the full-size products.
 
