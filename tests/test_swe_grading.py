@@ -433,7 +433,7 @@ def test_the_agent_runs_unprivileged_in_the_container_and_verification_as_the_im
         assert (env.workspace / "calc" / "ops.py").stat().st_uid == uid
         _act(env, "terminal", {"command": "id -u > who.txt && touch calc/new_by_agent.py"})
         container = client.container
-        assert container is not None and container.users == [env.agent_user]
+        assert container is not None and container.users == [env.agent_user] * 2  # write check, command
         assert (env.workspace / "who.txt").read_text().strip() == str(
             uid if os.getuid() == 0 else os.getuid()
         )
@@ -496,6 +496,35 @@ def test_the_agent_runs_unprivileged_in_the_container_and_verification_as_the_im
         import shutil
 
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching the agent's uid needs root, as Docker has")
+def test_an_agent_that_cannot_write_the_workspace_is_refused_at_reset(repo_instance, tmp_path, monkeypatch):
+    """Rootless Docker / userns-remap: the agent's uid does not own /testbed. reset() says so and names
+    the fix, where the old code let every agent write fail with EACCES for the whole episode."""
+    from unipost.envs.swe import docker_env
+
+    repo, instance = repo_instance
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "home").mkdir()
+    client = _FakeDockerClient(repo, tmp_path / "scratch", tmp_path / "home")
+    monkeypatch.setattr(docker_env, "docker_client", lambda: client)
+    monkeypatch.setattr(DockerSWEEnv, "_ensure_image", lambda self, c: None)
+    monkeypatch.setattr(DockerSWEEnv, "_hand_workspace_to_agent", lambda self: None)  # a remapped uid
+    env = DockerSWEEnv(instance, pull=False, agent_user="4242:4242")
+    with pytest.raises(RuntimeError, match=r"4242:4242 cannot write /testbed.*agent_user=None"):
+        env.reset()
+    assert env.container is None
+
+
+def test_env_config_passes_the_agent_user(instances):
+    from unipost.envs.swe.docker_env import agent_user_for_host
+
+    base = {"name": "swe", "tasks_path": str(FIXTURES / "instances.jsonl"), "heldout_fraction": 0.0}
+    assert make_env_factory(EnvConfig(**base))(("train", 0)).agent_user == agent_user_for_host()
+    assert make_env_factory(EnvConfig(**base, swe_agent_user=None))(("train", 0)).agent_user is None
+    explicit = make_env_factory(EnvConfig(**base, swe_agent_user="2000:2000"))(("train", 0))
+    assert explicit.agent_user == "2000:2000"
 
 
 def test_agent_user_choice_and_validation(repo_instance):

@@ -77,6 +77,7 @@ def make_env_factory(env: Any) -> Callable[[Any], Environment]:
                 full_tool_descriptions=env.full_tool_descriptions,
                 grade=env.swe_grading == "container",
                 grading_timeout_s=env.swe_grading_timeout_s,
+                agent_user=env.swe_agent_user,
             )
 
         return make_swe

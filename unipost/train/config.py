@@ -196,6 +196,12 @@ class EnvConfig(_Strict):
     swe_grading_timeout_s: float = Field(
         1800.0, gt=0, description="swe: kill timeout of one in-container test run (seconds)"
     )
+    swe_agent_user: str | None = Field(
+        "auto",
+        description="swe: who the agent's commands run as in the container: 'auto' (the host user's uid:gid, "
+        "or 1000:1000 under a root host), 'uid:gid', or null for the image's user (root in SWE-bench "
+        "images; needed where container uids are remapped)",
+    )
 
     @model_validator(mode="after")
     def _swe_needs_tasks(self) -> EnvConfig:

@@ -106,7 +106,8 @@ class DockerExecutor:
 
     def run(self, command: str, *, cwd: str = WORKSPACE, timeout_s: float | None = None, **_: Any):
         timeout = int(max(1, min(timeout_s or self.limits.timeout_s, self.limits.timeout_s * 6)))
-        as_user = {"user": self.user} if self.user else {}
+        # the image's HOME (/root) is not the agent's: tools that write under HOME (pip, git) get /tmp
+        as_user = {"user": self.user, "environment": {"HOME": "/tmp"}} if self.user else {}
         code, output = self.container.exec_run(
             ["timeout", "-s", "KILL", str(timeout), "bash", "-c", command],
             workdir=cwd,
@@ -190,6 +191,7 @@ class DockerSWEEnv(EmbeddedEnv):
         )
         # the agent's commands run unprivileged; so does patch extraction; grading stays the image's user
         executor = DockerExecutor(self.container, self.limits, user=self.agent_user)
+        self._check_agent_can_write()
         self.sandbox = None
         owner = int(self.agent_user.split(":")[0]) if self.agent_user and os.getuid() == 0 else None
         self.editor = FileEditor(self.workspace, self.max_observation_chars, owner_uid=owner)
@@ -222,6 +224,26 @@ class DockerSWEEnv(EmbeddedEnv):
             failure_mode=report.failure_mode,  # type: ignore[arg-type]  # a Table-4 left-block mode
             detail=self.patch,
         )
+
+    def _check_agent_can_write(self) -> None:
+        """Fail at reset, naming the fix, when the agent's uid cannot write /testbed.
+
+        Why: under rootless Docker or userns-remap the container's uid maps to another host uid, and an
+        explicit ``agent_user`` on a non-root host is not the folder's owner; every agent write would then
+        fail with EACCES while the host-side editor still works, and training would quietly degrade.
+        """
+        if self.agent_user is None:
+            return
+        code, _ = self.container.exec_run(["test", "-w", WORKSPACE], demux=False, user=self.agent_user)
+        if code != 0:
+            user = self.agent_user
+            self.close()
+            raise RuntimeError(
+                f"the agent's uid {user} cannot write {WORKSPACE} in the container (rootless Docker or "
+                "userns-remap maps container uids to other host uids; on a non-root host agent_user must be "
+                "the host user's uid:gid, the default 'auto'): use the default, or agent_user=None "
+                "(env.swe_agent_user: null) to run the agent as the image's user"
+            )
 
     def stop_agent_processes(self) -> None:
         """Kill every process of the agent's uid left in the container (daemons outlive their command).
