@@ -243,13 +243,13 @@ def test_timeout_is_retried_then_reported(server):
 
 
 def test_concurrency_keeps_n_requests_in_flight_and_order(server):
-    server.delay_s = 0.25
+    # Structural, not timed (a wall-clock bound failed under a loaded suite): the server saw exactly 4
+    # requests at once, so they overlapped and the cap held; 0.5 s per answer keeps them overlapping
+    # even when the machine is busy.
+    server.delay_s = 0.5
     with _policy(server, concurrency=4) as policy:
-        start = time.monotonic()
         outs = policy.act(_states(8))
-        elapsed = time.monotonic() - start
     assert server.max_in_flight == 4
-    assert elapsed < 8 * 0.25 * 0.6  # two waves of four, not eight sequential requests
     assert [call_arguments(o.message["tool_calls"][0])["command"] for o in outs] == [
         f"echo task-{i}" for i in range(8)
     ]
