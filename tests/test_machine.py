@@ -15,13 +15,15 @@ from unipost.machine import QuietMonitor, header_line, machine_state
 
 def test_state_and_record_are_json_with_the_documented_columns():
     state = machine_state()
-    assert {"load1", "load5", "load15", "cpus", "threads", "idle_by_load"} <= set(state)
+    assert {"load1", "load5", "load15", "cpus", "cpu_model", "threads", "idle_by_load"} <= set(state)
+    assert isinstance(state["cpu_model"], str) and state["cpu_model"]
     with QuietMonitor() as quiet:
         pass
     rec = quiet.record()
     assert set(rec) == {"load1_before", "load1_after", "others_cores", "threads", "busy"}
     json.dumps(rec)
     assert "CPUs" in header_line(state)
+    assert state["cpu_model"] in header_line(state)  # tables from different processors stay apart
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="others' CPU use is read from /proc/stat")
