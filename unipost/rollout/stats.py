@@ -16,6 +16,11 @@ from typing import Any
 
 from unipost.data import Trajectory
 
+# Counters decided by which thread finished first, not by the run's data: two identical runs (a resumed one
+# and its uninterrupted twin, two seeds-equal runs on a loaded machine) may differ in them, as in the ``_s``
+# times. Compare runs without them (unipost.train.metrics.depends_on_timing).
+RACE_COUNTERS: frozenset[str] = frozenset({"ticks_blocked_on_teacher"})
+
 
 @dataclass
 class RolloutStats:

@@ -34,15 +34,28 @@ from pathlib import Path
 from typing import Any
 
 from unipost._optional import available
+from unipost.rollout.stats import RACE_COUNTERS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METRICS_FILE", "MetricsLogger", "read_metrics"]
+__all__ = ["METRICS_FILE", "MetricsLogger", "depends_on_timing", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _RESERVED = ("step", "time")
 _WANDB_ID_FILE = ".wandb_run_id"
+
+
+def depends_on_timing(key: str) -> bool:
+    """Whether a metric key may differ between two runs that did the same work: wall-clock keys (the
+    record's ``time`` stamp, ``time/...``, ``..._s`` seconds and per-second rates) and the rollout
+    counters decided by thread timing (``rollout/ticks_blocked_on_teacher``).
+
+    Why: a resumed run is checked against its uninterrupted twin metric by metric; everything else there
+    (``train/effective_samples``, ``train/optimizer_steps``, ``rollout/env_steps``, ...) must match.
+    """
+    name = key.rsplit("/", 1)[-1]
+    return key == "time" or key.startswith("time/") or key.endswith("_s") or name in RACE_COUNTERS
 
 
 def _metrics_path(path: str | os.PathLike[str]) -> Path:
