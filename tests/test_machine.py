@@ -136,3 +136,31 @@ def test_combine_records_busy_if_any_block_was():
     assert not m.combine_records([a, a])["busy"]
     with pytest.raises(ValueError):
         m.combine_records([])
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n", "AMD EPYC 7B13"),
+        (
+            "processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\n\nprocessor\t: 1\nmodel name\t: other\n",
+            "Intel(R) Xeon(R)",
+        ),
+        ("processor\t: 0\ncpu\t\t: POWER9 (raw), altivec supported\n", "POWER9 (raw), altivec supported"),
+        ("processor\t: 0\nmodel name\t: ARMv7 rev 4 (v7l)\nModel\t\t: Raspberry Pi 3\n", "ARMv7 rev 4 (v7l)"),
+    ],
+)
+def test_cpu_model_reads_each_architectures_cpuinfo(cpuinfo, expected):
+    assert m.cpu_model(cpuinfo) == expected
+
+
+def test_cpu_model_tells_arm64_cores_apart():
+    """ARM64's /proc/cpuinfo has no model name: two different cores must not get one label."""
+    neoverse_v1 = "processor\t: 0\nBogoMIPS\t: 243.75\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n"
+    neoverse_n1 = neoverse_v1.replace("0xd40", "0xd0c")
+    a, b = m.cpu_model(neoverse_v1), m.cpu_model(neoverse_n1)
+    assert a != b and "0xd40" in a and "0xd0c" in b
+
+
+def test_cpu_model_without_cpuinfo_still_names_something():
+    assert isinstance(m.cpu_model(""), str) and m.cpu_model("")

@@ -64,20 +64,44 @@ def torch_threads() -> int | None:
     return int(torch.get_num_threads()) if torch is not None else None
 
 
-def cpu_model() -> str:
-    """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), or "unknown".
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The processor's model name, or "unknown".
 
     Why: machines of one "kind" differ. The same fused-loss row took 8.2 s on one 2-core box and 5.2 s on
     another, which moved a ratio against a memory-bound baseline from 1.29x to 0.91x; a table that does
     not name its processor cannot be compared with another table.
+
+    Linux: ``/proc/cpuinfo`` (``cpuinfo`` overrides its text): x86's ``model name``, MIPS's ``cpu model``,
+    POWER's ``cpu``, a board's ``Model``; ARM64 names no model there, so its implementer and part ids
+    (e.g. ``ARM implementer 0x41 part 0xd40``, a Neoverse V1) tell cores apart. macOS: ``sysctl``'s
+    brand string. Elsewhere ``platform.processor()``.
     """
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "cpu model") and value.strip():
-                return value.strip()
-    except OSError:
-        pass
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and value.strip():
+            fields.setdefault(key.strip(), value.strip())
+    for key in ("model name", "cpu model", "cpu", "Model"):
+        if key in fields:
+            return fields[key]
+    if "CPU implementer" in fields and "CPU part" in fields:
+        return f"ARM implementer {fields['CPU implementer']} part {fields['CPU part']}"
+    if sys.platform == "darwin":
+        try:
+            import subprocess
+
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
     return platform.processor() or platform.machine() or "unknown"
 
 
@@ -236,7 +260,7 @@ def hygiene_note(
 
 
 def header_line(state: dict[str, Any] | None = None) -> str:
-    """One line for a results table's header: load, CPUs, threads."""
+    """One line for a results table's header: load, CPUs and their model, torch threads."""
     s = state or machine_state()
     return (
         f"load average {s['load1']}/{s['load5']}/{s['load15']} (1/5/15 min), {s['cpus']} CPUs"

@@ -18,7 +18,9 @@ from unipost.data import Trajectory
 
 # Counters decided by which thread finished first, not by the run's data: two identical runs (a resumed one
 # and its uninterrupted twin, two seeds-equal runs on a loaded machine) may differ in them, as in the ``_s``
-# times. Compare runs without them (unipost.train.metrics.depends_on_timing).
+# times. Compare runs without them (unipost.train.metrics.depends_on_timing). Not in the set, on purpose:
+# deferred labels' teacher_requests / label_cache_hits / label_failures, which are exact counts in a run
+# whose teacher answers, but may vary with when a transient failure happened under on_missing="skip".
 RACE_COUNTERS: frozenset[str] = frozenset({"ticks_blocked_on_teacher"})
 
 
