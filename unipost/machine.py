@@ -22,6 +22,7 @@ figure noise): before the second row of a benchmark it mostly counts our own fir
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -77,10 +78,7 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     brand string. Elsewhere ``platform.processor()``.
     """
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
+        return _this_cpu_model()
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
@@ -103,6 +101,16 @@ def cpu_model(cpuinfo: str | None = None) -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+@functools.cache
+def _this_cpu_model() -> str:
+    """This machine's :func:`cpu_model`, read once (QuietMonitor asks before and after every timed block)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    return cpu_model(cpuinfo)
 
 
 def machine_state() -> dict[str, Any]:
