@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -91,8 +92,6 @@ def cpu_model(cpuinfo: str | None = None) -> str:
         return f"ARM implementer {fields['CPU implementer']} part {fields['CPU part']}"
     if sys.platform == "darwin":
         try:
-            import subprocess
-
             out = subprocess.run(
                 ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
             )
