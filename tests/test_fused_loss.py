@@ -237,3 +237,84 @@ def test_default_buffer_stays_under_two_percent_of_naive(n, v):
     held = 4 * (rows * v + rows * cols)
     assert held <= 0.02 * 12 * n * v, (rows, cols, held / (12 * n * v))
     assert rows * cols <= 2 * 1024 * 1024 and rows >= n // 25
+
+
+# ----------------------------------------------------------------------------- the one-pass sweep
+# Without an entropy term, fp32 / fp64 losses take the sweep that keeps exp(z - m_t) per tile and folds
+# the per-row scale exp(m_t - lse) * coef into the gradient GEMMs' small operands (no second pass).
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_one_pass_sweep_float64_is_exact(bias, temperature):
+    hidden, weight, b, targets, consts = _inputs(23, 6, 41, dtype=torch.float64, bias=bias)
+    loss_fn = _loss_fn(consts, False)
+    ref = _reference(hidden, weight, b, targets, loss_fn, False, temperature)
+    out, grads = _fused(
+        hidden, weight, b, targets, loss_fn, False, temperature=temperature, chunk_size=5,
+        vocab_chunk_size=7,
+    )  # fmt: skip
+    torch.testing.assert_close(out.loss, ref[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out.logp, ref[1], atol=1e-10, rtol=1e-10)
+    for got, want in zip(grads, ref[3], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_one_pass_sweep_compiled_matches_reference_fp32():
+    hidden, weight, b, targets, consts = _inputs(40, 16, 130)
+    loss_fn = _loss_fn(consts, False)
+    ref = _reference(hidden, weight, b, targets, loss_fn, False, 0.8)
+    out, grads = _fused(
+        hidden, weight, b, targets, loss_fn, False, temperature=0.8, chunk_size=16, vocab_chunk_size=50,
+        compile=True,
+    )  # fmt: skip
+    _close(out.loss, ref[0], atol=1e-4, rtol=1e-5)
+    _close(out.logp, ref[1])
+    for got, want in zip(grads, ref[3], strict=True):
+        _close(got, want)
+
+
+def test_one_pass_sweep_survives_tiles_far_below_the_row_max():
+    """Logit gaps of ~200 nats between tiles: exp(m_t - lse) underflows to 0 in fp32 for the far tiles,
+    whose true probabilities are below 1e-80, and the target's log-prob still comes from its logit (not
+    from log of an underflowed exponential)."""
+    hidden, weight, b, targets, consts = _inputs(12, 4, 60, bias=True, mask_every=0)
+    b = b.clone()
+    b[:20] += 200.0  # the first tile holds all the mass
+    targets[:] = 45  # every target in a far tile: logp ~ -200
+    a = consts[0]
+
+    def loss_fn(logp, ent):  # linear: the k3 term's exp(r - logp) would overflow at logp ~ -200
+        return (a.to(logp.dtype) * logp).sum()
+
+    ref = _reference(hidden, weight, b, targets, loss_fn, False)
+    out, grads = _fused(hidden, weight, b, targets, loss_fn, False, chunk_size=4, vocab_chunk_size=20)
+    assert torch.isfinite(out.logp).all() and (out.logp < -150).all()
+    _close(out.logp, ref[1])
+    for got, want in zip(grads, ref[3], strict=True):
+        assert torch.isfinite(got).all()
+        _close(got, want)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_no_entropy_fp32_never_sweeps_the_buffer_twice(monkeypatch, compile):
+    """The general sweep's second pass (bwd_into: logits -> gradients) is not run without an entropy
+    term; it is with one (the fold needs log p per logit there)."""
+    from unipost.kernels import logprob_tiles
+
+    calls = {"bwd_into": 0}
+    hidden, weight, b, targets, consts = _inputs(30, 8, 90)
+    ops = logprob_tiles.tile_ops(hidden.device, hidden.dtype, 10**9, compile)
+    orig = ops.bwd_into
+
+    def counting(*args):
+        calls["bwd_into"] += 1
+        return orig(*args)
+
+    monkeypatch.setattr(ops, "bwd_into", counting)
+    _fused(hidden, weight, b, targets, _loss_fn(consts, False), False, chunk_size=8, vocab_chunk_size=30,
+           compile=compile)  # fmt: skip
+    assert calls["bwd_into"] == 0
+    _fused(hidden, weight, b, targets, _loss_fn(consts, True), True, chunk_size=8, vocab_chunk_size=30,
+           compile=compile)  # fmt: skip
+    assert calls["bwd_into"] > 0

@@ -11,7 +11,10 @@ teacher log-ratio, PPO's clipped ratio, the k3 KL, the entropy bonus). Then, per
 1. computes the chunk's logits over the whole vocabulary, tile by tile, into one ``[rows, V]`` buffer,
    taking each tile's log-sum-exp (and entropy) while it is still in cache;
 2. finishes the rows' ``logp`` and ``H`` and asks the loss for ``dL/dlogp`` and ``dL/dH`` of those rows;
-3. turns each stored tile into its gradient ``dL/dz`` in place and feeds it to ``G W`` and ``G^T h``,
+3. turns each stored tile into its gradient ``dL/dz`` in place and feeds it to ``G W`` and ``G^T h``
+   (without an entropy term, in fp32 / fp64, step 1 already leaves ``exp(z - m_tile)`` in the buffer
+   and the gradient is that times a per-row scale, which goes into the GEMMs' small operands: no
+   second pass over the buffer, one ``exp`` per logit; see :func:`_sweep_scaled_softmax`),
 
 as fused losses do (Liger's fused linear cross-entropy, cut-cross-entropy). The backward pass only scales
 the stored gradients by the upstream gradient of the scalar loss. The price is the buffer: ``rows x V``
@@ -202,6 +205,100 @@ def plan_fused_tiles(n: int, v: int, chunk_size: int | None = None, vocab_chunk_
     return rows, cols
 
 
+class _Sweep(NamedTuple):
+    """What one forward sweep reads and writes (the gradient buffers are None where not wanted)."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    valid_N: Tensor
+    safe_N: Tensor
+    logp_N: Tensor  # written
+    grad_h: Tensor | None  # accumulated
+    grad_w: Tensor | None  # accumulated
+    grad_b: Tensor | None  # accumulated
+    buf: Tensor  # one chunk's tiles
+    rows: int
+    cols: int
+    inv_temp: float
+    temp: Tensor | float  # inv_temp as the tile ops take it
+    ops: object  # logprob_tiles.TileOps
+    row_grads: RowGrads
+
+
+def _sweep_scaled_softmax(sw: _Sweep) -> None:
+    """The sweep for a loss with no entropy term in fp32 / fp64: ``dL/dz`` is a per-row multiple of ``p``.
+
+    Then ``dL/dz = p * coef + gl * onehot`` with ``p = exp(z - lse)``. The forward pass over each tile
+    (still in cache after its GEMM) leaves ``e = exp(z - m_t)`` in the buffer (``m_t`` the tile's row
+    max), and ``p * coef = e * s_t`` with the per-row scale ``s_t = exp(m_t - lse) * coef``. That scale
+    goes into the gradient GEMMs' small operands, ``(e W_t) * s_t`` and ``e^T (s_t * h)``, so the
+    buffer is never swept a second time, and each logit's ``exp`` is taken once (the general sweep reads
+    the buffer again after the forward to turn logits into gradients: a second pass over ``rows x V``
+    that no longer sits in cache, and a second ``exp``). The one-hot part is added as in the general sweep.
+    """
+    hidden, weight, bias, valid_N, safe_N, logp_N = (
+        sw.hidden,
+        sw.weight,
+        sw.bias,
+        sw.valid_N,
+        sw.safe_N,
+        sw.logp_N,
+    )
+    grad_h, grad_w, grad_b, buf, rows, cols = sw.grad_h, sw.grad_w, sw.grad_b, sw.buf, sw.rows, sw.cols
+    inv_temp, temp, ops, row_grads = sw.inv_temp, sw.temp, sw.ops, sw.row_grads
+    n, v, width = hidden.shape[0], weight.shape[0], hidden.shape[1]
+    need_h, need_w, need_b = grad_h is not None, grad_w is not None, grad_b is not None
+    starts = [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)]
+    v0_t = [torch.tensor(v0, device=hidden.device) for v0, _ in starts]  # 0-d: one compiled graph
+    tmp = hidden.new_empty(rows, width)  # one tile's e W_t, then s_t * h
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        m = r1 - r0
+        h_c, valid_c, safe_c = hidden[r0:r1], valid_N[r0:r1], safe_N[r0:r1]
+        target_logit_c = hidden.new_zeros(m)
+        tiles, lse_ts, max_ts = [], [], []
+        for (v0, v1), v0_tensor in zip(starts, v0_t, strict=True):
+            raw = buf[rows * v0 : rows * v0 + m * (v1 - v0)].view(m, v1 - v0)
+            w_t = weight[v0:v1]
+            if bias is not None:
+                torch.addmm(bias[v0:v1], h_c, w_t.T, out=raw)
+            else:
+                torch.mm(h_c, w_t.T, out=raw)
+            lse_t, max_t, target_logit_c = ops.fwd_exp(raw, temp, safe_c, v0_tensor, target_logit_c)
+            tiles.append((v0, v1, raw))
+            lse_ts.append(lse_t)
+            max_ts.append(max_t)
+        lse_c = torch.logsumexp(torch.stack(lse_ts), dim=0)
+        zero_c = torch.zeros_like(lse_c)
+        logp_c = torch.where(valid_c, target_logit_c - lse_c, zero_c)
+        logp_N[r0:r1] = logp_c
+        gl_c, _ = row_grads(r0, r1, logp_c, None)
+        if not (need_h or need_w or need_b) or gl_c is None:
+            continue
+        gl_c = torch.where(valid_c, gl_c.to(lse_c.dtype) * inv_temp, zero_c)  # 1/T folded in
+        scale = torch.exp(torch.stack(max_ts) - lse_c) * -gl_c  # [tiles, rows]: coef = -gl
+        if need_h:
+            local_h = grad_h[r0:r1]
+            local_h.addcmul_(gl_c[:, None], weight[safe_c])
+        if need_w:
+            sel = valid_c.nonzero().squeeze(1)
+            grad_w.index_add_(0, safe_c[sel], h_c[sel] * gl_c[sel, None])
+        if need_b:
+            grad_b.index_add_(0, safe_c, gl_c)
+        part = tmp[:m]
+        for (v0, v1, e), s_t in zip(tiles, scale, strict=True):
+            w_t = weight[v0:v1]
+            if need_h:
+                torch.mm(e, w_t, out=part)
+                local_h.addcmul_(part, s_t[:, None])
+            if need_w:
+                torch.mul(h_c, s_t[:, None], out=part)
+                grad_w[v0:v1].addmm_(e.T, part)
+            if need_b:
+                grad_b[v0:v1].addmv_(e.T, s_t.to(e.dtype))
+
+
 class _FusedLossFn(torch.autograd.Function):
     """Forward: logits, statistics and both gradients per row chunk; backward: scale them."""
 
@@ -226,8 +323,17 @@ class _FusedLossFn(torch.autograd.Function):
         grad_b = torch.zeros(v, dtype=cdtype, device=weight.device) if need_b else None
         buf = hidden.new_empty(rows * v)  # one chunk's logits, stored tile after tile (each contiguous)
         col_starts = range(0, v, cols)
+        if direct and not want_entropy:  # the common case: one pass per tile, the scale folded in
+            sweep = _Sweep(
+                hidden, weight, bias, valid_N, safe_N, logp_N, grad_h, grad_w, grad_b, buf, rows, cols,
+                inv_temp, temp, ops, row_grads,
+            )  # fmt: skip
+            _sweep_scaled_softmax(sweep)
+            r_end = 0  # the general sweep below has nothing left to do
+        else:
+            r_end = n
 
-        for r0 in range(0, n, rows):
+        for r0 in range(0, r_end, rows):
             r1 = min(n, r0 + rows)
             m = r1 - r0
             h_c, tgt_c, valid_c, safe_c = hidden[r0:r1], targets[r0:r1], valid_N[r0:r1], safe_N[r0:r1]

@@ -94,6 +94,45 @@ def bwd_tile_into(raw, lse, coef, ge, inv_temp, want_colsum):
     return colsum
 
 
+def fwd_tile_exp_into(
+    raw: Tensor, inv_temp: Tensor | float, targets: Tensor, v0: Tensor, target_logit: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One tile's statistics, its exponentials written over ``raw``, and the rows' target logits updated.
+
+    For the three-GEMM loss when its gradient is a per-row multiple of the softmax (no entropy term):
+    ``raw`` becomes ``exp(z - m)`` with ``z = raw * inv_temp`` and ``m`` the tile's row max, so that
+    ``dL/dz = exp(z - lse) * coef = raw * (exp(m - lse) * coef)``: a per-row scale the caller folds
+    into the gradient GEMMs' small operands instead of making a second pass over the tile. Returns
+    ``lse_t`` and ``m`` [C] (compute dtype) and ``target_logit`` with the rows whose target lies in
+    ``[v0, v0 + Cv)`` replaced by that target's ``z`` (read before the overwrite). ``v0`` is a 0-d
+    tensor, so the compiled body is one graph for every tile.
+    """
+    cdtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    z = raw.to(cdtype) * inv_temp
+    ncols = raw.shape[1]
+    local = targets - v0
+    in_tile = (local >= 0) & (local < ncols)
+    z_tgt = z.gather(1, local.clamp(0, ncols - 1)[:, None]).squeeze(1)
+    m = z.amax(dim=1)
+    e = torch.exp(z - m[:, None])
+    s = e.sum(dim=1)
+    raw.copy_(e)
+    return m + torch.log(s), m, torch.where(in_tile, z_tgt, target_logit)
+
+
+def _fwd_tile_exp_into_eager(raw, inv_temp, targets, v0, target_logit):
+    """:func:`fwd_tile_exp_into` with in-place passes (no tile-sized temporary)."""
+    ncols = raw.shape[1]
+    local = targets - v0
+    in_tile = (local >= 0) & (local < ncols)
+    z_tgt = raw.gather(1, local.clamp(0, ncols - 1)[:, None]).squeeze(1).to(target_logit.dtype) * inv_temp
+    m = raw.amax(dim=1).to(target_logit.dtype) * inv_temp  # T > 0 keeps the argmax
+    if inv_temp != 1.0:
+        raw.mul_(inv_temp)
+    s = raw.sub_(m[:, None]).exp_().sum(dim=1)
+    return m + torch.log(s), m, torch.where(in_tile, z_tgt, target_logit)
+
+
 def _bwd_tile_into_eager(raw, lse, coef, ge, inv_temp, want_colsum):
     """:func:`bwd_tile_into` with the eager in-place passes (fp32 / fp64 never leave ``raw``)."""
     g, colsum = _bwd_tile_eager(raw, lse, coef, ge, inv_temp, want_colsum)
@@ -145,8 +184,9 @@ class TileOps:
 
     ``fwd`` may overwrite its input tile (the eager body does, to save temporaries: the four-GEMM kernel
     drops the tile anyway); ``fwd_keep`` never does, for the three-GEMM loss
-    (:mod:`unipost.kernels.fused_loss`), which keeps the tile for its gradient and then turns it into
-    that gradient in place with ``bwd_into``.
+    (:mod:`unipost.kernels.fused_loss`) with an entropy term, which keeps the tile for its gradient and
+    then turns it into that gradient in place with ``bwd_into``. Without one, that loss uses
+    ``fwd_exp`` (:func:`fwd_tile_exp_into`): one pass, the tile's exponentials kept.
     """
 
     def __init__(
@@ -157,9 +197,10 @@ class TileOps:
         tensor_temp: bool,
         fwd_keep: Callable,
         bwd_into: Callable,
+        fwd_exp: Callable,
     ) -> None:
         self.name, self.fwd, self.bwd, self._tensor_temp = name, fwd, bwd, tensor_temp
-        self.fwd_keep, self.bwd_into = fwd_keep, bwd_into
+        self.fwd_keep, self.bwd_into, self.fwd_exp = fwd_keep, bwd_into, fwd_exp
 
     def inv_temp(self, value: float, like: Tensor) -> Tensor | float:
         if not self._tensor_temp:
@@ -175,6 +216,7 @@ EAGER = TileOps(
     tensor_temp=False,
     fwd_keep=fwd_tile,
     bwd_into=_bwd_tile_into_eager,
+    fwd_exp=_fwd_tile_exp_into_eager,
 )
 
 _lock = threading.Lock()
@@ -192,6 +234,7 @@ def _make_compiled() -> TileOps:
         tensor_temp=True,
         fwd_keep=fwd,
         bwd_into=_Compiled(bwd_tile_into),
+        fwd_exp=_Compiled(fwd_tile_exp_into),
     )
 
 
