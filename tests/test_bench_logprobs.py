@@ -84,3 +84,32 @@ def test_gemm_floors_do_exactly_the_matrix_work_they_claim(impl):
         z = h.detach() @ w.detach().T
         torch.testing.assert_close(h.grad, z @ w.detach(), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(w.grad, z.T @ h.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_paired_dry_run_times_every_impl_each_round_and_ratios_against_the_ref(tmp_path):
+    """bench_logprobs_paired: one process per case, every impl once per round, ratios per round."""
+    paired = SCRIPT.parent / "bench_logprobs_paired.py"
+    cmd = [sys.executable, str(paired), "--dry-run", "--impls", "ours,ours-3gemm", "--ref", "ours"]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "logprobs-paired-dry-run.json").read_text())
+    (case,) = doc["cases"]
+    assert case["status"] == "ok" and doc["ref"] == "ours"
+    assert [len(case["times"][i]) for i in ("ours", "ours-3gemm")] == [2, 2]
+    s = case["summary"]["ours-3gemm"]
+    assert s["ratio_lo"] <= s["ratio"] <= s["ratio_hi"] and 0 <= s["faster_rounds"] <= 2
+    assert "ratio" not in case["summary"]["ours"]
+    assert all(e < 1e-4 for e in case["checks"]["ours-3gemm"]), "disagrees with the fp64 truth"
+    assert "ABBA" in doc["header"][0] and "load average" in doc["header"][1]
+
+
+def test_paired_summary_pairs_rounds():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_logprobs_paired as paired
+    finally:
+        sys.path.pop(0)
+    # a machine that slows 2x over the run: per-round ratios stay 0.9 whatever the drift
+    times = {"a": [0.9, 1.35, 1.8], "b": [1.0, 1.5, 2.0]}
+    s = paired.paired_summary(times, "b")["a"]
+    assert s["ratio"] == 0.9 and s["faster_rounds"] == 3 and s["ratio_lo"] == s["ratio_hi"] == 0.9

@@ -1,0 +1,234 @@
+"""Heads timed round by round in ONE process: paired time ratios that a drifting machine cannot bias.
+
+    python benchmarks/bench_logprobs_paired.py --impls ours-3gemm,cce --n 4096 --v 32768,152064 --rounds 9
+    python benchmarks/bench_logprobs_paired.py --dry-run --out /tmp/x                 # tiny, seconds (tests)
+
+Why: ``bench_logprobs.py`` runs each (impl, case) in its own fresh process, one after the other; that is
+what its memory column needs (a clean peak-RSS counter per impl), but its time ratios compare processes
+minutes apart. On the 2-core boxes this project runs on, a machine's speed drifts over minutes (measured
+on an Intel Xeon box, 2026-12-05: the same kernel took 4.7 s standing alone and 5.9-6.3 s a few minutes
+into a sweep; in two order-swapped sweeps of ours-3gemm and CCE, whichever ran first was 15-20 % faster).
+A ratio of two such rows is then partly a ratio of two moments.
+
+Here every case is one process holding all the impls. After their warm-up (two calls each, compiling
+what they compile), each round times one forward + backward of every impl, the order reversed every
+other round (A B, B A, A B, ...), so a drift over the run hits all impls alike and a slow moment costs one
+round's pair, not one impl's whole row. Reported per impl: the median time over rounds; per impl against
+``--ref``: the median of the per-round ratios with a bootstrap 95 % interval over rounds (2,000
+resamples, seed 0), and how many rounds it was the faster. Memory is not measured here (one process
+holds every impl's allocations): take it from ``bench_logprobs.py``. What is timed (the loss, the impls)
+is exactly ``bench_logprobs.py``'s; each impl's numbers are checked against the fp64 reference first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_logprobs as single  # the impls, inputs, step and checks are the same
+
+ROOT = single.ROOT
+DRY = {"n": [96], "v": [512], "hidden": 32, "rounds": 2, "check": (48, 256, 32)}
+
+
+def bootstrap_median_interval(
+    values: list[float], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % percentile interval of the median of ``values`` (resampled with replacement)."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+
+
+def paired_summary(times: dict[str, list[float]], ref: str) -> dict[str, dict]:
+    """Per impl: median time; against ``ref``: per-round ratios' median, interval, rounds won."""
+    out = {}
+    for impl, ts in times.items():
+        row = {"median_s": round(statistics.median(ts), 3), "min_s": round(min(ts), 3), "rounds": len(ts)}
+        if impl != ref and ref in times:
+            ratios = [a / b for a, b in zip(ts, times[ref], strict=True)]
+            lo, hi = bootstrap_median_interval(ratios)
+            row.update(
+                ratio=round(statistics.median(ratios), 3), ratio_lo=round(lo, 3), ratio_hi=round(hi, 3),
+                faster_rounds=sum(r < 1.0 for r in ratios),
+            )  # fmt: skip
+        out[impl] = row
+    return out
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    from unipost.machine import QuietMonitor
+
+    torch.set_num_threads(spec["threads"] or os.cpu_count() or 1)
+    device, n, v, h = spec["device"], spec["n"], spec["v"], spec["hidden"]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
+    fns, checks = {}, {}
+    for impl in spec["impls"]:
+        fn, _variant = single._impl(impl, device)
+        fns[impl] = fn
+        if impl not in single.FLOORS:
+            checks[impl] = [float(x) for x in single._check(fn, *spec["check"], dtype, device)]
+    inputs = single._inputs(n, v, h, dtype, device)
+    for fn in fns.values():  # warm-up at the measured shape: compiles happen here, not in a round
+        for _ in range(2):
+            single._step(fn, *inputs, device)
+    times: dict[str, list[float]] = {impl: [] for impl in fns}
+    order = list(fns)
+    with QuietMonitor() as quiet:
+        for r in range(spec["rounds"]):
+            for impl in order if r % 2 == 0 else order[::-1]:
+                times[impl].append(sum(single._step(fns[impl], *inputs, device)))
+    quiet.warn_if_busy(f"paired N={n} V={v}")
+    return {"times": times, "checks": checks, **quiet.record()}
+
+
+def run_case(spec: dict, timeout: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout > {timeout}s"}
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        tail = next((ln for ln in reversed(lines) if ln.strip() and not ln.startswith(" ")), "")
+        killed = " (killed: out of memory?)" if proc.returncode < 0 else ""
+        return {"status": f"failed rc={proc.returncode}{killed}: {tail[:160]}"}
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return {**json.loads(line), "status": "ok"}
+    return {"status": "failed: no result line"}
+
+
+def render(cases: list[dict], header: list[str], ref: str) -> str:
+    lines = [*header, ""]
+    lines.append(
+        f"| dtype | N | V | impl | median s | min s | **/ {ref} (median of rounds)** | 95 % interval "
+        "| faster rounds | err logp | load before/after | others cores | busy |"
+    )
+    lines.append("|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|---:|---|")
+    for c in cases:
+        head = f"| {c['dtype']} | {c['N']} | {c['V']}"
+        if c["status"] != "ok":
+            lines.append(f"{head} | - | {c['status']} | | | | | | | | |")
+            continue
+        for impl, s in c["summary"].items():
+            ratio = f"**{s['ratio']:.3f}**" if "ratio" in s else "1 (ref)"
+            interval = f"[{s['ratio_lo']:.3f}, {s['ratio_hi']:.3f}]" if "ratio" in s else "-"
+            won = f"{s['faster_rounds']}/{s['rounds']}" if "ratio" in s else "-"
+            err = c["checks"].get(impl, [None])[0]
+            lines.append(
+                f"{head} | {impl} | {s['median_s']:.3f} | {s['min_s']:.3f} | {ratio} | {interval} | {won} | "
+                f"{single._f(err, '.1e')} | {c['load1_before']}/{c['load1_after']} | {c['others_cores']} | "
+                f"{'BUSY' if c['busy'] else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--impls", default="ours-3gemm,cce", help=f"comma list from {single.IMPLS}")
+    p.add_argument("--ref", default=None, help="the impl ratios are taken against (default: cce if listed)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (comma list)")
+    p.add_argument("--n", default="4096", help="token rows, comma list")
+    p.add_argument("--v", default="32768", help="vocabulary sizes, comma list")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=9, help="timed rounds (each runs every impl once)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all CPUs)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per case process")
+    p.add_argument(
+        "--mem-limit-gib", type=float, default=None, help="skip naive/CCE above (default 85%% free)"
+    )
+    p.add_argument("--out", default=str(single.RESULTS))
+    p.add_argument("--name", default="logprobs-paired")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 rounds: seconds (tests, CI)")
+    args = p.parse_args(argv)
+    args.impls = single._csv_list(args.impls)
+    bad = [i for i in args.impls if i not in single.IMPLS]
+    if bad or len(args.impls) < 2:
+        p.error(f"--impls needs two or more of {single.IMPLS}; unknown: {bad}")
+    args.ref = args.ref or ("cce" if "cce" in args.impls else args.impls[0])
+    if args.ref not in args.impls:
+        p.error(f"--ref {args.ref} is not among --impls {args.impls}")
+    args.dtype, args.n, args.v = (
+        single._csv_list(args.dtype), single._csv_list(args.n, int), single._csv_list(args.v, int)
+    )  # fmt: skip
+    args.check, args.max_logits = (256, 2048, 64), {}
+    if args.dry_run:
+        args.n, args.v, args.hidden, args.rounds = DRY["n"], DRY["v"], DRY["hidden"], DRY["rounds"]
+        args.check = DRY["check"]
+        if args.name == "logprobs-paired":
+            args.name = "logprobs-paired-dry-run"
+    if args.mem_limit_gib is None:
+        args.mem_limit_gib = 0.85 * single._mem_available_gib()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unipost.machine import header_line, machine_state
+
+    args = parse_args(argv)
+    threads = args.threads or os.cpu_count()
+    state = machine_state()
+    state["threads"] = threads
+    started = time.time()
+    header = [
+        f"token_logprobs fwd+bwd, impls {', '.join(args.impls)} in ONE process per case, {args.rounds} "
+        f"rounds alternating order (ABBA); ratios against {args.ref} per round; device={args.device}, "
+        f"H={args.hidden}, torch {__import__('torch').__version__}; started "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}",
+        f"machine at start: {header_line(state)}",
+    ]
+    print("\n".join(header), flush=True)
+    cases = []
+    for dtype in args.dtype:
+        for n in args.n:
+            for v in args.v:
+                case = {"dtype": dtype, "N": n, "V": v, "H": args.hidden, "device": args.device}
+                skipped = [
+                    f"{i}: {why}"
+                    for i in args.impls
+                    if (why := single._skip_reason(i, n, v, dtype, args.device, args))
+                ]
+                if skipped:
+                    case["status"] = "; ".join(skipped)
+                else:
+                    spec = {**case, "n": n, "v": v, "hidden": args.hidden, "impls": args.impls}
+                    spec.update(rounds=args.rounds, threads=threads, check=list(args.check))
+                    case.update(run_case(spec, args.timeout))
+                if case["status"] == "ok":
+                    case["summary"] = paired_summary(case["times"], args.ref)
+                cases.append(case)
+                print(f"  {dtype} N={n} V={v}: {case['status']} {case.get('summary', '')}", flush=True)
+    end = machine_state()
+    header.append(
+        f"machine at end: load average {end['load1']}/{end['load5']}/{end['load15']}; run took "
+        f"{time.time() - started:.0f} s. Interval: bootstrap over rounds of the median per-round ratio."
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / f"{args.name}.md", out / f"{args.name}.json"
+    md.write_text(render(cases, header, args.ref))
+    js.write_text(json.dumps({"header": header, "ref": args.ref, "cases": cases}, indent=1) + "\n")
+    print(md.read_text())
+    print(f"wrote {md}, {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+    else:
+        sys.exit(main())
