@@ -13,19 +13,21 @@ A ratio of two such rows is then partly a ratio of two moments.
 Here every case is one process holding all the impls. After their warm-up (two calls each, compiling
 what they compile), each round times one forward + backward of every impl, the order reversed every
 other round (A B, B A, A B, ...), so a drift over the run hits all impls alike and a slow moment costs one
-round's pair, not one impl's whole row. Reported per impl: the median time over rounds; per impl against
-``--ref``: the median of the per-round ratios with a bootstrap 95 % interval over rounds (2,000
-resamples, seed 0), and how many rounds it was the faster. Memory is not measured here (one process
-holds every impl's allocations): take it from ``bench_logprobs.py``. What is timed (the loss, the impls)
-is exactly ``bench_logprobs.py``'s; each impl's numbers are checked against the fp64 reference first.
+round's pair, not one impl's whole row (an even number of rounds, so each order weighs alike). Reported
+per impl: the median time over rounds; per impl against ``--ref``: the median of the per-round ratios with
+a distribution-free interval for it (order statistics, coverage >= 95 % stated), and how many rounds it
+was the faster. An impl whose fp64 check fails (``err`` above ``CHECK_TOL``) is reported WRONG, not
+ranked. Memory is not measured here (one process holds every impl's allocations): take it from
+``bench_logprobs.py``. What is timed (the loss, the impls) is exactly ``bench_logprobs.py``'s; each
+impl's numbers are checked against the fp64 reference first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -37,30 +39,44 @@ import bench_logprobs as single  # the impls, inputs, step and checks are the sa
 
 ROOT = single.ROOT
 DRY = {"n": [96], "v": [512], "hidden": 32, "rounds": 2, "check": (48, 256, 32)}
+CHECK_TOL = 1e-4  # max |logp - fp64| and max relative gradient error a timed impl must meet
 
 
-def bootstrap_median_interval(
-    values: list[float], resamples: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """95 % percentile interval of the median of ``values`` (resampled with replacement)."""
-    if len(values) < 2:
-        return (values[0], values[0]) if values else (float("nan"), float("nan"))
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Distribution-free interval for the median: order statistics ``(x_(k), x_(n+1-k))``, with its coverage.
+
+    ``k`` is the largest with ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2``; the coverage returned is the
+    exact ``1 - 2 P(Binomial(n, 1/2) < k)`` (at n = 10: [x_(2), x_(9)], 97.9 %). Below n = 6 no pair of
+    order statistics reaches 95 %: the range is returned with its (lower) coverage. A bootstrap of the
+    median from ~10 values would be too narrow (it takes only a few distinct values).
+    """
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        return float("nan"), float("nan"), 0.0
+    cdf = [sum(math.comb(n, j) for j in range(i + 1)) / 2**n for i in range(n)]  # P(B <= i)
+    k = 1
+    while k < n and cdf[k] <= (1 - level) / 2:  # P(B < k + 1) = cdf[k]
+        k += 1
+    coverage = 1 - 2 * (cdf[k - 1] if k >= 1 else 0.0)
+    return xs[k - 1], xs[n - k], coverage
 
 
 def paired_summary(times: dict[str, list[float]], ref: str) -> dict[str, dict]:
-    """Per impl: median time; against ``ref``: per-round ratios' median, interval, rounds won."""
+    """Per impl: median time; against ``ref``: per-round ratios' median, its interval, rounds won.
+
+    The rounds alternate the order (A B, B A, ...); with an even count both orders weigh alike, so an
+    effect of running second cancels in the median (odd counts are refused by the driver).
+    """
     out = {}
     for impl, ts in times.items():
         row = {"median_s": round(statistics.median(ts), 3), "min_s": round(min(ts), 3), "rounds": len(ts)}
         if impl != ref and ref in times:
             ratios = [a / b for a, b in zip(ts, times[ref], strict=True)]
-            lo, hi = bootstrap_median_interval(ratios)
+            lo, hi, coverage = median_interval(ratios)
             row.update(
                 ratio=round(statistics.median(ratios), 3), ratio_lo=round(lo, 3), ratio_hi=round(hi, 3),
-                faster_rounds=sum(r < 1.0 for r in ratios),
+                coverage=round(coverage, 3), faster_rounds=sum(r < 1.0 for r in ratios),
             )  # fmt: skip
         out[impl] = row
     return out
@@ -114,23 +130,28 @@ def run_case(spec: dict, timeout: int) -> dict:
 def render(cases: list[dict], header: list[str], ref: str) -> str:
     lines = [*header, ""]
     lines.append(
-        f"| dtype | N | V | impl | median s | min s | **/ {ref} (median of rounds)** | 95 % interval "
-        "| faster rounds | err logp | load before/after | others cores | busy |"
+        f"| dtype | N | V | impl | median s | min s | **/ {ref} (median of rounds)** | interval (coverage) "
+        "| faster rounds | err logp | err grad | load before/after | others cores | busy |"
     )
-    lines.append("|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|---:|---|")
+    lines.append("|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|")
     for c in cases:
         head = f"| {c['dtype']} | {c['N']} | {c['V']}"
         if c["status"] != "ok":
-            lines.append(f"{head} | - | {c['status']} | | | | | | | | |")
+            lines.append(f"{head} | - | {c['status']} | | | | | | | | | |")
             continue
         for impl, s in c["summary"].items():
             ratio = f"**{s['ratio']:.3f}**" if "ratio" in s else "1 (ref)"
-            interval = f"[{s['ratio_lo']:.3f}, {s['ratio_hi']:.3f}]" if "ratio" in s else "-"
+            interval = (
+                f"[{s['ratio_lo']:.3f}, {s['ratio_hi']:.3f}] ({s['coverage']:.1%})" if "ratio" in s else "-"
+            )
             won = f"{s['faster_rounds']}/{s['rounds']}" if "ratio" in s else "-"
-            err = c["checks"].get(impl, [None])[0]
+            err, gerr = c["checks"].get(impl, [None, None])
+            if s.get("wrong"):
+                ratio, interval, won = "WRONG (fp64 check failed)", "-", "-"
             lines.append(
                 f"{head} | {impl} | {s['median_s']:.3f} | {s['min_s']:.3f} | {ratio} | {interval} | {won} | "
-                f"{single._f(err, '.1e')} | {c['load1_before']}/{c['load1_after']} | {c['others_cores']} | "
+                f"{single._f(err, '.1e')} | {single._f(gerr, '.1e')} | "
+                f"{c['load1_before']}/{c['load1_after']} | {c['others_cores']} | "
                 f"{'BUSY' if c['busy'] else 'no'} |"
             )
     return "\n".join(lines) + "\n"
@@ -145,7 +166,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--n", default="4096", help="token rows, comma list")
     p.add_argument("--v", default="32768", help="vocabulary sizes, comma list")
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=9, help="timed rounds (each runs every impl once)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds, even (each runs every impl once)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all CPUs)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per case process")
     p.add_argument(
@@ -159,6 +180,8 @@ def parse_args(argv: list[str] | None):
     bad = [i for i in args.impls if i not in single.IMPLS]
     if bad or len(args.impls) < 2:
         p.error(f"--impls needs two or more of {single.IMPLS}; unknown: {bad}")
+    if args.rounds < 2 or args.rounds % 2:
+        p.error(f"--rounds must be even and >= 2 (both orders alike), got {args.rounds}")
     args.ref = args.ref or ("cce" if "cce" in args.impls else args.impls[0])
     if args.ref not in args.impls:
         p.error(f"--ref {args.ref} is not among --impls {args.impls}")
@@ -210,12 +233,16 @@ def main(argv: list[str] | None = None) -> int:
                     case.update(run_case(spec, args.timeout))
                 if case["status"] == "ok":
                     case["summary"] = paired_summary(case["times"], args.ref)
+                    for impl, errs in case["checks"].items():
+                        if max(errs) > CHECK_TOL:
+                            case["summary"][impl]["wrong"] = True
                 cases.append(case)
                 print(f"  {dtype} N={n} V={v}: {case['status']} {case.get('summary', '')}", flush=True)
     end = machine_state()
     header.append(
         f"machine at end: load average {end['load1']}/{end['load5']}/{end['load15']}; run took "
-        f"{time.time() - started:.0f} s. Interval: bootstrap over rounds of the median per-round ratio."
+        f"{time.time() - started:.0f} s. Interval: order statistics of the per-round ratios "
+        "(distribution-free, coverage stated)."
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

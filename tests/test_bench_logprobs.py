@@ -113,3 +113,7 @@ def test_paired_summary_pairs_rounds():
     times = {"a": [0.9, 1.35, 1.8], "b": [1.0, 1.5, 2.0]}
     s = paired.paired_summary(times, "b")["a"]
     assert s["ratio"] == 0.9 and s["faster_rounds"] == 3 and s["ratio_lo"] == s["ratio_hi"] == 0.9
+    # the median's interval is distribution-free order statistics with its exact coverage
+    assert paired.median_interval([float(i) for i in range(1, 11)]) == (2.0, 9.0, 0.978515625)
+    with pytest.raises(SystemExit):  # an odd count would weigh one order more
+        paired.parse_args(["--impls", "ours,cce", "--rounds", "9"])

@@ -22,9 +22,10 @@ logits of the input dtype. By default a chunk is ``N / 24`` rows (at least 1M lo
 is ~0.17 bytes per logit of the ``N x V`` problem, ~1.4 % of what the naive head needs (~12 bytes per
 logit: logits, log-softmax and their gradients).
 
-Exactness: the same tile GEMMs, the same fp32 softmax arithmetic (the tile bodies of
-:mod:`unipost.kernels.logprob_tiles`) and the same dtype policy as ``token_logprobs``; the tests compare
-loss, ``logp`` and every gradient with the fp64 reference.
+Exactness: the same tile GEMMs, fp32 softmax arithmetic from the tile bodies of
+:mod:`unipost.kernels.logprob_tiles` and the same dtype policy as ``token_logprobs`` (the one-pass sweep
+merges tiles with one ``logsumexp`` and forms gradients as exponential x scale: ``logp`` may differ from
+``token_logprobs`` by an ulp); the tests compare loss, ``logp`` and every gradient with the fp64 reference.
 
 The loss must be *separable*: ``loss_fn(logp_N, entropy_N)`` a sum over rows of terms that read only
 that row's ``logp`` and ``entropy`` (and constants). Each chunk's gradient is taken by autograd on

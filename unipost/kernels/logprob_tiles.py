@@ -11,7 +11,8 @@ eager and compiled modes: the same functions, the same arithmetic, the same GEMM
 Compilation is once per *shape class*, not per micro-batch: the tile functions are compiled with
 ``dynamic=True``, so the tile's row and column counts (which change with N and V, and at the edges) are
 symbols, and the temperature is a 0-d tensor input rather than a constant. What still selects a separate
-graph: the dtype (fp32 / bf16 / fp16), whether the entropy is wanted, whether a bias gradient is wanted.
+graph: the dtype (fp32 / bf16 / fp16), whether the entropy is wanted, whether a bias gradient is wanted,
+and which body (the three-GEMM loss's ``fwd_exp`` / ``bwd_into`` are graphs of their own).
 That is at most a handful of compiles per process, each cached on disk by inductor (a second process
 with a warm cache loads them in seconds). :func:`compile_stats` counts them.
 
