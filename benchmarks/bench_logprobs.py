@@ -376,11 +376,12 @@ def _mem_available_gib() -> float:
     return 8.0
 
 
-def run_case(spec: dict, timeout: int) -> dict:
+def run_case(spec: dict, timeout: int, script: str | Path | None = None) -> dict:
+    """``script --worker SPEC`` (this file by default) in a fresh process: its last JSON line, or why not."""
     env = dict(os.environ)
-    if spec["impl"] == "ours-triton" and spec["device"] == "cpu":
+    if "ours-triton" in spec.get("impls", [spec.get("impl")]) and spec["device"] == "cpu":
         env["TRITON_INTERPRET"] = "1"  # must be set before triton is imported: a fresh process
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    cmd = [sys.executable, str(Path(script or __file__).resolve()), "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -111,20 +110,7 @@ def worker(spec: dict) -> dict:
 
 
 def run_case(spec: dict, timeout: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout > {timeout}s"}
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        tail = next((ln for ln in reversed(lines) if ln.strip() and not ln.startswith(" ")), "")
-        killed = " (killed: out of memory?)" if proc.returncode < 0 else ""
-        return {"status": f"failed rc={proc.returncode}{killed}: {tail[:160]}"}
-    for line in reversed(proc.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            return {**json.loads(line), "status": "ok"}
-    return {"status": "failed: no result line"}
+    return single.run_case(spec, timeout, script=__file__)
 
 
 def render(cases: list[dict], header: list[str], ref: str) -> str:

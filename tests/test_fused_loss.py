@@ -199,14 +199,19 @@ def test_bf16_against_fp32_truth_of_rounded_inputs():
     assert (out.logp.double() - ref[1]).abs().max() < BF16_REL * ref[1].abs().max()
 
 
-def test_compiled_tiles_match_reference_fp32():
+@pytest.mark.parametrize("entropy", [True, False])  # the general sweep and the one-pass sweep
+def test_compiled_tiles_match_reference_fp32(entropy):
+    from unipost.kernels.logprob_tiles import compiled_available
+
     hidden, weight, b, targets, consts = _inputs(40, 16, 130)
-    loss_fn = _loss_fn(consts, True)
-    ref = _reference(hidden, weight, b, targets, loss_fn, True, 0.8)
+    loss_fn = _loss_fn(consts, entropy)
+    ref = _reference(hidden, weight, b, targets, loss_fn, entropy, 0.8)
     out, grads = _fused(
-        hidden, weight, b, targets, loss_fn, True, temperature=0.8, chunk_size=16, vocab_chunk_size=50,
+        hidden, weight, b, targets, loss_fn, entropy, temperature=0.8, chunk_size=16, vocab_chunk_size=50,
         compile=True,
     )  # fmt: skip
+    assert compiled_available(), "the compiled tiles fell back to eager: this test would not test them"
+    _close(out.logp, ref[1])
     _close(out.loss, ref[0], atol=1e-4, rtol=1e-5)
     for got, want in zip(grads, ref[3], strict=True):
         _close(got, want)
@@ -259,23 +264,6 @@ def test_one_pass_sweep_float64_is_exact(bias, temperature):
     torch.testing.assert_close(out.logp, ref[1], atol=1e-10, rtol=1e-10)
     for got, want in zip(grads, ref[3], strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-
-
-def test_one_pass_sweep_compiled_matches_reference_fp32():
-    from unipost.kernels.logprob_tiles import compiled_available
-
-    hidden, weight, b, targets, consts = _inputs(40, 16, 130)
-    loss_fn = _loss_fn(consts, False)
-    ref = _reference(hidden, weight, b, targets, loss_fn, False, 0.8)
-    out, grads = _fused(
-        hidden, weight, b, targets, loss_fn, False, temperature=0.8, chunk_size=16, vocab_chunk_size=50,
-        compile=True,
-    )  # fmt: skip
-    assert compiled_available(), "the compiled tiles fell back to eager: this test would not test them"
-    _close(out.loss, ref[0], atol=1e-4, rtol=1e-5)
-    _close(out.logp, ref[1])
-    for got, want in zip(grads, ref[3], strict=True):
-        _close(got, want)
 
 
 def test_one_pass_sweep_survives_tiles_far_below_the_row_max():
