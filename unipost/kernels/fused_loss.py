@@ -238,16 +238,8 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
     the buffer again after the forward to turn logits into gradients: a second pass over ``rows x V``
     that no longer sits in cache, and a second ``exp``). The one-hot part is added as in the general sweep.
     """
-    hidden, weight, bias, valid_N, safe_N, logp_N = (
-        sw.hidden,
-        sw.weight,
-        sw.bias,
-        sw.valid_N,
-        sw.safe_N,
-        sw.logp_N,
-    )
-    grad_h, grad_w, grad_b, buf, rows, cols = sw.grad_h, sw.grad_w, sw.grad_b, sw.buf, sw.rows, sw.cols
-    inv_temp, temp, ops, row_grads = sw.inv_temp, sw.temp, sw.ops, sw.row_grads
+    (hidden, weight, bias, valid_N, safe_N, logp_N, grad_h, grad_w, grad_b, buf, rows, cols, inv_temp, temp,
+     ops, row_grads) = sw  # fmt: skip
     n, v, width = hidden.shape[0], weight.shape[0], hidden.shape[1]
     need_h, need_w, need_b = grad_h is not None, grad_w is not None, grad_b is not None
     starts = [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)]
