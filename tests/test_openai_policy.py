@@ -242,14 +242,18 @@ def test_timeout_is_retried_then_reported(server):
     assert "after 2 tries: ReadTimeout" in str(err.value)
 
 
-def test_concurrency_keeps_n_requests_in_flight_and_order(server):
-    # Structural, not timed (a wall-clock bound failed under a loaded suite): the server saw exactly 4
-    # requests at once, so they overlapped and the cap held; 0.5 s per answer keeps them overlapping
-    # even when the machine is busy.
+def test_concurrency_keeps_n_requests_in_flight_and_order(server, caplog):
+    # Structural, not timed (a wall-clock bound failed under a loaded suite): the server saw 4 requests
+    # at once, so they overlapped and the cap held; 0.5 s per answer keeps them overlapping even when the
+    # machine is busy. A request the client retried after a transport error leaves its abandoned handler
+    # sleeping on the server (it ends in a broken pipe), so the server may then count one more per retry:
+    # seen once in a loaded fresh-clone suite (5 in flight, two broken pipes). The client's cap is what
+    # is asserted, so retries are counted from the policy's own warning.
     server.delay_s = 0.5
-    with _policy(server, concurrency=4) as policy:
+    with caplog.at_level("WARNING"), _policy(server, concurrency=4) as policy:
         outs = policy.act(_states(8))
-    assert server.max_in_flight == 4
+    retries = sum("; retry " in r.getMessage() for r in caplog.records)
+    assert 4 <= server.max_in_flight <= 4 + retries, (server.max_in_flight, retries)
     assert [call_arguments(o.message["tool_calls"][0])["command"] for o in outs] == [
         f"echo task-{i}" for i in range(8)
     ]
