@@ -18,6 +18,7 @@ Implementations (``--impls``), each case in its OWN fresh Python process, one af
 * ``ours-3gemm``  : ``unipost.kernels.fused_loss.fused_weighted_nll`` with weights ``-w_t`` (the same
   ``sum_t w_t logp_t``): the fused loss that forms the gradients inside the forward sweep, three tile
   GEMMs, holding one row chunk's logits (``N / 24`` rows x V) between its log-sum-exp and its gradient;
+* ``ours-3gemm-eager`` : the same with ``compile=False`` (eager ATen passes over each cache-resident tile);
 * ``ours-triton`` : ``backend="triton"`` (CUDA; on CPU only under Triton's interpreter, tiny shapes);
 * ``cce``         : cut-cross-entropy ``linear_cross_entropy(..., reduction="none")`` returning ``-logp``,
   ``impl="torch_compile"`` on CPU (its only CPU mode; it materialises the logits), its default ``"cce"``
@@ -70,7 +71,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 IMPLS = (
-    "naive", "ours", "ours-eager", "ours-3gemm", "ours-triton", "cce", "liger",
+    "naive", "ours", "ours-eager", "ours-3gemm", "ours-3gemm-eager", "ours-triton", "cce", "liger",
     "gemm3", "gemm4", "gemm3-tiles",
 )  # fmt: skip
 # The matrix work alone, no softmax: what the fastest possible method of each kind would cost here.
@@ -107,12 +108,14 @@ def _impl(name: str, device: str):
 
         compile_ = None if name == "ours" else False
         return (lambda h, w, t: token_logprobs(h, w, t, backend="torch", compile=compile_)), "torch"
-    if name == "ours-3gemm":
+    if name in ("ours-3gemm", "ours-3gemm-eager"):
         from unipost.kernels.fused_loss import fused_weighted_nll
+
+        compile_3 = None if name == "ours-3gemm" else False
 
         # sum_t w_t logp_t = sum_t (-w_t) (-logp_t): the fused loss with weights -w, gradients in the forward
         def fused(h, w, t, w_N):
-            return fused_weighted_nll(h, w, t, -w_N)
+            return fused_weighted_nll(h, w, t, -w_N, compile=compile_3)
 
         fused.takes_weights = True
         return fused, "fused loss"

@@ -237,10 +237,15 @@ def test_float64_is_exact_and_a_second_backward_is_refused():
 
 
 @pytest.mark.parametrize(("n", "v"), [(4096, 32768), (4096, 152064), (16384, 32768)])
-def test_default_buffer_stays_under_two_percent_of_naive(n, v):
-    """The chunk's logits buffer plus one tile temporary, against naive's ~12 bytes per logit (fp32)."""
+@pytest.mark.parametrize("hidden_size", [256, 4096])
+def test_default_buffer_stays_under_two_percent_of_naive(n, v, hidden_size):
+    """The chunk's logits buffer, the one-pass sweep's two per-group tables and one tile temporary,
+    against naive's ~12 bytes per logit (fp32)."""
+    from unipost.kernels.fused_loss import sweep_group
+
     rows, cols = plan_fused_tiles(n, v)
-    held = 4 * (rows * v + rows * cols)
+    group = sweep_group(-(-v // cols), v, hidden_size)
+    held = 4 * (rows * v + rows * cols + 2 * group * rows * hidden_size)
     assert held <= 0.02 * 12 * n * v, (rows, cols, held / (12 * n * v))
     assert rows * cols <= 2 * 1024 * 1024 and rows >= n // 25
 
@@ -310,3 +315,60 @@ def test_no_entropy_fp32_never_sweeps_the_buffer_twice(monkeypatch, compile):
     _fused(hidden, weight, b, targets, _loss_fn(consts, True), True, chunk_size=8, vocab_chunk_size=30,
            compile=compile)  # fmt: skip
     assert calls["bwd_into"] > 0
+
+
+@pytest.mark.parametrize(("chunk_size", "vocab_chunk_size"), [(8, 13), (7, 50), (30, 1)])
+@pytest.mark.parametrize("hidden_size", [8, 2])  # one tile per gradient group; groups of 3 (13-col tiles)
+def test_one_pass_sweep_reads_targets_at_tile_edges(chunk_size, vocab_chunk_size, hidden_size):
+    """Every target on a tile's first or last column, the last tile and the last chunk ragged: the sweep
+    reads the target logits from the flat chunk buffer at computed positions (row stride = that tile's
+    width), so a wrong width or offset shows up as a wrong log-prob here; the gradient GEMMs run in
+    groups of tiles, one group or several with a ragged last one."""
+    from unipost.kernels.fused_loss import sweep_group
+
+    n, v = 30, 101
+    if hidden_size == 2 and vocab_chunk_size == 13:
+        assert sweep_group(8, v, hidden_size) == 3  # 8 tiles in groups of 3, 3, 2
+    hidden, weight, b, targets, consts = _inputs(n, hidden_size, v, dtype=torch.float64, mask_every=4)
+    step = vocab_chunk_size
+    edges = sorted({x for v0 in range(0, v, step) for x in (v0, min(v, v0 + step) - 1)})
+    keep = targets == IGNORE
+    targets = torch.tensor([edges[i % len(edges)] for i in range(n)])
+    targets[keep] = IGNORE
+    loss_fn = _loss_fn(consts, False)
+    ref = _reference(hidden, weight, b, targets, loss_fn, False, 0.9)
+    out, grads = _fused(
+        hidden, weight, b, targets, loss_fn, False, temperature=0.9, chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )  # fmt: skip
+    torch.testing.assert_close(out.logp, ref[1], atol=1e-10, rtol=1e-10)
+    for got, want in zip(grads, ref[3], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_auto_mode_keeps_fwd_exp_eager_and_matches_reference(monkeypatch):
+    """Auto mode (here forced on for a small problem by the environment) runs the compiled tile bodies
+    except the one-pass sweep's fwd_exp, which measured faster eager; compile=True compiles that too.
+    Both give the reference's numbers, with a temperature (the 0-d tensor form the compiled modes pass)."""
+    from unipost.kernels import logprob_tiles
+
+    monkeypatch.setenv("UNIPOST_LOGPROBS_COMPILE", "1")
+    auto = logprob_tiles.tile_ops(torch.device("cpu"), torch.float32, 10, None)
+    forced = logprob_tiles.tile_ops(torch.device("cpu"), torch.float32, 10, True)
+    if not logprob_tiles.compiled_available():
+        pytest.skip("torch.compile is unavailable here: both modes are eager")
+    assert auto.fwd is forced.fwd and auto.bwd_into is forced.bwd_into  # compiled bodies
+    assert auto.fwd_exp is not forced.fwd_exp and forced.fwd_exp is not logprob_tiles.EAGER.fwd_exp
+    hidden, weight, b, targets, consts = _inputs(40, 16, 130)
+    loss_fn = _loss_fn(consts, False)
+    ref = _reference(hidden, weight, b, targets, loss_fn, False, 0.8)
+    for compile_ in (None, True):
+        out, grads = _fused(
+            hidden, weight, b, targets, loss_fn, False, temperature=0.8, chunk_size=16,
+            vocab_chunk_size=50, compile=compile_,
+        )  # fmt: skip
+        assert logprob_tiles.compiled_available()
+        _close(out.logp, ref[1])
+        _close(out.loss, ref[0], atol=1e-4, rtol=1e-5)
+        for got, want in zip(grads, ref[3], strict=True):
+            _close(got, want)

@@ -20,7 +20,8 @@ as fused losses do (Liger's fused linear cross-entropy, cut-cross-entropy). The 
 the stored gradients by the upstream gradient of the scalar loss. The price is the buffer: ``rows x V``
 logits of the input dtype. By default a chunk is ``N / 24`` rows (at least 1M logits), so the buffer
 is ~0.17 bytes per logit of the ``N x V`` problem, ~1.4 % of what the naive head needs (~12 bytes per
-logit: logits, log-softmax and their gradients).
+logit: logits, log-softmax and their gradients); the one-pass sweep's per-group tables add at most
+1/8 of the buffer (~1.6 % in all).
 
 Exactness: the same tile GEMMs, fp32 softmax arithmetic from the tile bodies of
 :mod:`unipost.kernels.logprob_tiles` and the same dtype policy as ``token_logprobs`` (the one-pass sweep
@@ -57,6 +58,9 @@ _BUFFER_FRACTION = 24
 _MIN_BUFFER_ELEMENTS = 1 << 20
 # One [rows, cols] tile, the unit of the GEMMs and of the cache-resident passes: as token_logprobs.
 _TILE_ELEMENTS = 512 * 1024
+# The one-pass sweep's two per-group tables ([tiles in group, rows, H]) hold at most this fraction of the
+# buffer each: +12.5 % over the buffer at worst, ~1.6 % of naive's memory in all.
+_TABLE_FRACTION = 16
 
 # (logp_N, entropy_N or None) -> scalar loss, a sum of per-row terms (see the module docstring)
 LossFn = Callable[[Tensor, Tensor | None], Tensor]
@@ -206,6 +210,11 @@ def plan_fused_tiles(n: int, v: int, chunk_size: int | None = None, vocab_chunk_
     return rows, cols
 
 
+def sweep_group(n_tiles: int, v: int, width: int) -> int:
+    """Tiles per group in the one-pass sweep: ``group * rows * H <= rows * V / _TABLE_FRACTION``."""
+    return max(1, min(n_tiles, v // (_TABLE_FRACTION * width)))
+
+
 class _Sweep(NamedTuple):
     """What one forward sweep reads and writes (the gradient buffers are None where not wanted)."""
 
@@ -243,26 +252,45 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
     n, v, width = hidden.shape[0], weight.shape[0], hidden.shape[1]
     need_h, need_w, need_b = grad_h is not None, grad_w is not None, grad_b is not None
     starts = [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)]
-    v0_t = [torch.tensor(v0, device=hidden.device) for v0, _ in starts]  # 0-d: one compiled graph
-    tmp = hidden.new_empty(rows, width)  # one tile's e W_t, then s_t * h
+    n_tiles = len(starts)
+    # Per chunk: each tile's row max and exponential sum (rows of these tables, written by fwd_exp). For the
+    # gradients, a group of tiles at a time: each tile's e W_t and h scaled by its per-row factor, so the
+    # scaling and the sum over tiles are one op per group, not two per tile; a group's two tables hold at
+    # most 1 / _TABLE_FRACTION of the buffer each (all tiles at once when H is small).
+    max_kc = hidden.new_empty(n_tiles, rows)
+    sum_kc = hidden.new_empty(n_tiles, rows)
+    group = sweep_group(n_tiles, v, width)
+    ew_gc = hidden.new_empty(group, rows, width) if need_h else None
+    hs_gc = hidden.new_empty(group, rows, width) if need_w else None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         m = r1 - r0
         h_c, valid_c, safe_c = hidden[r0:r1], valid_N[r0:r1], safe_N[r0:r1]
-        target_logit_c = hidden.new_zeros(m)
-        tiles, lse_ts, max_ts = [], [], []
-        for (v0, v1), v0_tensor in zip(starts, v0_t, strict=True):
+        # The targets' logits are read from the tiles (the same rounded values the log-sum-exp is taken
+        # over, so logp <= 0) before fwd_exp overwrites them: rows sorted by tile, one gather per tile
+        # from the flat buffer at precomputed positions.
+        tile_c = torch.div(safe_c, cols, rounding_mode="floor")
+        tile_v0 = tile_c * cols
+        tile_width = torch.clamp(v - tile_v0, max=cols)
+        pos_c = rows * tile_v0 + torch.arange(m, device=hidden.device) * tile_width + (safe_c - tile_v0)
+        order = torch.argsort(tile_c, stable=True)
+        pos_sorted = pos_c[order]
+        tgt_sorted = hidden.new_empty(m)
+        ends = torch.bincount(tile_c, minlength=n_tiles).cumsum(0).tolist()  # one sync per chunk
+        for k, (v0, v1) in enumerate(starts):
             raw = buf[rows * v0 : rows * v0 + m * (v1 - v0)].view(m, v1 - v0)
             w_t = weight[v0:v1]
             if bias is not None:
                 torch.addmm(bias[v0:v1], h_c, w_t.T, out=raw)
             else:
                 torch.mm(h_c, w_t.T, out=raw)
-            lse_t, max_t, target_logit_c = ops.fwd_exp(raw, temp, safe_c, v0_tensor, target_logit_c)
-            tiles.append((v0, v1, raw))
-            lse_ts.append(lse_t)
-            max_ts.append(max_t)
-        lse_c = torch.logsumexp(torch.stack(lse_ts), dim=0)
+            lo, hi = ends[k - 1] if k else 0, ends[k]
+            if hi > lo:
+                torch.index_select(buf, 0, pos_sorted[lo:hi], out=tgt_sorted[lo:hi])
+            ops.fwd_exp(raw, temp, max_kc[k, :m], sum_kc[k, :m])
+        target_logit_c = torch.empty_like(tgt_sorted).index_copy_(0, order, tgt_sorted) * inv_temp
+        max_c = max_kc[:, :m]
+        lse_c = torch.logsumexp(max_c + torch.log(sum_kc[:, :m]), dim=0)
         zero_c = torch.zeros_like(lse_c)
         logp_c = torch.where(valid_c, target_logit_c - lse_c, zero_c)
         logp_N[r0:r1] = logp_c
@@ -270,26 +298,31 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
         if not (need_h or need_w or need_b) or gl_c is None:
             continue
         gl_c = torch.where(valid_c, gl_c.to(lse_c.dtype) * inv_temp, zero_c)  # 1/T folded in
-        scale = torch.exp(torch.stack(max_ts) - lse_c) * -gl_c  # [tiles, rows]: coef = -gl
-        if need_h:
-            local_h = grad_h[r0:r1]
-            local_h.addcmul_(gl_c[:, None], weight[safe_c])
+        scale = torch.exp(max_c - lse_c) * -gl_c  # [tiles, rows]: coef = -gl
         if need_w:
             sel = valid_c.nonzero().squeeze(1)
             grad_w.index_add_(0, safe_c[sel], h_c[sel] * gl_c[sel, None])
         if need_b:
             grad_b.index_add_(0, safe_c, gl_c)
-        part = tmp[:m]
-        for (v0, v1, e), s_t in zip(tiles, scale, strict=True):
-            w_t = weight[v0:v1]
-            if need_h:
-                torch.mm(e, w_t, out=part)
-                local_h.addcmul_(part, s_t[:, None])
+        if need_h:
+            local_h = grad_h[r0:r1]
+            local_h.addcmul_(gl_c[:, None], weight[safe_c])  # the one-hot part: gl * W[y]
+        for k0 in range(0, n_tiles, group):
+            k1 = min(n_tiles, k0 + group)
             if need_w:
-                torch.mul(h_c, s_t[:, None], out=part)
-                grad_w[v0:v1].addmm_(e.T, part)
-            if need_b:
-                grad_b[v0:v1].addmv_(e.T, s_t.to(e.dtype))
+                hs = torch.mul(h_c, scale[k0:k1, :, None], out=hs_gc[: k1 - k0, :m])  # each tile's s_t * h
+            for k in range(k0, k1):
+                v0, v1 = starts[k]
+                e = buf[rows * v0 : rows * v0 + m * (v1 - v0)].view(m, v1 - v0)
+                w_t = weight[v0:v1]
+                if need_h:
+                    torch.mm(e, w_t, out=ew_gc[k - k0, :m])
+                if need_w:
+                    grad_w[v0:v1].addmm_(e.T, hs[k - k0])
+                if need_b:
+                    grad_b[v0:v1].addmv_(e.T, scale[k].to(e.dtype))
+            if need_h:  # sum_t (e_t W_t) * s_t over the group's tiles
+                local_h.add_(torch.einsum("krh,kr->rh", ew_gc[: k1 - k0, :m], scale[k0:k1]))
 
 
 class _FusedLossFn(torch.autograd.Function):
