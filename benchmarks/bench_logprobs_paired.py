@@ -1,6 +1,6 @@
 """Heads timed round by round in ONE process: paired time ratios that a drifting machine cannot bias.
 
-    python benchmarks/bench_logprobs_paired.py --impls ours-3gemm,cce --n 4096 --v 32768,152064 --rounds 9
+    python benchmarks/bench_logprobs_paired.py --impls ours-3gemm,cce --n 4096 --v 32768,152064 --rounds 10
     python benchmarks/bench_logprobs_paired.py --dry-run --out /tmp/x                 # tiny, seconds (tests)
 
 Why: ``bench_logprobs.py`` runs each (impl, case) in its own fresh process, one after the other; that is
@@ -10,16 +10,17 @@ on an Intel Xeon box, 2026-12-05: the same kernel took 4.7 s standing alone and 
 into a sweep; in two order-swapped sweeps of ours-3gemm and CCE, whichever ran first was 15-20 % faster).
 A ratio of two such rows is then partly a ratio of two moments.
 
-Here every case is one process holding all the impls. After their warm-up (two calls each, compiling
-what they compile), each round times one forward + backward of every impl, the order reversed every
-other round (A B, B A, A B, ...), so a drift over the run hits all impls alike and a slow moment costs one
-round's pair, not one impl's whole row (an even number of rounds, so each order weighs alike). Reported
-per impl: the median time over rounds; per impl against ``--ref``: the median of the per-round ratios with
-a distribution-free interval for it (order statistics, coverage >= 95 % stated), and how many rounds it
-was the faster. An impl whose fp64 check fails (``err`` above ``CHECK_TOL``) is reported WRONG, not
-ranked. Memory is not measured here (one process holds every impl's allocations): take it from
-``bench_logprobs.py``. What is timed (the loss, the impls) is exactly ``bench_logprobs.py``'s; each
-impl's numbers are checked against the fp64 reference first.
+Here every case is one process holding all the impls. After their warm-up (two calls each, compiling what
+they compile), each round times one forward + backward of every impl, the order reversed every other round
+(A B, B A, A B, ...), so a drift over the run hits all impls alike and a slow moment costs one round's pair,
+not one impl's whole row (an even number of rounds, so each order weighs alike). Reported per impl: the
+median time over rounds; per impl against ``--ref``: the median of the per-round ratios with a distribution-
+free interval for it (order statistics, coverage >= 95 % stated), and how many rounds it was the faster;
+``--pairs A/B,...`` adds other ratios from the same rounds (e.g. ``ours/gemm4``, the head against its own
+GEMM floor, in the run that compares ours-3gemm with CCE). An impl whose fp64 check fails (``err`` above
+``CHECK_TOL``) is reported WRONG, not ranked. Memory is not measured here (one process holds every impl's
+allocations): take it from ``bench_logprobs.py``. What is timed (the loss, the impls) is exactly
+``bench_logprobs.py``'s; each impl's numbers are checked against the fp64 reference first.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     return xs[k - 1], xs[n - k], coverage
 
 
+def ratio_stats(times: list[float], ref_times: list[float]) -> dict:
+    """Per-round ratios ``times / ref_times``: their median, its interval and coverage, rounds won."""
+    ratios = [a / b for a, b in zip(times, ref_times, strict=True)]
+    lo, hi, coverage = median_interval(ratios)
+    return {
+        "ratio": round(statistics.median(ratios), 3), "ratio_lo": round(lo, 3), "ratio_hi": round(hi, 3),
+        "coverage": round(coverage, 3), "faster_rounds": sum(r < 1.0 for r in ratios), "rounds": len(ratios),
+    }  # fmt: skip
+
+
 def paired_summary(times: dict[str, list[float]], ref: str) -> dict[str, dict]:
     """Per impl: median time; against ``ref``: per-round ratios' median, its interval, rounds won.
 
@@ -71,12 +82,7 @@ def paired_summary(times: dict[str, list[float]], ref: str) -> dict[str, dict]:
     for impl, ts in times.items():
         row = {"median_s": round(statistics.median(ts), 3), "min_s": round(min(ts), 3), "rounds": len(ts)}
         if impl != ref and ref in times:
-            ratios = [a / b for a, b in zip(ts, times[ref], strict=True)]
-            lo, hi, coverage = median_interval(ratios)
-            row.update(
-                ratio=round(statistics.median(ratios), 3), ratio_lo=round(lo, 3), ratio_hi=round(hi, 3),
-                coverage=round(coverage, 3), faster_rounds=sum(r < 1.0 for r in ratios),
-            )  # fmt: skip
+            row.update(ratio_stats(ts, times[ref]))
         out[impl] = row
     return out
 
@@ -140,6 +146,19 @@ def render(cases: list[dict], header: list[str], ref: str) -> str:
                 f"{c['load1_before']}/{c['load1_after']} | {c['others_cores']} | "
                 f"{'BUSY' if c['busy'] else 'no'} |"
             )
+    pairs = [(c, name, s) for c in cases for name, s in c.get("pairs", {}).items()]
+    if pairs:
+        lines += ["", "Other pairs, from the same rounds (`--pairs`):", ""]
+        lines.append(
+            "| dtype | N | V | pair | **ratio (median of rounds)** | interval (coverage) | faster rounds |"
+        )
+        lines.append("|---|---:|---:|---|---:|---|---:|")
+        for c, name, s in pairs:
+            lines.append(
+                f"| {c['dtype']} | {c['N']} | {c['V']} | {name} | **{s['ratio']:.3f}** | "
+                f"[{s['ratio_lo']:.3f}, {s['ratio_hi']:.3f}] ({s['coverage']:.1%}) | "
+                f"{s['faster_rounds']}/{s['rounds']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -147,6 +166,9 @@ def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--impls", default="ours-3gemm,cce", help=f"comma list from {single.IMPLS}")
     p.add_argument("--ref", default=None, help="the impl ratios are taken against (default: cce if listed)")
+    p.add_argument(
+        "--pairs", default="", help="more ratios A/B from the same rounds, comma list (e.g. ours/gemm4)"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (comma list)")
     p.add_argument("--n", default="4096", help="token rows, comma list")
@@ -171,6 +193,10 @@ def parse_args(argv: list[str] | None):
     args.ref = args.ref or ("cce" if "cce" in args.impls else args.impls[0])
     if args.ref not in args.impls:
         p.error(f"--ref {args.ref} is not among --impls {args.impls}")
+    args.pairs = [tuple(x.split("/", 1)) for x in single._csv_list(args.pairs)]
+    bad_pairs = [f"{'/'.join(x)}" for x in args.pairs if len(x) != 2 or not set(x) <= set(args.impls)]
+    if bad_pairs:
+        p.error(f"--pairs must be A/B with both in --impls {args.impls}; got {bad_pairs}")
     args.dtype, args.n, args.v = (
         single._csv_list(args.dtype), single._csv_list(args.n, int), single._csv_list(args.v, int)
     )  # fmt: skip
@@ -222,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                     for impl, errs in case["checks"].items():
                         if max(errs) > CHECK_TOL:
                             case["summary"][impl]["wrong"] = True
+                    times = case["times"]
+                    case["pairs"] = {f"{a}/{b}": ratio_stats(times[a], times[b]) for a, b in args.pairs}
                 cases.append(case)
                 print(f"  {dtype} N={n} V={v}: {case['status']} {case.get('summary', '')}", flush=True)
     end = machine_state()

@@ -89,15 +89,20 @@ def test_gemm_floors_do_exactly_the_matrix_work_they_claim(impl):
 def test_paired_dry_run_times_every_impl_each_round_and_ratios_against_the_ref(tmp_path):
     """bench_logprobs_paired: one process per case, every impl once per round, ratios per round."""
     paired = SCRIPT.parent / "bench_logprobs_paired.py"
-    cmd = [sys.executable, str(paired), "--dry-run", "--impls", "ours,ours-3gemm", "--ref", "ours"]
+    cmd = [sys.executable, str(paired), "--dry-run", "--impls", "ours,ours-3gemm,gemm4", "--ref", "ours"]
+    cmd += ["--pairs", "ours/gemm4"]
     proc = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((tmp_path / "logprobs-paired-dry-run.json").read_text())
     (case,) = doc["cases"]
     assert case["status"] == "ok" and doc["ref"] == "ours"
-    assert [len(case["times"][i]) for i in ("ours", "ours-3gemm")] == [2, 2]
+    assert [len(case["times"][i]) for i in ("ours", "ours-3gemm", "gemm4")] == [2, 2, 2]
     s = case["summary"]["ours-3gemm"]
     assert s["ratio_lo"] <= s["ratio"] <= s["ratio_hi"] and 0 <= s["faster_rounds"] <= 2
+    pair = case["pairs"]["ours/gemm4"]  # from the same rounds: ours' times over gemm4's
+    ratios = sorted(a / b for a, b in zip(case["times"]["ours"], case["times"]["gemm4"], strict=True))
+    assert pair["rounds"] == 2 and abs(pair["ratio"] - (ratios[0] + ratios[1]) / 2) < 1e-3
+    assert "| ours/gemm4 |" in (tmp_path / "logprobs-paired-dry-run.md").read_text()
     assert "ratio" not in case["summary"]["ours"]
     assert all(e < 1e-4 for e in case["checks"]["ours-3gemm"]), "disagrees with the fp64 truth"
     assert "ABBA" in doc["header"][0] and "load average" in doc["header"][1]
@@ -117,3 +122,16 @@ def test_paired_summary_pairs_rounds():
     assert paired.median_interval([float(i) for i in range(1, 11)]) == (2.0, 9.0, 0.978515625)
     with pytest.raises(SystemExit):  # an odd count would weigh one order more
         paired.parse_args(["--impls", "ours,cce", "--rounds", "9"])
+
+
+def test_paired_pairs_must_name_listed_impls():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_logprobs_paired as paired
+    finally:
+        sys.path.pop(0)
+    args = paired.parse_args(["--impls", "ours,gemm4,cce", "--pairs", "ours/gemm4"])
+    assert args.pairs == [("ours", "gemm4")]
+    for bad in ("ours/gemm4", "ours", "ours/cce/x"):
+        with pytest.raises(SystemExit):
+            paired.parse_args(["--impls", "ours,cce", "--pairs", bad])
