@@ -236,8 +236,8 @@ def test_float64_is_exact_and_a_second_backward_is_refused():
         out.loss.backward()
 
 
-@pytest.mark.parametrize(("n", "v"), [(4096, 32768), (4096, 152064), (16384, 32768)])
-@pytest.mark.parametrize("hidden_size", [256, 4096])
+@pytest.mark.parametrize(("n", "v"), [(4096, 32768), (4096, 152064), (16384, 32768), (16384, 32000)])
+@pytest.mark.parametrize("hidden_size", [256, 4096, 8192])
 def test_default_buffer_stays_under_two_percent_of_naive(n, v, hidden_size):
     """The chunk's logits buffer, the one-pass sweep's two per-group tables and one tile temporary,
     against naive's ~12 bytes per logit (fp32)."""
@@ -245,7 +245,8 @@ def test_default_buffer_stays_under_two_percent_of_naive(n, v, hidden_size):
 
     rows, cols = plan_fused_tiles(n, v)
     group = sweep_group(-(-v // cols), v, hidden_size)
-    held = 4 * (rows * v + rows * cols + 2 * group * rows * hidden_size)
+    temporaries = 2 * group * rows * hidden_size if group > 1 else rows * hidden_size  # or one [rows, H]
+    held = 4 * (rows * v + rows * cols + temporaries)
     assert held <= 0.02 * 12 * n * v, (rows, cols, held / (12 * n * v))
     assert rows * cols <= 2 * 1024 * 1024 and rows >= n // 25
 
@@ -372,3 +373,66 @@ def test_auto_mode_keeps_fwd_exp_eager_and_matches_reference(monkeypatch):
         _close(out.loss, ref[0], atol=1e-4, rtol=1e-5)
         for got, want in zip(grads, ref[3], strict=True):
             _close(got, want)
+
+
+@pytest.mark.parametrize("needs", ["weight", "bias", "hidden"])
+def test_one_pass_sweep_with_one_input_needing_grad(needs):
+    """Only one of hidden / weight / bias wants a gradient (a frozen backbone, a frozen head): the sweep
+    skips the other products, in several gradient groups of tiles and with one tile per group."""
+    from unipost.kernels.fused_loss import sweep_group
+
+    for hidden_size, vocab_chunk_size in ((2, 13), (8, 13)):  # groups of 3 tiles; one tile per group
+        hidden, weight, b, targets, consts = _inputs(30, hidden_size, 101, dtype=torch.float64)
+        assert sweep_group(8, 101, hidden_size) == (3 if hidden_size == 2 else 1)
+        loss_fn = _loss_fn(consts, False)
+        ref = _reference(hidden, weight, b, targets, loss_fn, False, 0.9)
+        leaves = _leaves(hidden, weight, b)
+        for x, name in zip(leaves, ("hidden", "weight", "bias"), strict=True):
+            x.requires_grad_(name == needs)
+        out = fused_token_loss(
+            leaves[0], leaves[1], targets, loss_fn, bias=leaves[2], ignore_index=IGNORE, temperature=0.9,
+            chunk_size=7, vocab_chunk_size=vocab_chunk_size,
+        )  # fmt: skip
+        out.loss.backward()
+        for x, name, want in zip(leaves, ("hidden", "weight", "bias"), ref[3], strict=True):
+            if name == needs:
+                torch.testing.assert_close(x.grad, want, atol=1e-10, rtol=1e-10)
+            else:
+                assert x.grad is None
+
+
+def test_auto_mode_follows_the_current_compiled_ops(monkeypatch):
+    """Auto mode's ops are rebuilt from whatever compiled ops the module holds now (a test that swaps them,
+    or a failed compile that resets them, must not leave auto mode on stale ones)."""
+    from unipost.kernels import logprob_tiles
+
+    monkeypatch.setattr(logprob_tiles, "_compiled", None)
+    monkeypatch.setattr(logprob_tiles, "_compiled_auto", None)
+    first = logprob_tiles.tile_ops(torch.device("cpu"), torch.float32, 1 << 30, True)
+    if first is logprob_tiles.EAGER:
+        pytest.skip("torch.compile is unavailable here")
+    assert logprob_tiles.tile_ops(torch.device("cpu"), torch.float32, 1 << 30, None).fwd is first.fwd
+    monkeypatch.setattr(logprob_tiles, "_compiled", logprob_tiles._make_compiled())
+    fresh = logprob_tiles.tile_ops(torch.device("cpu"), torch.float32, 1 << 30, True)
+    assert fresh is not first
+    assert logprob_tiles.tile_ops(torch.device("cpu"), torch.float32, 1 << 30, None).fwd is fresh.fwd
+
+
+def test_forced_compile_of_the_one_pass_body_does_not_recompile_per_shape():
+    """The compiled fwd_exp sees only the tile and the temperature (the per-chunk tables are written outside
+    the graph): chunk and tile shapes that change call to call reuse its dynamic-shape graph rather than
+    specialising on the tables' sizes up to dynamo's recompile limit (after which it silently runs eager)."""
+    from unipost.kernels.logprob_tiles import compile_stats, compiled_available
+
+    torch.manual_seed(0)
+    weight = torch.randn(3000, 16, requires_grad=True)
+    before = compile_stats()["dynamo_unique_graphs"]
+    for n in (700, 517, 1024, 77, 333, 1500, 2048, 901):  # 2-3 chunks, 1-6 tiles of varying widths
+        chunk = max(1, n // 3)
+        hidden = torch.randn(n, 16, requires_grad=True)
+        targets = torch.randint(0, 3000, (n,))
+        loss, _ = fused_weighted_nll(hidden, weight, targets, torch.ones(n), compile=True, chunk_size=chunk)
+        loss.backward()
+    if not compiled_available() or before is None:
+        pytest.skip("torch.compile or dynamo's counters unavailable here")
+    assert compile_stats()["dynamo_unique_graphs"] - before <= 1  # 2 when the tables went into the graph

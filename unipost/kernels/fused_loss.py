@@ -21,7 +21,7 @@ the stored gradients by the upstream gradient of the scalar loss. The price is t
 logits of the input dtype. By default a chunk is ``N / 24`` rows (at least 1M logits), so the buffer
 is ~0.17 bytes per logit of the ``N x V`` problem, ~1.4 % of what the naive head needs (~12 bytes per
 logit: logits, log-softmax and their gradients); the one-pass sweep's per-group tables add at most
-1/8 of the buffer (~1.6 % in all).
+1/8 of the buffer (~1.6 % in all), or, where V < 32 H, one ``[rows, H]`` temporary.
 
 Exactness: the same tile GEMMs, fp32 softmax arithmetic from the tile bodies of
 :mod:`unipost.kernels.logprob_tiles` and the same dtype policy as ``token_logprobs`` (the one-pass sweep
@@ -211,7 +211,9 @@ def plan_fused_tiles(n: int, v: int, chunk_size: int | None = None, vocab_chunk_
 
 
 def sweep_group(n_tiles: int, v: int, width: int) -> int:
-    """Tiles per group in the one-pass sweep: ``group * rows * H <= rows * V / _TABLE_FRACTION``."""
+    """Tiles per group in the one-pass sweep: ``group * rows * H <= rows * V / _TABLE_FRACTION``.
+
+    1 means no tables: the sweep then uses one ``[rows, H]`` temporary, tile by tile."""
     return max(1, min(n_tiles, v // (_TABLE_FRACTION * width)))
 
 
@@ -256,12 +258,16 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
     # Per chunk: each tile's row max and exponential sum (rows of these tables, written by fwd_exp). For the
     # gradients, a group of tiles at a time: each tile's e W_t and h scaled by its per-row factor, so the
     # scaling and the sum over tiles are one op per group, not two per tile; a group's two tables hold at
-    # most 1 / _TABLE_FRACTION of the buffer each (all tiles at once when H is small).
+    # most 1 / _TABLE_FRACTION of the buffer each (all tiles at once when H is small). Where a group would
+    # be one tile, one [rows, H] temporary instead (no more memory than before the tables).
     max_kc = hidden.new_empty(n_tiles, rows)
     sum_kc = hidden.new_empty(n_tiles, rows)
     group = sweep_group(n_tiles, v, width)
-    ew_gc = hidden.new_empty(group, rows, width) if need_h else None
-    hs_gc = hidden.new_empty(group, rows, width) if need_w else None
+    if group > 1:
+        ew_gc = hidden.new_empty(group, rows, width) if need_h else None
+        hs_gc = hidden.new_empty(group, rows, width) if need_w else None
+    else:  # V < 32 H: one [rows, H] temporary serves both products, tile after tile
+        tmp = hidden.new_empty(rows, width)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         m = r1 - r0
@@ -307,6 +313,17 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
         if need_h:
             local_h = grad_h[r0:r1]
             local_h.addcmul_(gl_c[:, None], weight[safe_c])  # the one-hot part: gl * W[y]
+        if group == 1:
+            part = tmp[:m]
+            for k, (v0, v1) in enumerate(starts):
+                e = buf[rows * v0 : rows * v0 + m * (v1 - v0)].view(m, v1 - v0)
+                if need_w:
+                    grad_w[v0:v1].addmm_(e.T, torch.mul(h_c, scale[k, :, None], out=part))
+                if need_h:
+                    local_h.addcmul_(torch.mm(e, weight[v0:v1], out=part), scale[k, :, None])
+                if need_b:
+                    grad_b[v0:v1].addmv_(e.T, scale[k].to(e.dtype))
+            continue
         for k0 in range(0, n_tiles, group):
             k1 = min(n_tiles, k0 + group)
             if need_w:

@@ -95,28 +95,43 @@ def bwd_tile_into(raw, lse, coef, ge, inv_temp, want_colsum):
     return colsum
 
 
-def fwd_tile_exp_into(raw: Tensor, inv_temp: Tensor | float, max_out: Tensor, sum_out: Tensor) -> None:
-    """One tile's row max and exponential sum; its exponentials written over ``raw``.
+def fwd_tile_exp(raw: Tensor, inv_temp: Tensor | float) -> tuple[Tensor, Tensor]:
+    """One tile's row max ``m`` and exponential sum ``s`` [C]; its exponentials written over ``raw``.
 
     For the three-GEMM loss when its gradient is a per-row multiple of the softmax (no entropy term):
     ``raw`` becomes ``exp(z - m)`` with ``z = raw * inv_temp`` and ``m`` the tile's row max, so that
     ``dL/dz = exp(z - lse) * coef = raw * (exp(m - lse) * coef)``: a per-row scale the caller folds
-    into the gradient GEMMs' small operands instead of making a second pass over the tile. ``m`` and
-    ``s = sum exp(z - m)`` go into ``max_out`` / ``sum_out`` [C] (compute dtype, rows of the caller's
-    per-chunk tables): no per-tile tensors to collect, one ``logsumexp`` per chunk merges them. The
-    caller reads the target logits before this call (they are gone after it).
+    into the gradient GEMMs' small operands instead of making a second pass over the tile. The caller
+    reads the target logits before this call (they are gone after it). This is the body compiled mode
+    compiles; its inputs are the tile and the temperature only, so dynamo guards on nothing else.
     """
     cdtype = torch.float64 if raw.dtype == torch.float64 else torch.float32
     z = raw.to(cdtype) * inv_temp
     m = z.amax(dim=1)
     e = torch.exp(z - m[:, None])
-    max_out.copy_(m)
-    sum_out.copy_(e.sum(dim=1))
     raw.copy_(e)
+    return m, e.sum(dim=1)
+
+
+class _IntoTables:
+    """``fwd_exp`` of compiled mode: the compiled :func:`fwd_tile_exp`, its ``m`` and ``s`` copied into
+    ``max_out`` / ``sum_out`` [C] (rows of the caller's per-chunk tables, merged by one ``logsumexp``).
+
+    The copies stay outside the graph: the tables' rows are views whose base sizes dynamo would otherwise
+    guard on (measured: twice the graphs of a table-free signature, up to the recompile limit).
+    """
+
+    def __init__(self, compiled: Callable) -> None:
+        self.compiled = compiled
+
+    def __call__(self, raw: Tensor, inv_temp: Tensor, max_out: Tensor, sum_out: Tensor) -> None:
+        m, s = self.compiled(raw, inv_temp)
+        max_out.copy_(m)
+        sum_out.copy_(s)
 
 
 def _fwd_tile_exp_into_eager(raw: Tensor, inv_temp: float, max_out: Tensor, sum_out: Tensor) -> None:
-    """:func:`fwd_tile_exp_into` as four ATen passes over the (cache-resident) tile, no temporary.
+    """:func:`fwd_tile_exp` as four ATen passes over the (cache-resident) tile, no temporary.
 
     Auto mode runs this body even when the others are compiled (see :func:`_auto_from`): the
     three-GEMM loss's tiles are 2 MiB, so each pass runs from L2 and fusing them saves little, while
@@ -184,7 +199,8 @@ class TileOps:
     drops the tile anyway); ``fwd_keep`` never does, for the three-GEMM loss
     (:mod:`unipost.kernels.fused_loss`) with an entropy term, which keeps the tile for its gradient and
     then turns it into that gradient in place with ``bwd_into``. Without one, that loss uses
-    ``fwd_exp`` (:func:`fwd_tile_exp_into`): one pass, the tile's exponentials kept.
+    ``fwd_exp`` (:func:`fwd_tile_exp`, writing ``m`` and ``s`` into the caller's tables): one pass, the tile's
+    exponentials kept.
     """
 
     def __init__(
@@ -219,7 +235,7 @@ EAGER = TileOps(
 
 _lock = threading.Lock()
 _compiled: TileOps | None = None  # every body compiled (compile=True)
-_compiled_auto: TileOps | None = None  # what auto mode runs: see _auto_from
+_compiled_auto: tuple[TileOps, TileOps] | None = None  # (the _compiled it was made from, auto's ops)
 _broken: str | None = None  # why compiled mode failed, once it has
 _stats = {"compiled_calls_first": 0, "compile_seconds": 0.0}
 
@@ -233,7 +249,7 @@ def _make_compiled() -> TileOps:
         tensor_temp=True,
         fwd_keep=fwd,
         bwd_into=_Compiled(bwd_tile_into),
-        fwd_exp=_Compiled(fwd_tile_exp_into),
+        fwd_exp=_IntoTables(_Compiled(fwd_tile_exp)),
     )
 
 
@@ -350,5 +366,6 @@ def tile_ops(device: torch.device, dtype: torch.dtype, logits: int, compile: boo
     with _lock:
         if _compiled is None:
             _compiled = _make_compiled()
-            _compiled_auto = _auto_from(_compiled)
-    return _compiled if forced else _compiled_auto
+        if _compiled_auto is None or _compiled_auto[0] is not _compiled:  # made from the current one
+            _compiled_auto = (_compiled, _auto_from(_compiled))
+    return _compiled if forced else _compiled_auto[1]
