@@ -262,7 +262,7 @@ def _auto_from(compiled: TileOps) -> TileOps:
     rounds. Its 2 MiB tiles stay in L2, so the fused loop saves no memory traffic, and ATen's ``exp``
     outruns inductor's. ``compile=True`` still runs every body compiled.
     """
-    auto = TileOps(
+    return TileOps(
         "compiled",
         compiled.fwd,
         compiled.bwd,
@@ -271,7 +271,6 @@ def _auto_from(compiled: TileOps) -> TileOps:
         bwd_into=compiled.bwd_into,
         fwd_exp=_fwd_exp_eager_tensor_temp,
     )
-    return auto
 
 
 def _fwd_exp_eager_tensor_temp(raw: Tensor, inv_temp: Tensor, max_out: Tensor, sum_out: Tensor) -> None:
