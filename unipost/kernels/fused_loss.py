@@ -213,7 +213,7 @@ def plan_fused_tiles(n: int, v: int, chunk_size: int | None = None, vocab_chunk_
 def sweep_group(n_tiles: int, v: int, width: int) -> int:
     """Tiles per group in the one-pass sweep: ``group * rows * H <= rows * V / _TABLE_FRACTION``.
 
-    1 means no tables: the sweep then uses one ``[rows, H]`` temporary, tile by tile."""
+    1: the sweep's two tables share one ``[rows, H]``, tile by tile."""
     return max(1, min(n_tiles, v // (_TABLE_FRACTION * width)))
 
 
@@ -258,16 +258,15 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
     # Per chunk: each tile's row max and exponential sum (rows of these tables, written by fwd_exp). For the
     # gradients, a group of tiles at a time: each tile's e W_t and h scaled by its per-row factor, so the
     # scaling and the sum over tiles are one op per group, not two per tile; a group's two tables hold at
-    # most 1 / _TABLE_FRACTION of the buffer each (all tiles at once when H is small). Where a group would
-    # be one tile, one [rows, H] temporary instead (no more memory than before the tables).
+    # most 1 / _TABLE_FRACTION of the buffer each (all tiles at once when H is small). Where a group is one
+    # tile the two share one [rows, H] (no more memory than before the tables).
     max_kc = hidden.new_empty(n_tiles, rows)
     sum_kc = hidden.new_empty(n_tiles, rows)
     group = sweep_group(n_tiles, v, width)
-    if group > 1:
-        ew_gc = hidden.new_empty(group, rows, width) if need_h else None
-        hs_gc = hidden.new_empty(group, rows, width) if need_w else None
-    else:  # V < 32 H: one [rows, H] temporary serves both products, tile after tile
-        tmp = hidden.new_empty(rows, width)
+    ew_gc = hidden.new_empty(group, rows, width) if need_h else None
+    hs_gc = None
+    if need_w:  # V < 32 H (one tile per group): hs shares ew's [rows, H], read before ew is written
+        hs_gc = ew_gc if group == 1 and ew_gc is not None else hidden.new_empty(group, rows, width)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         m = r1 - r0
@@ -313,17 +312,6 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
         if need_h:
             local_h = grad_h[r0:r1]
             local_h.addcmul_(gl_c[:, None], weight[safe_c])  # the one-hot part: gl * W[y]
-        if group == 1:
-            part = tmp[:m]
-            for k, (v0, v1) in enumerate(starts):
-                e = buf[rows * v0 : rows * v0 + m * (v1 - v0)].view(m, v1 - v0)
-                if need_w:
-                    grad_w[v0:v1].addmm_(e.T, torch.mul(h_c, scale[k, :, None], out=part))
-                if need_h:
-                    local_h.addcmul_(torch.mm(e, weight[v0:v1], out=part), scale[k, :, None])
-                if need_b:
-                    grad_b[v0:v1].addmv_(e.T, scale[k].to(e.dtype))
-            continue
         for k0 in range(0, n_tiles, group):
             k1 = min(n_tiles, k0 + group)
             if need_w:
@@ -331,11 +319,10 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
             for k in range(k0, k1):
                 v0, v1 = starts[k]
                 e = buf[rows * v0 : rows * v0 + m * (v1 - v0)].view(m, v1 - v0)
-                w_t = weight[v0:v1]
-                if need_h:
-                    torch.mm(e, w_t, out=ew_gc[k - k0, :m])
                 if need_w:
                     grad_w[v0:v1].addmm_(e.T, hs[k - k0])
+                if need_h:  # after the line above: with one tile per group ew and hs share memory
+                    torch.mm(e, weight[v0:v1], out=ew_gc[k - k0, :m])
                 if need_b:
                     grad_b[v0:v1].addmv_(e.T, scale[k].to(e.dtype))
             if need_h:  # sum_t (e_t W_t) * s_t over the group's tiles
