@@ -297,6 +297,63 @@ def test_default_tile_plan_stays_within_budget():
 
 
 # ----------------------------------------------------------------------------- compiled tile bodies
+@pytest.mark.parametrize(("rows", "cols"), [(7, 13), (30, 101), (1, 1), (4, 50)])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_logp_only_forward_reads_every_tiles_edge_targets(rows, cols, temperature):
+    """Without the entropy the fp32 / fp64 forward reads the targets' logits by one gather per tile at
+    precomputed flat offsets (each tile's own width as row stride) and merges the tiles' maxima and sums
+    with one logsumexp per chunk: targets on every tile's first and last column, a ragged last tile and
+    chunk, masked rows, bias and temperature, fp64 to 1e-10 (a wrong offset or stride is off by O(1))."""
+    n, v = 30, 101
+    hidden, weight, b, targets, w_logp, _ = _inputs(n, 5, v, dtype=torch.float64, mask_every=0)
+    edges = torch.tensor([x for v0 in range(0, v, cols) for x in (v0, min(v, v0 + cols) - 1)])
+    targets = edges[torch.arange(n) % edges.numel()]
+    targets[::7] = IGNORE
+    kw = {"temperature": temperature, "entropy": False}
+    want = _run(token_logprobs_reference, hidden, weight, b, targets, w_logp, None, **kw)
+    got = _run(
+        token_logprobs, hidden, weight, b, targets, w_logp, None, chunk_size=rows, vocab_chunk_size=cols,
+        **kw,
+    )  # fmt: skip
+    torch.testing.assert_close(got[0], want[0], atol=1e-10, rtol=1e-10)
+    assert bool((got[0][targets == IGNORE] == 0).all())
+    for g_got, g_want in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(g_got, g_want, atol=1e-10, rtol=1e-10)
+
+
+def test_auto_mode_runs_the_eager_backward_tile_for_fp32_logp_only(monkeypatch):
+    """Auto mode's bwd_into runs the eager body for an fp32 tile without an entropy gradient (measured
+    faster) and the compiled one otherwise; both modes match the fp64 reference."""
+    from unipost.kernels import logprob_tiles
+
+    monkeypatch.setenv("UNIPOST_LOGPROBS_COMPILE", "1")
+    auto = logprob_tiles.tile_ops(torch.device("cpu"), torch.float32, 10, None)
+    if not logprob_tiles.compiled_available():
+        pytest.skip("torch.compile is unavailable here: auto mode is eager")
+    calls = []
+    eager = logprob_tiles._bwd_tile_into_eager
+    monkeypatch.setattr(
+        logprob_tiles, "_bwd_tile_into_eager", lambda *a: calls.append(a[3] is None) or eager(*a)
+    )
+    hidden, weight, b, targets, w_logp, w_ent = _inputs(70, 31, 250)
+    for entropy in (False, True):
+        calls.clear()
+        kw = {"temperature": 0.7, "entropy": entropy}
+        ent_w = w_ent if entropy else None
+        got = _run(
+            token_logprobs, hidden, weight, b, targets, w_logp, ent_w,
+            chunk_size=32, vocab_chunk_size=64, **kw,
+        )  # fmt: skip
+        want = _run(token_logprobs_reference, hidden, weight, b, targets, w_logp, ent_w, upcast=True, **kw)
+        assert calls == ([] if entropy else [True] * 12), calls  # 3 row chunks x 4 vocabulary tiles
+        _close_fp32(got[0], want[0], "logp")
+        _close_grads(got[2], want[2], _close_fp32)
+    assert (
+        auto.bwd_into.compiled
+        is logprob_tiles.tile_ops(torch.device("cpu"), torch.float32, 10, True).bwd_into
+    )
+
+
 # The same kernel with its per-tile elementwise work compiled by torch.compile (the CPU fast path that
 # auto mode picks above 16M logits), forced on small shapes here. Same tolerances as the eager kernel:
 # fp32 within FP32_TOL of the fp64 truth, bf16 within BF16_REL of the largest magnitude.

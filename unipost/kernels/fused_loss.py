@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from unipost.kernels.logprob_tiles import tile_ops
-from unipost.kernels.logprobs import check_logprobs_inputs, compute_dtype, token_logprobs
+from unipost.kernels.logprobs import check_logprobs_inputs, compute_dtype, target_positions, token_logprobs
 
 __all__ = ["FusedLoss", "fused_token_loss", "fused_weighted_nll", "plan_fused_tiles"]
 
@@ -274,14 +274,8 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
         # The targets' logits are read from the tiles (the same rounded values the log-sum-exp is taken
         # over, so logp <= 0) before fwd_exp overwrites them: rows sorted by tile, one gather per tile
         # from the flat buffer at precomputed positions.
-        tile_c = torch.div(safe_c, cols, rounding_mode="floor")
-        tile_v0 = tile_c * cols
-        tile_width = torch.clamp(v - tile_v0, max=cols)
-        pos_c = rows * tile_v0 + torch.arange(m, device=hidden.device) * tile_width + (safe_c - tile_v0)
-        order = torch.argsort(tile_c, stable=True)
-        pos_sorted = pos_c[order]
+        order, pos_sorted, ends = target_positions(safe_c, cols, v, rows)
         tgt_sorted = hidden.new_empty(m)
-        ends = torch.bincount(tile_c, minlength=n_tiles).cumsum(0).tolist()  # one sync per chunk
         for k, (v0, v1) in enumerate(starts):
             raw = buf[rows * v0 : rows * v0 + m * (v1 - v0)].view(m, v1 - v0)
             w_t = weight[v0:v1]

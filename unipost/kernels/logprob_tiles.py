@@ -254,13 +254,16 @@ def _make_compiled() -> TileOps:
 
 
 def _auto_from(compiled: TileOps) -> TileOps:
-    """What auto mode runs: the compiled bodies, except ``fwd_exp``, which is faster eager.
+    """What auto mode runs: the compiled bodies, except ``fwd_exp`` and ``bwd_into``'s common case,
+    which are faster eager.
 
-    Measured side by side in one process (``bench_logprobs_paired.py --impls
-    ours-3gemm-eager,ours-3gemm``, Intel Xeon AVX-512, fp32): the three-GEMM loss with the eager
+    Measured side by side in one process (Intel Xeon AVX-512, fp32): the three-GEMM loss with the eager
     ``fwd_exp`` took 0.875x the compiled one at 4k x 32k and 0.832x at 16k x 32k, faster in 24 of 24
-    rounds. Its 2 MiB tiles stay in L2, so the fused loop saves no memory traffic, and ATen's ``exp``
-    outruns inductor's. ``compile=True`` still runs every body compiled.
+    rounds (``bench_logprobs_paired.py --impls ours-3gemm-eager,ours-3gemm``); the eager ``bwd_into``
+    without an entropy term (subtract, exp, scale: three in-place passes) took ~0.7x the compiled one per
+    1M-element tile, and the four-GEMM head's backward with it ~0.95x. The tiles are 2-8 MiB and stay
+    in L2, so a fused loop saves little memory traffic, and ATen's ``exp`` outruns inductor's.
+    ``compile=True`` still runs every body compiled.
     """
     return TileOps(
         "compiled",
@@ -268,9 +271,23 @@ def _auto_from(compiled: TileOps) -> TileOps:
         compiled.bwd,
         tensor_temp=True,
         fwd_keep=compiled.fwd_keep,
-        bwd_into=compiled.bwd_into,
+        bwd_into=_BwdIntoAuto(compiled.bwd_into),
         fwd_exp=_fwd_exp_eager_tensor_temp,
     )
+
+
+class _BwdIntoAuto:
+    """Auto mode's ``bwd_into``: eager for an fp32 tile without an entropy term (``g = exp(z - lse) *
+    coef``: three in-place ATen passes, measured faster), the compiled body otherwise (the entropy term's
+    longer formula, or a bf16 / fp16 tile that the eager body would upcast into a temporary)."""
+
+    def __init__(self, compiled: Callable) -> None:
+        self.compiled = compiled
+
+    def __call__(self, raw, lse, coef, ge, inv_temp, want_colsum):
+        if ge is None and raw.dtype == torch.float32:
+            return _bwd_tile_into_eager(raw, lse, coef, None, float(inv_temp), want_colsum)
+        return self.compiled(raw, lse, coef, ge, inv_temp, want_colsum)
 
 
 def _fwd_exp_eager_tensor_temp(raw: Tensor, inv_temp: Tensor, max_out: Tensor, sum_out: Tensor) -> None:
@@ -351,8 +368,8 @@ def tile_ops(device: torch.device, dtype: torch.dtype, logits: int, compile: boo
     ``AUTO_COMPILE_MIN_LOGITS`` logits (N * V), unless ``UNIPOST_LOGPROBS_COMPILE=0``
     (``=1`` compiles whatever the size). fp64 (gradcheck) and non-CPU devices stay eager in auto mode;
     ``compile=True`` forces compiled mode anywhere torch.compile runs, every body compiled; auto mode
-    (also under ``UNIPOST_LOGPROBS_COMPILE=1``) keeps the three-GEMM loss's ``fwd_exp`` eager, where
-    that measured faster (:func:`_auto_from`).
+    (also under ``UNIPOST_LOGPROBS_COMPILE=1``) keeps ``fwd_exp`` and fp32 ``bwd_into`` without an
+    entropy term eager, where that measured faster (:func:`_auto_from`).
     """
     global _compiled, _compiled_auto
     forced = compile is True
