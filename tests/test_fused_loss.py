@@ -347,6 +347,34 @@ def test_one_pass_sweep_reads_targets_at_tile_edges(chunk_size, vocab_chunk_size
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_one_pass_sweep_redoes_tiles_that_overflow_the_first_tiles_shift(monkeypatch, temperature):
+    """The one-pass sweep shifts each tile's exponentials by the chunk's first-tile max (no max pass per
+    tile) and keeps them for the gradients: a tile whose logits lie > 88 above that shift is computed
+    again with its own max, and the gradients (exponential x per-tile scale) still match the reference."""
+    from unipost.kernels import logprobs
+
+    redone = []
+    orig = logprobs.overflowed_tiles
+    monkeypatch.setattr(logprobs, "overflowed_tiles", lambda s: redone.extend(orig(s)) or orig(s))
+    hidden, weight, b, targets, consts = _inputs(40, 6, 90)
+    b = b.clone()
+    b[[47, 48, 71]] += 150.0  # tiles 3 and 4 of 15 columns overflow fp32's exp against the first tile's max
+    targets[:] = torch.tensor([47, 48, 71])[torch.arange(40) % 3]  # logp ~ -1.1: the k3 term stays finite
+    targets[::9] = IGNORE
+    loss_fn = _loss_fn(consts, False)
+    ref = _reference(hidden, weight, b, targets, loss_fn, False, temperature)
+    out, grads = _fused(
+        hidden, weight, b, targets, loss_fn, False, temperature=temperature, chunk_size=16,
+        vocab_chunk_size=15,
+    )  # fmt: skip
+    assert sorted(set(redone)) == [2, 3], redone
+    _close(out.logp, ref[1])
+    _close(out.loss, ref[0], atol=1e-4, rtol=1e-5)
+    for got, want in zip(grads, ref[3], strict=True):
+        _close(got, want)
+
+
 def test_auto_mode_keeps_fwd_exp_eager_and_matches_reference(monkeypatch):
     """Auto mode (here forced on for a small problem by the environment) runs the compiled tile bodies
     except the one-pass sweep's fwd_exp, which measured faster eager; compile=True compiles that too.

@@ -321,6 +321,41 @@ def test_logp_only_forward_reads_every_tiles_edge_targets(rows, cols, temperatur
         torch.testing.assert_close(g_got, g_want, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize(("dtype", "gap"), [(torch.float32, 150.0), (torch.float64, 900.0)])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_tiles_shifted_by_the_first_tiles_max_are_redone_where_they_overflow(
+    monkeypatch, dtype, gap, temperature
+):
+    """The forward shifts every tile of a chunk but the first by the first tile's row max (no max pass);
+    where a later tile's logits lie further above that than exp can hold (here a bias of ``gap`` on a few
+    columns: exp overflows past 88 in fp32, 709 in fp64), that tile is computed again with its own max.
+    Values and gradients still match the fp64 reference, and the redo happened."""
+    from unipost.kernels import logprobs
+
+    redone = []
+    orig = logprobs.overflowed_tiles
+    monkeypatch.setattr(logprobs, "overflowed_tiles", lambda s: redone.extend(orig(s)) or orig(s))
+    hidden, weight, b, targets, w_logp, _ = _inputs(40, 6, 90, dtype=dtype)
+    b = b.clone()
+    b[[47, 48, 71]] += gap  # tiles 3 and 4 of 15 columns; the first tile stays near 0
+    targets[:] = torch.tensor([47, 48, 71, 5])[
+        torch.arange(40) % 4
+    ]  # near the top (logp ~ -1.1) or far below
+    targets[::9] = IGNORE
+    kw = {"temperature": temperature, "entropy": False}
+    want = _run(token_logprobs_reference, hidden, weight, b, targets, w_logp, None, upcast=True, **kw)
+    got = _run(
+        token_logprobs, hidden, weight, b, targets, w_logp, None, chunk_size=16, vocab_chunk_size=15, **kw
+    )  # fmt: skip
+    assert sorted(set(redone)) == [2, 3], redone  # tiles 3 and 4, as rows of the tables past the first
+    # Logits of ~gap / T carry fp32 rounding of ~1e-7 of themselves (1e-5 absolute at 150), which the
+    # softmax passes on: tolerances relative to each output's largest magnitude. A tile not redone
+    # gives inf / NaN; a wrong max for a redone tile is off by O(1).
+    for g, w in ((got[0], want[0]), *zip(got[2], want[2], strict=True)):
+        scale = float(w.abs().max())
+        torch.testing.assert_close(g.double(), w, atol=1e-5 * scale, rtol=1e-5)
+
+
 def test_auto_mode_runs_the_eager_backward_tile_for_fp32_logp_only(monkeypatch):
     """Auto mode's bwd_into runs the eager body for an fp32 tile without an entropy gradient (measured
     faster) and the compiled one otherwise; both modes match the fp64 reference."""

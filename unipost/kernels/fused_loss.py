@@ -46,7 +46,13 @@ import torch
 from torch import Tensor
 
 from unipost.kernels.logprob_tiles import tile_ops
-from unipost.kernels.logprobs import check_logprobs_inputs, compute_dtype, target_positions, token_logprobs
+from unipost.kernels.logprobs import (
+    check_logprobs_inputs,
+    compute_dtype,
+    exp_tiles_into_tables,
+    target_positions,
+    token_logprobs,
+)
 
 __all__ = ["FusedLoss", "fused_token_loss", "fused_weighted_nll", "plan_fused_tiles"]
 
@@ -276,17 +282,22 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
         # from the flat buffer at precomputed positions.
         order, pos_sorted, ends = target_positions(safe_c, cols, v, rows)
         tgt_sorted = hidden.new_empty(m)
-        for k, (v0, v1) in enumerate(starts):
+
+        def gemm_tile(
+            k: int, h_c=h_c, m=m, pos_sorted=pos_sorted, ends=ends, tgt_sorted=tgt_sorted
+        ) -> Tensor:
+            v0, v1 = starts[k]
             raw = buf[rows * v0 : rows * v0 + m * (v1 - v0)].view(m, v1 - v0)
-            w_t = weight[v0:v1]
             if bias is not None:
-                torch.addmm(bias[v0:v1], h_c, w_t.T, out=raw)
+                torch.addmm(bias[v0:v1], h_c, weight[v0:v1].T, out=raw)
             else:
-                torch.mm(h_c, w_t.T, out=raw)
+                torch.mm(h_c, weight[v0:v1].T, out=raw)
             lo, hi = ends[k - 1] if k else 0, ends[k]
             if hi > lo:
                 torch.index_select(buf, 0, pos_sorted[lo:hi], out=tgt_sorted[lo:hi])
-            ops.fwd_exp(raw, temp, max_kc[k, :m], sum_kc[k, :m])
+            return raw
+
+        exp_tiles_into_tables(n_tiles, gemm_tile, ops, temp, inv_temp, max_kc[:, :m], sum_kc[:, :m])
         target_logit_c = torch.empty_like(tgt_sorted).index_copy_(0, order, tgt_sorted) * inv_temp
         max_c = max_kc[:, :m]
         lse_c = torch.logsumexp(max_c + torch.log(sum_kc[:, :m]), dim=0)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["TileOps", "compile_stats", "compiled_available", "tile_ops"]
+__all__ = ["TileOps", "compile_stats", "compiled_available", "fwd_tile_exp_shifted", "tile_ops"]
 
 # Auto mode compiles only problems at least this large (N * V logits): below it a compile (seconds, or
 # tens of seconds on a cold cache) costs more than it can save, and small shapes (tests, tiny models)
@@ -144,6 +144,22 @@ def _fwd_tile_exp_into_eager(raw: Tensor, inv_temp: float, max_out: Tensor, sum_
         max_out.mul_(inv_temp)
     torch.exp(raw.sub_(max_out[:, None]), out=raw)
     torch.sum(raw, dim=1, out=sum_out)
+
+
+def fwd_tile_exp_shifted(raw: Tensor, inv_temp: float, neg_shift: Tensor, sum_out: Tensor) -> None:
+    """``exp(z - shift)`` over ``raw`` and its row sums into ``sum_out``, for a shift the caller gives.
+
+    :func:`fwd_tile_exp` less its max pass: the caller shifts every tile of a row chunk but its first by
+    that first tile's row max (``neg_shift = -max``) and redoes, with the tile's own max, any tile where a
+    sum overflowed (a logit more than ~80 above the first tile's max), so the values are those of
+    :func:`fwd_tile_exp` up to rounding. Three ATen passes (temperature and shift in one), all modes:
+    measured per 1M-element fp32 tile, the max pass was ~0.12 of the four-pass body's ~0.45 ms.
+    """
+    if inv_temp != 1.0:
+        torch.add(neg_shift[:, None], raw, alpha=inv_temp, out=raw)
+    else:
+        raw.add_(neg_shift[:, None])
+    torch.sum(raw.exp_(), dim=1, out=sum_out)
 
 
 def _bwd_tile_into_eager(raw, lse, coef, ge, inv_temp, want_colsum):

@@ -34,11 +34,12 @@ Notation: N tokens, H hidden size, V vocabulary; ``z = logits / temperature``; `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from unipost.kernels.logprob_tiles import tile_ops
+from unipost.kernels.logprob_tiles import fwd_tile_exp_shifted, tile_ops
 
 __all__ = ["BACKENDS", "select_logprobs_backend", "token_logprobs"]
 
@@ -313,15 +314,63 @@ def target_positions(safe_c: Tensor, cols: int, v: int, tile_stride: int) -> tup
     return order, pos_c[order], ends
 
 
+def speculative_shift(max_first: Tensor, n_tiles: int) -> Tensor | None:
+    """``-max`` of a chunk's first tile, the shift for its other tiles' exponentials, or None (no shift:
+    every tile takes its own max) when there is one tile or a row's first-tile max is not finite (a tile
+    of ``-inf`` logits; NaN). One host sync per chunk."""
+    if n_tiles < 2 or not bool(torch.isfinite(max_first).all()):
+        return None
+    return -max_first
+
+
+def overflowed_tiles(sum_kc: Tensor) -> list[int]:
+    """The tiles (table rows) with an infinite exponential sum in some row: shifted by a max too low."""
+    return torch.isinf(sum_kc).any(dim=1).nonzero().squeeze(1).tolist()
+
+
+def exp_tiles_into_tables(
+    n_tiles: int,
+    gemm_tile: Callable[[int], Tensor],
+    ops,
+    temp,
+    inv_temp: float,
+    max_kc: Tensor,
+    sum_kc: Tensor,
+) -> None:
+    """Each tile's exponentials written over its logits, its row max and exponential sum into the
+    chunk's tables (``max_kc`` / ``sum_kc`` [tiles, rows]), for the caller to merge with one logsumexp.
+
+    ``gemm_tile(k)`` computes tile ``k``'s logits (reading what else it needs from them, e.g. the
+    targets' logits) and returns them. The first tile takes its own row max (``ops.fwd_exp``); the
+    others are shifted by it (:func:`fwd_tile_exp_shifted`: no max pass), and a tile whose sum overflowed
+    is computed again with its own max, so ``logsumexp(max + log(sum))`` is the log-sum-exp of the row
+    as with a max per tile (what a shifted tile loses to underflow is below fp32's resolution of the
+    first tile's sum, which is >= 1).
+    """
+    neg_shift = None
+    for k in range(n_tiles):
+        raw = gemm_tile(k)
+        if k > 0 and neg_shift is not None:
+            fwd_tile_exp_shifted(raw, inv_temp, neg_shift, sum_kc[k])
+        else:
+            ops.fwd_exp(raw, temp, max_kc[k], sum_kc[k])
+            if k == 0:
+                neg_shift = speculative_shift(max_kc[0], n_tiles)
+    if neg_shift is not None:
+        max_kc[1:].copy_((-neg_shift).expand(n_tiles - 1, -1))
+        for k in overflowed_tiles(sum_kc[1:]):
+            ops.fwd_exp(gemm_tile(k + 1), temp, max_kc[k + 1], sum_kc[k + 1])
+
+
 def _forward_tables(hidden, weight, bias, targets, valid_N, rows, cols, inv_temp, temp, ops, tile_buf, lse_N,
                     target_logit_N) -> None:  # fmt: skip
     """The forward sweep without entropy in fp32 / fp64: per tile the GEMM, one gather of the targets'
-    logits and ``ops.fwd_exp`` (row max and exponential sum into per-chunk tables); one ``logsumexp``
-    per chunk merges the tiles.
+    logits and the exponential pass into per-chunk max / sum tables (:func:`exp_tiles_into_tables`);
+    one ``logsumexp`` per chunk merges the tiles.
 
     Why not :func:`_forward_online`: its per-tile bookkeeping (target mask and gather, ``logaddexp``
-    merge) is a dozen small ops per tile; measured side by side (4k x 32k, H = 256, fp32, Intel Xeon) this
-    forward took 0.89x its time (GEMMs alone 0.71x). Same values up to the merge's rounding.
+    merge) is a dozen small ops per tile, and its body makes a max pass per tile. Measured side by side
+    in benchmarks/README.md (take 7). Same values up to the merge's rounding.
     """
     n, v = hidden.shape[0], weight.shape[0]
     starts = [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)]
@@ -334,13 +383,16 @@ def _forward_tables(hidden, weight, bias, targets, valid_N, rows, cols, inv_temp
         h_c = hidden[r0:r1]
         order, pos_sorted, ends = target_positions(safe_N[r0:r1], cols, v, 0)
         tgt_sorted = hidden.new_empty(m)
-        for k, (v0, v1) in enumerate(starts):
-            b_t = bias[v0:v1] if bias is not None else None
-            raw = _raw_logits(h_c, weight[v0:v1], b_t, tile_buf)  # (C, Cv)
+
+        def gemm_tile(k: int, h_c=h_c, pos_sorted=pos_sorted, ends=ends, tgt_sorted=tgt_sorted) -> Tensor:
+            v0, v1 = starts[k]
+            raw = _raw_logits(h_c, weight[v0:v1], bias[v0:v1] if bias is not None else None, tile_buf)
             lo, hi = ends[k - 1] if k else 0, ends[k]
             if hi > lo:  # the targets' logits, from the same rounded tile the log-sum-exp is taken over
                 torch.index_select(tile_buf, 0, pos_sorted[lo:hi], out=tgt_sorted[lo:hi])
-            ops.fwd_exp(raw, temp, max_kc[k, :m], sum_kc[k, :m])
+            return raw
+
+        exp_tiles_into_tables(len(starts), gemm_tile, ops, temp, inv_temp, max_kc[:, :m], sum_kc[:, :m])
         target_logit_N[r0:r1].index_copy_(0, order, tgt_sorted).mul_(inv_temp)
         torch.logsumexp(max_kc[:, :m] + torch.log(sum_kc[:, :m]), dim=0, out=lse_N[r0:r1])
 
