@@ -321,33 +321,38 @@ def test_logp_only_forward_reads_every_tiles_edge_targets(rows, cols, temperatur
         torch.testing.assert_close(g_got, g_want, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize(("dtype", "gap"), [(torch.float32, 150.0), (torch.float64, 900.0)])
+@pytest.mark.parametrize(
+    ("dtype", "gap", "redone_rows"),
+    [(torch.float32, 150.0, [2, 3]), (torch.float64, 900.0, [2, 3]), (torch.float32, 30.0, [])],
+)
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_tiles_shifted_by_the_first_tiles_max_are_redone_where_they_overflow(
-    monkeypatch, dtype, gap, temperature
+    monkeypatch, dtype, gap, redone_rows, temperature
 ):
-    """The forward shifts every tile of a chunk but the first by the first tile's row max (no max pass);
-    where a later tile's logits lie further above that than exp can hold (here a bias of ``gap`` on a few
-    columns: exp overflows past 88 in fp32, 709 in fp64), that tile is computed again with its own max.
-    Values and gradients still match the fp64 reference, and the redo happened."""
+    """The forward shifts every tile of a chunk but the first by the first tile's row max plus a margin
+    (no max pass); where a later tile's logits lie so far above that that its exponential sum passes the
+    limit (here a bias of ``gap`` on a few columns, past exp's overflow: 88 in fp32, 709 in fp64), that
+    tile is computed again with its own max; a smaller gap (30 / T) is absorbed by the margin. Values and
+    gradients match the fp64 reference either way, and the redo happened where it had to."""
     from unipost.kernels import logprobs
 
     redone = []
     orig = logprobs.overflowed_tiles
-    monkeypatch.setattr(logprobs, "overflowed_tiles", lambda s: redone.extend(orig(s)) or orig(s))
+    monkeypatch.setattr(logprobs, "overflowed_tiles", lambda s: redone.append(orig(s)) or redone[-1])
     hidden, weight, b, targets, w_logp, _ = _inputs(40, 6, 90, dtype=dtype)
     b = b.clone()
     b[[47, 48, 71]] += gap  # tiles 3 and 4 of 15 columns; the first tile stays near 0
-    targets[:] = torch.tensor([47, 48, 71, 5])[
-        torch.arange(40) % 4
-    ]  # near the top (logp ~ -1.1) or far below
+    # targets near the top (logp ~ -1.1) or far below it
+    targets[:] = torch.tensor([47, 48, 71, 5])[torch.arange(40) % 4]
     targets[::9] = IGNORE
     kw = {"temperature": temperature, "entropy": False}
     want = _run(token_logprobs_reference, hidden, weight, b, targets, w_logp, None, upcast=True, **kw)
     got = _run(
         token_logprobs, hidden, weight, b, targets, w_logp, None, chunk_size=16, vocab_chunk_size=15, **kw
     )  # fmt: skip
-    assert sorted(set(redone)) == [2, 3], redone  # tiles 3 and 4, as rows of the tables past the first
+    # tiles 3 and 4 are rows 2 and 3 of the tables past the first. 2 of 5 shifted tiles redone is more
+    # than speculating is worth: the other two chunks of 16 rows take a max per tile (no redo to check).
+    assert redone == ([redone_rows] if redone_rows else [[]] * 3), redone
     # Logits of ~gap / T carry fp32 rounding of ~1e-7 of themselves (1e-5 absolute at 150), which the
     # softmax passes on: tolerances relative to each output's largest magnitude. A tile not redone
     # gives inf / NaN; a wrong max for a redone tile is off by O(1).

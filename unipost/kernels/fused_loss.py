@@ -12,7 +12,7 @@ teacher log-ratio, PPO's clipped ratio, the k3 KL, the entropy bonus). Then, per
    taking each tile's log-sum-exp (and entropy) while it is still in cache;
 2. finishes the rows' ``logp`` and ``H`` and asks the loss for ``dL/dlogp`` and ``dL/dH`` of those rows;
 3. turns each stored tile into its gradient ``dL/dz`` in place and feeds it to ``G W`` and ``G^T h``
-   (without an entropy term, in fp32 / fp64, step 1 already leaves ``exp(z - m_tile)`` in the buffer
+   (without an entropy term, in fp32 / fp64, step 1 already leaves ``exp(z - m)`` in the buffer
    and the gradient is that times a per-row scale, which goes into the GEMMs' small operands: no
    second pass over the buffer, one ``exp`` per logit; see :func:`_sweep_scaled_softmax`),
 
@@ -248,10 +248,11 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
     """The sweep for a loss with no entropy term in fp32 / fp64: ``dL/dz`` is a per-row multiple of ``p``.
 
     Then ``dL/dz = p * coef + gl * onehot`` with ``p = exp(z - lse)``. The forward pass over each tile
-    (still in cache after its GEMM) leaves ``e = exp(z - m_t)`` in the buffer (``m_t`` the tile's row
-    max), and ``p * coef = e * s_t`` with the per-row scale ``s_t = exp(m_t - lse) * coef``. That scale
-    goes into the gradient GEMMs' small operands, ``(e W_t) * s_t`` and ``e^T (s_t * h)``, so the
-    buffer is never swept a second time, and each logit's ``exp`` is taken once (the general sweep reads
+    (still in cache after its GEMM) leaves ``e = exp(z - m_t)`` in the buffer (``m_t`` the chunk's first
+    tile's row max plus a margin, or the tile's own: ``logprobs.exp_tiles_into_tables``), and
+    ``p * coef = e * s_t`` with the per-row scale ``s_t = exp(m_t - lse) * coef``. That scale goes into
+    the gradient GEMMs' small operands, ``(e W_t) * s_t`` and ``e^T (s_t * h)``, so the buffer is never
+    swept a second time, and each logit's ``exp`` is taken once (the general sweep reads
     the buffer again after the forward to turn logits into gradients: a second pass over ``rows x V``
     that no longer sits in cache, and a second ``exp``). The one-hot part is added as in the general sweep.
     """
@@ -261,11 +262,12 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
     need_h, need_w, need_b = grad_h is not None, grad_w is not None, grad_b is not None
     starts = [(v0, min(v, v0 + cols)) for v0 in range(0, v, cols)]
     n_tiles = len(starts)
-    # Per chunk: each tile's row max and exponential sum (rows of these tables, written by fwd_exp). For the
-    # gradients, a group of tiles at a time: each tile's e W_t and h scaled by its per-row factor, so the
-    # scaling and the sum over tiles are one op per group, not two per tile; a group's two tables hold at
-    # most 1 / _TABLE_FRACTION of the buffer each (all tiles at once when H is small). Where a group is one
-    # tile the two share one [rows, H] (no more memory than before the tables).
+    # Per chunk: each tile's row shift and exponential sum (rows of these tables, written by
+    # exp_tiles_into_tables). For the gradients, a group of tiles at a time: each tile's e W_t and h
+    # scaled by its per-row factor, so the scaling and the sum over tiles are one op per group, not two
+    # per tile; a group's two tables hold at most 1 / _TABLE_FRACTION of the buffer each (all tiles at
+    # once when H is small). Where a group is one tile the two share one [rows, H] (no more memory than
+    # before the tables).
     max_kc = hidden.new_empty(n_tiles, rows)
     sum_kc = hidden.new_empty(n_tiles, rows)
     group = sweep_group(n_tiles, v, width)
@@ -273,6 +275,7 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
     hs_gc = None
     if need_w:  # V < 32 H (one tile per group): hs shares ew's [rows, H], read before ew is written
         hs_gc = ew_gc if group == 1 and ew_gc is not None else hidden.new_empty(group, rows, width)
+    speculate = True  # shift tiles by the chunk's first tile's max (see exp_tiles_into_tables)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         m = r1 - r0
@@ -297,7 +300,9 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
                 torch.index_select(buf, 0, pos_sorted[lo:hi], out=tgt_sorted[lo:hi])
             return raw
 
-        exp_tiles_into_tables(n_tiles, gemm_tile, ops, temp, inv_temp, max_kc[:, :m], sum_kc[:, :m])
+        speculate = exp_tiles_into_tables(
+            n_tiles, gemm_tile, ops, temp, inv_temp, max_kc[:, :m], sum_kc[:, :m], speculate
+        )
         target_logit_c = torch.empty_like(tgt_sorted).index_copy_(0, order, tgt_sorted) * inv_temp
         max_c = max_kc[:, :m]
         lse_c = torch.logsumexp(max_c + torch.log(sum_kc[:, :m]), dim=0)

@@ -150,10 +150,10 @@ def fwd_tile_exp_shifted(raw: Tensor, inv_temp: float, neg_shift: Tensor, sum_ou
     """``exp(z - shift)`` over ``raw`` and its row sums into ``sum_out``, for a shift the caller gives.
 
     :func:`fwd_tile_exp` less its max pass: the caller shifts every tile of a row chunk but its first by
-    that first tile's row max (``neg_shift = -max``) and redoes, with the tile's own max, any tile where a
-    sum overflowed (a logit more than ~80 above the first tile's max), so the values are those of
-    :func:`fwd_tile_exp` up to rounding. Three ATen passes (temperature and shift in one), all modes:
-    measured per 1M-element fp32 tile, the max pass was ~0.12 of the four-pass body's ~0.45 ms.
+    that first tile's row max plus a margin (``logprobs.speculative_shift``) and redoes, with the tile's
+    own max, any tile where a sum passed a limit (a logit ~75 above the first tile's max), so the values
+    are those of :func:`fwd_tile_exp` up to rounding. Three ATen passes (temperature and shift in one),
+    all modes: measured per 1M-element fp32 tile, the max pass was ~0.12 of the four-pass body's ~0.45 ms.
     """
     if inv_temp != 1.0:
         torch.add(neg_shift[:, None], raw, alpha=inv_temp, out=raw)
@@ -212,11 +212,13 @@ class TileOps:
     """The tile functions of one mode; ``inv_temp(x)`` makes the temperature argument they take.
 
     ``fwd`` may overwrite its input tile (the eager body does, to save temporaries: the four-GEMM kernel
-    drops the tile anyway); ``fwd_keep`` never does, for the three-GEMM loss
-    (:mod:`unipost.kernels.fused_loss`) with an entropy term, which keeps the tile for its gradient and
-    then turns it into that gradient in place with ``bwd_into``. Without one, that loss uses
-    ``fwd_exp`` (:func:`fwd_tile_exp`, writing ``m`` and ``s`` into the caller's tables): one pass, the tile's
-    exponentials kept.
+    drops the tile anyway); the four-GEMM kernel uses it with an entropy or in bf16 / fp16. ``fwd_keep``
+    never does, for the three-GEMM loss (:mod:`unipost.kernels.fused_loss`) with an entropy term, which
+    keeps the tile for its gradient and then turns it into that gradient in place with ``bwd_into`` (the
+    four-GEMM backward uses ``bwd_into`` on its recomputed tile too). Without an entropy term, in fp32 /
+    fp64, both forward sweeps use ``fwd_exp`` (:func:`fwd_tile_exp`, writing ``m`` and ``s`` into the
+    caller's tables, the tile's exponentials kept) on a chunk's first tile and
+    :func:`fwd_tile_exp_shifted` (no max pass, the same in every mode) on the others.
     """
 
     def __init__(

@@ -5,8 +5,11 @@ Why: every objective in unipost (SFT, GRPO, OPD, DAgger, AggreVaTe) is
 N = 16k tokens and V = 152k the fp32 logits alone are 10 GB, and autograd keeps two more copies for the
 backward pass. This kernel computes the same numbers in ``[C, Cv]`` tiles:
 
-* forward: per row chunk, an online (streaming) log-sum-exp over vocabulary tiles, as flash-attention does
-  over keys; it keeps only ``lse`` [N] (and the entropy [N]) for the backward pass;
+* forward: per row chunk, a log-sum-exp over vocabulary tiles, each tile's row max and exponential sum
+  taken while it is in cache (with the entropy: merged online, as flash-attention does over keys; without
+  it: into per-chunk tables merged by one ``logsumexp``, every tile after the first shifted by the first
+  one's row max plus a margin, see :func:`exp_tiles_into_tables`); it keeps only ``lse`` [N] (and the
+  entropy [N]) for the backward pass;
 * backward: recomputes each tile's logits, forms the gradient of the logits from the saved statistics
   and the upstream gradients, and feeds it straight into the two matmuls that produce the hidden and
   weight gradients.
@@ -314,18 +317,26 @@ def target_positions(safe_c: Tensor, cols: int, v: int, tile_stride: int) -> tup
     return order, pos_c[order], ends
 
 
+# The other tiles of a chunk are shifted by the first tile's row max plus this margin, and a tile whose
+# exponential sum exceeds _SHIFT_SUM_LIMIT (2^64 ~ e^44) in some row is computed again with its own max:
+# exponentials stay within [e^-40 x (first tile's max term), 2^64], far from fp32's overflow (e^88) in the
+# gradient GEMMs that consume them, and a tile may lie up to ~75 above the first before it is redone.
+_SHIFT_MARGIN = 40.0
+_SHIFT_SUM_LIMIT = 2.0**64
+
+
 def speculative_shift(max_first: Tensor, n_tiles: int) -> Tensor | None:
-    """``-max`` of a chunk's first tile, the shift for its other tiles' exponentials, or None (no shift:
-    every tile takes its own max) when there is one tile or a row's first-tile max is not finite (a tile
+    """``-(max + margin)`` from a chunk's first tile, the shift for its other tiles' exponentials, or None
+    (every tile takes its own max) when there is one tile or a row's first-tile max is not finite (a tile
     of ``-inf`` logits; NaN). One host sync per chunk."""
     if n_tiles < 2 or not bool(torch.isfinite(max_first).all()):
         return None
-    return -max_first
+    return -(max_first + _SHIFT_MARGIN)
 
 
 def overflowed_tiles(sum_kc: Tensor) -> list[int]:
-    """The tiles (table rows) with an infinite exponential sum in some row: shifted by a max too low."""
-    return torch.isinf(sum_kc).any(dim=1).nonzero().squeeze(1).tolist()
+    """The tiles (table rows) whose exponential sum exceeds the limit in some row: shifted too low."""
+    return (sum_kc > _SHIFT_SUM_LIMIT).any(dim=1).nonzero().squeeze(1).tolist()
 
 
 def exp_tiles_into_tables(
@@ -336,16 +347,20 @@ def exp_tiles_into_tables(
     inv_temp: float,
     max_kc: Tensor,
     sum_kc: Tensor,
-) -> None:
-    """Each tile's exponentials written over its logits, its row max and exponential sum into the
+    speculate: bool = True,
+) -> bool:
+    """Each tile's exponentials written over its logits, its row shift and exponential sum into the
     chunk's tables (``max_kc`` / ``sum_kc`` [tiles, rows]), for the caller to merge with one logsumexp.
 
     ``gemm_tile(k)`` computes tile ``k``'s logits (reading what else it needs from them, e.g. the
-    targets' logits) and returns them. The first tile takes its own row max (``ops.fwd_exp``); the
-    others are shifted by it (:func:`fwd_tile_exp_shifted`: no max pass), and a tile whose sum overflowed
-    is computed again with its own max, so ``logsumexp(max + log(sum))`` is the log-sum-exp of the row
-    as with a max per tile (what a shifted tile loses to underflow is below fp32's resolution of the
-    first tile's sum, which is >= 1).
+    targets' logits) and returns them. The first tile takes its own row max (``ops.fwd_exp``); with
+    ``speculate`` the others are shifted by it plus a margin (:func:`fwd_tile_exp_shifted`: no max
+    pass), and a tile whose sum passes the limit is computed again with its own max, so
+    ``logsumexp(max + log(sum))`` is the log-sum-exp of the row as with a max per tile (what a shifted
+    tile loses to underflow lies more than e^-60 below the first tile's largest term). Returns whether
+    speculating paid here (at most a quarter of the shifted tiles redone): the caller passes it on to the
+    next chunk, so logits that defeat the shift (a first tile far below the rest) cost one chunk's
+    redone GEMMs per call, not every chunk's.
     """
     neg_shift = None
     for k in range(n_tiles):
@@ -354,12 +369,15 @@ def exp_tiles_into_tables(
             fwd_tile_exp_shifted(raw, inv_temp, neg_shift, sum_kc[k])
         else:
             ops.fwd_exp(raw, temp, max_kc[k], sum_kc[k])
-            if k == 0:
+            if k == 0 and speculate:
                 neg_shift = speculative_shift(max_kc[0], n_tiles)
-    if neg_shift is not None:
-        max_kc[1:].copy_((-neg_shift).expand(n_tiles - 1, -1))
-        for k in overflowed_tiles(sum_kc[1:]):
-            ops.fwd_exp(gemm_tile(k + 1), temp, max_kc[k + 1], sum_kc[k + 1])
+    if neg_shift is None:
+        return speculate
+    max_kc[1:].copy_((-neg_shift).expand(n_tiles - 1, -1))
+    redo = overflowed_tiles(sum_kc[1:])
+    for k in redo:
+        ops.fwd_exp(gemm_tile(k + 1), temp, max_kc[k + 1], sum_kc[k + 1])
+    return 4 * len(redo) <= n_tiles - 1
 
 
 def _forward_tables(hidden, weight, bias, targets, valid_N, rows, cols, inv_temp, temp, ops, tile_buf, lse_N,
@@ -377,6 +395,7 @@ def _forward_tables(hidden, weight, bias, targets, valid_N, rows, cols, inv_temp
     max_kc = hidden.new_empty(len(starts), min(rows, n))
     sum_kc = torch.empty_like(max_kc)
     safe_N = torch.where(valid_N, targets, torch.zeros_like(targets)).long()
+    speculate = True
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         m = r1 - r0
@@ -392,7 +411,9 @@ def _forward_tables(hidden, weight, bias, targets, valid_N, rows, cols, inv_temp
                 torch.index_select(tile_buf, 0, pos_sorted[lo:hi], out=tgt_sorted[lo:hi])
             return raw
 
-        exp_tiles_into_tables(len(starts), gemm_tile, ops, temp, inv_temp, max_kc[:, :m], sum_kc[:, :m])
+        speculate = exp_tiles_into_tables(
+            len(starts), gemm_tile, ops, temp, inv_temp, max_kc[:, :m], sum_kc[:, :m], speculate
+        )
         target_logit_N[r0:r1].index_copy_(0, order, tgt_sorted).mul_(inv_temp)
         torch.logsumexp(max_kc[:, :m] + torch.log(sum_kc[:, :m]), dim=0, out=lse_N[r0:r1])
 
