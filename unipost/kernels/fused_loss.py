@@ -249,7 +249,7 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
 
     Then ``dL/dz = p * coef + gl * onehot`` with ``p = exp(z - lse)``. The forward pass over each tile
     (still in cache after its GEMM) leaves ``e = exp(z - m_t)`` in the buffer (``m_t`` the chunk's first
-    tile's row max plus a margin, or the tile's own: ``logprobs.exp_tiles_into_tables``), and
+    tile's row max, or the tile's own: ``logprobs.exp_tiles_into_tables``), and
     ``p * coef = e * s_t`` with the per-row scale ``s_t = exp(m_t - lse) * coef``. That scale goes into
     the gradient GEMMs' small operands, ``(e W_t) * s_t`` and ``e^T (s_t * h)``, so the buffer is never
     swept a second time, and each logit's ``exp`` is taken once (the general sweep reads

@@ -8,7 +8,7 @@ backward pass. This kernel computes the same numbers in ``[C, Cv]`` tiles:
 * forward: per row chunk, a log-sum-exp over vocabulary tiles, each tile's row max and exponential sum
   taken while it is in cache (with the entropy: merged online, as flash-attention does over keys; without
   it: into per-chunk tables merged by one ``logsumexp``, every tile after the first shifted by the first
-  one's row max plus a margin, see :func:`exp_tiles_into_tables`); it keeps only ``lse`` [N] (and the
+  one's row max, see :func:`exp_tiles_into_tables`); it keeps only ``lse`` [N] (and the
   entropy [N]) for the backward pass;
 * backward: recomputes each tile's logits, forms the gradient of the logits from the saved statistics
   and the upstream gradients, and feeds it straight into the two matmuls that produce the hidden and
@@ -317,21 +317,22 @@ def target_positions(safe_c: Tensor, cols: int, v: int, tile_stride: int) -> tup
     return order, pos_c[order], ends
 
 
-# The other tiles of a chunk are shifted by the first tile's row max plus this margin, and a tile whose
-# exponential sum exceeds _SHIFT_SUM_LIMIT (2^64 ~ e^44) in some row is computed again with its own max:
-# exponentials stay within [e^-40 x (first tile's max term), 2^64], far from fp32's overflow (e^88) in the
-# gradient GEMMs that consume them, and a tile may lie up to ~75 above the first before it is redone.
-_SHIFT_MARGIN = 40.0
-_SHIFT_SUM_LIMIT = 2.0**64
+# A chunk's tiles after the first are shifted by the first tile's row max, and a tile whose exponential
+# sum exceeds this limit (2^100 ~ e^69) in some row is computed again with its own max: a tile may lie up
+# to ~60 above the first before it is redone, and the exponentials that the three-GEMM sweep keeps for its
+# gradient GEMMs (e W, e^T h) stay far from fp32's overflow (e^88). No margin is added to the shift:
+# exponents near 0 keep the common case's terms as precise as a max per tile (a shift of max + 40 put them
+# near -40, where fp32 resolves an exponent to ~4e-6: measured, logp errors 2.3e-6 instead of 1.2e-6).
+_SHIFT_SUM_LIMIT = 2.0**100
 
 
 def speculative_shift(max_first: Tensor, n_tiles: int) -> Tensor | None:
-    """``-(max + margin)`` from a chunk's first tile, the shift for its other tiles' exponentials, or None
-    (every tile takes its own max) when there is one tile or a row's first-tile max is not finite (a tile
-    of ``-inf`` logits; NaN). One host sync per chunk."""
+    """``-max`` of a chunk's first tile, the shift for its other tiles' exponentials, or None (every tile
+    takes its own max) when there is one tile or a row's first-tile max is not finite (NaN, +inf). One
+    host sync per chunk."""
     if n_tiles < 2 or not bool(torch.isfinite(max_first).all()):
         return None
-    return -(max_first + _SHIFT_MARGIN)
+    return -max_first
 
 
 def overflowed_tiles(sum_kc: Tensor) -> list[int]:
@@ -354,13 +355,13 @@ def exp_tiles_into_tables(
 
     ``gemm_tile(k)`` computes tile ``k``'s logits (reading what else it needs from them, e.g. the
     targets' logits) and returns them. The first tile takes its own row max (``ops.fwd_exp``); with
-    ``speculate`` the others are shifted by it plus a margin (:func:`fwd_tile_exp_shifted`: no max
-    pass), and a tile whose sum passes the limit is computed again with its own max, so
-    ``logsumexp(max + log(sum))`` is the log-sum-exp of the row as with a max per tile (what a shifted
-    tile loses to underflow lies more than e^-60 below the first tile's largest term). Returns whether
-    speculating paid here (at most a quarter of the shifted tiles redone): the caller passes it on to the
-    next chunk, so logits that defeat the shift (a first tile far below the rest) cost one chunk's
-    redone GEMMs per call, not every chunk's.
+    ``speculate`` the others are shifted by it (:func:`fwd_tile_exp_shifted`: no max pass), and a tile
+    whose sum passes the limit is computed again with its own max, so ``logsumexp(max + log(sum))`` is
+    the log-sum-exp of the row as with a max per tile (what a shifted tile loses to underflow lies
+    ~e^-87 below the first tile's largest term). Returns whether speculating paid here (at most a
+    quarter of the shifted tiles redone): the caller passes it on to the next chunk, so logits that
+    defeat the shift (a first tile far below the rest) cost one chunk's redone GEMMs per call, not every
+    chunk's.
     """
     neg_shift = None
     for k in range(n_tiles):
