@@ -420,7 +420,7 @@ def _forward_tables(hidden, weight, bias, targets, valid_N, rows, cols, inv_temp
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """Tiled forward (online log-sum-exp) and backward (recomputed tiles); see the module docstring.
+    """Tiled forward (log-sum-exp per row chunk) and backward (recomputed tiles); see the module docstring.
 
     The elementwise work on each tile is done by ``ops`` (:mod:`unipost.kernels.logprob_tiles`: eager, or
     the same bodies compiled once per shape class); the GEMMs and the loops are here.
