@@ -47,6 +47,7 @@ from torch import Tensor
 
 from unipost.kernels.logprob_tiles import tile_ops
 from unipost.kernels.logprobs import (
+    _raw_logits,
     check_logprobs_inputs,
     compute_dtype,
     exp_tiles_into_tables,
@@ -286,15 +287,9 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
         order, pos_sorted, ends = target_positions(safe_c, cols, v, rows)
         tgt_sorted = hidden.new_empty(m)
 
-        def gemm_tile(
-            k: int, h_c=h_c, m=m, pos_sorted=pos_sorted, ends=ends, tgt_sorted=tgt_sorted
-        ) -> Tensor:
-            v0, v1 = starts[k]
-            raw = buf[rows * v0 : rows * v0 + m * (v1 - v0)].view(m, v1 - v0)
-            if bias is not None:
-                torch.addmm(bias[v0:v1], h_c, weight[v0:v1].T, out=raw)
-            else:
-                torch.mm(h_c, weight[v0:v1].T, out=raw)
+        def gemm_tile(k: int, h_c=h_c, pos_sorted=pos_sorted, ends=ends, tgt_sorted=tgt_sorted) -> Tensor:
+            v0, v1 = starts[k]  # tile k's logits at buf[rows * v0:], kept for the gradient phase
+            raw = _raw_logits(h_c, weight[v0:v1], bias[v0:v1] if bias is not None else None, buf[rows * v0 :])
             lo, hi = ends[k - 1] if k else 0, ends[k]
             if hi > lo:
                 torch.index_select(buf, 0, pos_sorted[lo:hi], out=tgt_sorted[lo:hi])
