@@ -147,7 +147,7 @@ def _floor_functions():
     """The GEMM-floor autograd functions (defined lazily: torch is imported per worker process)."""
     import torch
 
-    from unipost.kernels.logprobs import _plan_tiles, _raw_logits
+    from unipost.kernels.logprobs import _plan_tiles, raw_logits
 
     class Gemm3(torch.autograd.Function):
         @staticmethod
@@ -169,7 +169,7 @@ def _floor_functions():
             buf = h.new_empty(min(rows, n) * min(cols, v))  # as ours' reused tile buffer
             for r0 in range(0, n, rows):
                 for v0 in range(0, v, cols):
-                    _raw_logits(h[r0 : r0 + rows], w[v0 : v0 + cols], None, buf)  # dropped: ours keeps lse
+                    raw_logits(h[r0 : r0 + rows], w[v0 : v0 + cols], None, buf)  # dropped: ours keeps lse
             ctx.save_for_backward(h, w)
             ctx.tiles = rows, cols
             return h.new_zeros(n, dtype=torch.float32)
@@ -187,7 +187,7 @@ def _floor_functions():
                 for i0 in inner:
                     r0, v0 = (o0, i0) if rows_outer else (i0, o0)
                     h_c, w_t = h[r0 : r0 + rows], w[v0 : v0 + cols]
-                    g = _raw_logits(h_c, w_t, None, buf)  # the recompute; stands in for dL/dz
+                    g = raw_logits(h_c, w_t, None, buf)  # the recompute; stands in for dL/dz
                     gh[r0 : r0 + rows].addmm_(g, w_t)
                     gw[v0 : v0 + cols].addmm_(g.T, h_c)
             return gh, gw

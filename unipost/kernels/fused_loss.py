@@ -47,10 +47,10 @@ from torch import Tensor
 
 from unipost.kernels.logprob_tiles import tile_ops
 from unipost.kernels.logprobs import (
-    _raw_logits,
     check_logprobs_inputs,
     compute_dtype,
     exp_tiles_into_tables,
+    raw_logits,
     target_positions,
     token_logprobs,
 )
@@ -289,7 +289,7 @@ def _sweep_scaled_softmax(sw: _Sweep) -> None:
 
         def gemm_tile(k: int, h_c=h_c, pos_sorted=pos_sorted, ends=ends, tgt_sorted=tgt_sorted) -> Tensor:
             v0, v1 = starts[k]  # tile k's logits at buf[rows * v0:], kept for the gradient phase
-            raw = _raw_logits(h_c, weight[v0:v1], bias[v0:v1] if bias is not None else None, buf[rows * v0 :])
+            raw = raw_logits(h_c, weight[v0:v1], bias[v0:v1] if bias is not None else None, buf[rows * v0 :])
             lo, hi = ends[k - 1] if k else 0, ends[k]
             if hi > lo:
                 torch.index_select(buf, 0, pos_sorted[lo:hi], out=tgt_sorted[lo:hi])

@@ -246,7 +246,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _raw_logits(h_c: Tensor, w_t: Tensor, b_t: Tensor | None, buf: Tensor | None = None) -> Tensor:
+def raw_logits(h_c: Tensor, w_t: Tensor, b_t: Tensor | None, buf: Tensor | None = None) -> Tensor:
     """``h_c @ w_t.T + b_t`` for one tile, in the input dtype (bf16 GEMMs accumulate in fp32 internally).
 
     Forward and backward both call this, so the recomputed tile is bit-identical to the one the saved
@@ -273,7 +273,7 @@ def _forward_online(hidden, weight, bias, targets, rows, cols, inv_temp, temp, o
         for v0 in range(0, v, cols):
             v1 = min(v, v0 + cols)
             b_t = bias[v0:v1] if bias is not None else None
-            raw = _raw_logits(h_c, weight[v0:v1], b_t, tile_buf)  # (C, Cv) input dtype
+            raw = raw_logits(h_c, weight[v0:v1], b_t, tile_buf)  # (C, Cv) input dtype
             # The target's logit, read from the same (rounded) tile the log-sum-exp is taken
             # over, so logp <= 0 holds in every dtype.
             in_tile = (tgt_c >= v0) & (tgt_c < v1)
@@ -406,7 +406,7 @@ def _forward_tables(hidden, weight, bias, targets, valid_N, rows, cols, inv_temp
 
         def gemm_tile(k: int, h_c=h_c, pos_sorted=pos_sorted, ends=ends, tgt_sorted=tgt_sorted) -> Tensor:
             v0, v1 = starts[k]
-            raw = _raw_logits(h_c, weight[v0:v1], bias[v0:v1] if bias is not None else None, tile_buf)
+            raw = raw_logits(h_c, weight[v0:v1], bias[v0:v1] if bias is not None else None, tile_buf)
             lo, hi = ends[k - 1] if k else 0, ends[k]
             if hi > lo:  # the targets' logits, from the same rounded tile the log-sum-exp is taken over
                 torch.index_select(tile_buf, 0, pos_sorted[lo:hi], out=tgt_sorted[lo:hi])
@@ -546,7 +546,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 h_c, w_t = hidden[r0:r1], weight[v0:v1]
                 b_t = bias[v0:v1] if bias is not None else None
                 ge_c = ge_N[r0:r1] if ge_N is not None else None
-                raw = _raw_logits(h_c, w_t, b_t, tile_buf)
+                raw = raw_logits(h_c, w_t, b_t, tile_buf)
                 colsum = ops.bwd_into(raw, lse_N[r0:r1], c_N[r0:r1], ge_c, temp, need_b)
                 g = raw  # the recomputed logits, now dL/dz: no second tile
                 if need_b:
